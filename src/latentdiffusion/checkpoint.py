@@ -1,0 +1,125 @@
+"""Checkpoints: tensors in safetensors plus a JSON header (kind, version, config, hash).
+
+Nothing is unpickled, so loading never runs code from the file. The header carries a sha256 of
+every tensor and of the metadata; a truncated or garbled file fails the header parse or the hash,
+and is never loaded silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import CheckpointError
+from .fileio import atomic_write
+
+FORMAT_VERSION = 1
+_META_KEY = "latentdiffusion"
+
+
+def content_hash(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """sha256 over sorted tensor names, dtypes, shapes, bytes and the JSON metadata."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def save(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], kind: str,
+         **meta: Any) -> str:
+    """Atomically write a checkpoint of `kind`; returns its content hash."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    header = {"kind": kind, "format_version": FORMAT_VERSION, **meta}
+    digest = content_hash(tensors, header)
+    metadata = {_META_KEY: json.dumps({**header, "sha256": digest})}
+    atomic_write(path, st_save(tensors, metadata=metadata))
+    return digest
+
+
+def load(path: str | os.PathLike[str], kind: str | None = None
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint; raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist; train that stage first") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        tensors = st_load(data)
+        metadata = _read_metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a valid latentdiffusion checkpoint (corrupt, "
+                              f"truncated or another format: {str(err)[:80]})") from None
+    if metadata is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a latentdiffusion checkpoint")
+    header = dict(metadata)
+    stored = header.pop("sha256", None)
+    if stored != content_hash(tensors, header):
+        raise CheckpointError(f"{path} is corrupt: its content does not match its checksum")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {header.get('format_version')}, this "
+                              f"latentdiffusion reads version {FORMAT_VERSION}")
+    if kind is not None and header.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {header.get('kind')!r} checkpoint, expected "
+                              f"{kind!r}")
+    header["sha256"] = stored
+    return tensors, header
+
+
+def _read_metadata(data: bytes) -> dict[str, Any] | None:
+    # safetensors layout: u64 little-endian header length, then a JSON header.
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def peek(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The verified header of a checkpoint, or None when it is missing or invalid."""
+    try:
+        return load(path)[1]
+    except CheckpointError:
+        return None
+
+
+def save_model(path: str | os.PathLike[str], model: torch.nn.Module, config: Any,
+               **meta: Any) -> str:
+    """Weights + config of a finished stage; returns the content hash later stages record."""
+    from .config import to_dict
+
+    return save(path, model.state_dict(), kind=model.kind,  # type: ignore[arg-type]
+                config=to_dict(config), **meta)
+
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def load_model(path: str | os.PathLike[str], cls: type[M],
+               device: torch.device | str = "cpu") -> tuple[M, dict[str, Any]]:
+    """Rebuild `cls` from its config and weights; the file must hold a checkpoint of cls.kind."""
+    from .config import from_dict
+    from .errors import UsageError
+
+    tensors, header = load(path, kind=cls.kind)  # type: ignore[attr-defined]
+    try:
+        config = from_dict(cls.config_class, header["config"])  # type: ignore[attr-defined]
+        model = cls(config)  # type: ignore[call-arg]
+        model.load_state_dict(tensors, strict=True)
+    except (UsageError, KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:120]
+        raise CheckpointError(f"{path} does not fit this version's {cls.__name__} "
+                              f"(incompatible config: {first})") from None
+    return model.to(device).eval(), header

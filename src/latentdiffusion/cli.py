@@ -1,0 +1,293 @@
+"""Command line: `ldm data|train|encode|sample|evaluate|run`. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm.auto import tqdm
+
+from . import data, stages
+from . import distributed as dist
+from .config import PRESETS, RunConfig, SamplingConfig, preset
+from .errors import LdmError, UsageError
+from .fileio import run_dir_lock, write_json, write_npz
+
+EPILOG = """examples:
+  ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
+  ldm train vae --data-dir ~/mnist --run-dir runs/demo
+  ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
+  ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
+  torchrun --standalone --nproc_per_node=2 -m latentdiffusion train diffusion --run-dir runs/demo
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    if data_dir:
+        p.add_argument("--data-dir", metavar="DIR",
+                       help=f"directory with the four IDX files (default: ${data.DATA_DIR_ENV} "
+                            "or the user cache)")
+    p.add_argument("--run-dir", metavar="DIR", default="runs/default", type=Path,
+                   help="where stage outputs live")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = Parser(prog="ldm", description=__doc__, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("data", help="download or verify a dataset")
+    data_sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for action in ("download", "verify"):
+        q = data_sub.add_parser(action, formatter_class=fmt)
+        q.add_argument("--dataset", default="mnist", help=", ".join(data.DATASETS))
+        q.add_argument("--data-dir", metavar="DIR")
+        q.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("train", help="train one model", formatter_class=fmt)
+    p.add_argument("model", choices=("classifier", "vae", "diffusion"))
+    _common(p)
+    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
+    p.add_argument("--epochs", type=_positive)
+    p.add_argument("--batch-size", type=_positive, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
+    p.add_argument("--schedule", help="diffusion only: linear or cosine")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--force", action="store_true", help="start over, replacing the model")
+
+    p = sub.add_parser("encode", help="cache the VAE latents of train and test",
+                       formatter_class=fmt)
+    _common(p)
+    p.add_argument("--latent-mode", default="mean", help="mean (posterior mean) or sample")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--model", required=True, choices=("vae", "diffusion"))
+    p.add_argument("--sampler", default="ddim", help="ddpm or ddim")
+    p.add_argument("--steps", type=_positive, help="sampler steps (default: ddim 50, ddpm all)")
+    p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity")
+    p.add_argument("-n", "--num-samples", type=_positive, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
+    p.add_argument("--out", type=Path, required=True, help="output .npz (a .png grid beside it)")
+
+    p = sub.add_parser("evaluate", help="score a samples file (FID, KID, precision/recall)",
+                       formatter_class=fmt)
+    _common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--samples", type=Path, metavar="FILE.npz")
+    group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
+    p.add_argument("--seed", type=int, help="seed every stage (default: the preset's)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE and what depends on it (repeatable)")
+    return parser
+
+
+def _with_seed(config: RunConfig, seed: int | None) -> RunConfig:
+    if seed is None:
+        return config
+    r = dataclasses.replace
+    return r(config, classifier_train=r(config.classifier_train, seed=seed),
+             vae_train=r(config.vae_train, seed=seed),
+             diffusion_train=r(config.diffusion_train, seed=seed),
+             sampling=r(config.sampling, seed=seed + 1))
+
+
+def _train(args: argparse.Namespace, device: Any) -> str:
+    config = _with_seed(preset(args.preset), args.seed)
+    field = {"classifier": "classifier_train", "vae": "vae_train",
+             "diffusion": "diffusion_train"}[args.model]
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every))
+                 if v is not None}
+    train_config = dataclasses.replace(getattr(config, field), **overrides)
+    schedule = config.schedule
+    if args.schedule:
+        schedule = dataclasses.replace(schedule, kind=args.schedule)
+    run = stages.RunDir(args.run_dir)
+    name = args.model
+    has_state = any(run.state_dir(name).glob("step-*.safetensors"))
+    if not (args.resume or args.force) and (run.model(name).exists() or has_state):
+        raise UsageError(f"{run.root} already has a {name} model or checkpoints; pass --resume "
+                         "to continue or --force to start over")
+    progress = not args.quiet
+    common = dict(device=device, resume=args.resume, progress=progress)
+    if name == "classifier":
+        header = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
+                                         **common)
+    elif name == "vae":
+        header = stages.train_vae(args.data_dir, run, config.vae, train_config, **common)
+    else:
+        header = stages.train_diffusion(run, config.unet, schedule, train_config, **common)
+    last = header["history"][-1] if header["history"] else {}
+    return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
+                       **last})
+
+
+def _sample(args: argparse.Namespace, device: Any) -> str | None:
+    run = stages.RunDir(args.run_dir)
+    labels = None
+    if args.reconstruct:
+        if args.model != "vae":
+            raise UsageError("--reconstruct works with --model vae")
+        images, labels = stages.reconstruct(args.data_dir, run, args.reconstruct, device=device)
+    else:
+        spec = args.sampler + (f"-{args.steps}" if args.steps else "")
+        if args.sampler == "ddim" and not args.steps:
+            spec = "ddim-50"
+        sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
+        images = stages.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
+                                 sampling=sampling, device=device, batch_size=args.batch_size,
+                                 progress=not args.quiet)
+    if not dist.is_main():
+        return None
+    from .plots import save_grid
+
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    write_npz(args.out, **arrays)
+    save_grid(images, args.out.with_suffix(".png"))
+    return json.dumps({"out": str(args.out), "n": len(images)})
+
+
+def _evaluate(args: argparse.Namespace, device: Any) -> str:
+    from .metrics import load_samples, random_images
+
+    run = stages.RunDir(args.run_dir)
+    if args.baselines:
+        test_images, test_labels = data.load_split(args.data_dir, "test")
+        train_images = data.load_split(args.data_dir, "train")[0]
+        result: dict[str, Any] = {
+            "validation": stages.evaluate(args.data_dir, run, test_images, test_labels,
+                                          device=device, seed=args.seed),
+            "random": stages.evaluate(args.data_dir, run,
+                                      random_images(train_images, len(test_images), args.seed),
+                                      None, device=device, seed=args.seed)}
+    else:
+        images, labels = load_samples(args.samples)
+        result = stages.evaluate(args.data_dir, run, images, labels, device=device,
+                                 seed=args.seed)
+    if args.out and dist.is_main():
+        write_json(args.out, result)
+    return json.dumps(result)
+
+
+def _run(args: argparse.Namespace, device: Any) -> str:
+    from .pipeline import StageEvent, run_pipeline
+
+    config = _with_seed(preset(args.preset), args.seed)
+    root = data.resolve_data_dir(args.data_dir)
+    if not args.data_dir and not all((root / f).exists() for f in data.DATASETS["mnist"].md5):
+        print(f"MNIST not found in {root}; downloading it there (use --data-dir DIR to point at "
+              "a copy)", file=sys.stderr)
+        data.download(root)
+
+    def show(event: StageEvent) -> None:
+        if not args.quiet:
+            status = "skipped (up to date)" if event.skipped else f"{event.seconds:.1f} s"
+            tqdm.write(f"[{event.name}] {status}: {event.summary}", file=sys.stderr)
+
+    metrics = run_pipeline(config, args.run_dir, root, device=device, force=tuple(args.force),
+                           progress=not args.quiet, preset_name=args.preset, on_stage=show)
+    summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
+    return json.dumps({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
+                       "fid": summary})
+
+
+def _data(args: argparse.Namespace) -> str:
+    if args.action == "verify":
+        return json.dumps(data.verify(args.data_dir, args.dataset))
+    bar = tqdm(unit="B", unit_scale=True, disable=args.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total or None
+        bar.n = done
+        bar.refresh()
+
+    root = data.download(args.data_dir, args.dataset, progress)
+    bar.close()
+    return json.dumps({"data_dir": str(root), **data.verify(root, args.dataset)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+    try:
+        output: str | None
+        if args.command == "data":
+            output = _data(args)
+        else:
+            device = dist.resolve_device(args.device)
+            dist.init(device)
+            writes = args.command in ("train", "encode", "run")
+            with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
+                output = _dispatch(args, device)
+        if output is not None and dist.is_main():
+            print(output)
+        return 0
+    except LdmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints are kept: rerun with --resume (ldm run resumes by itself)",
+              file=sys.stderr)
+        return 130
+    finally:
+        dist.shutdown()
+
+
+def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
+    if args.command == "train":
+        return _train(args, device)
+    if args.command == "encode":
+        if args.latent_mode not in ("mean", "sample"):
+            raise UsageError(f"unknown latent mode {args.latent_mode!r} (choose mean, sample)")
+        header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), args.latent_mode,
+                               device=device, seed=args.seed)
+        return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
+                           "scale": header["scale"], "mode": header["mode"]})
+    if args.command == "sample":
+        return _sample(args, device)
+    if args.command == "evaluate":
+        return _evaluate(args, device)
+    return _run(args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

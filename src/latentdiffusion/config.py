@@ -1,0 +1,283 @@
+"""Frozen, typed configs for every component, the presets, and their (de)serialisation.
+
+Every checkpoint stores its component's config as JSON (nanoGPT-style), and every stage of a run
+is keyed by the hash of the configs it was made from, so a changed value redoes exactly the work
+that depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from .errors import UsageError
+
+ScheduleName = Literal["linear", "cosine"]
+SamplerName = Literal["ddpm", "ddim"]
+VarianceName = Literal["beta_tilde", "beta"]
+NormName = Literal["group", "instance"]
+LatentMode = Literal["sample", "mean"]
+LrDecay = Literal["constant", "cosine"]
+
+
+def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
+    """Raise UsageError for non-finite floats, non-positive `positive` and out-of-[0, 1) `unit`."""
+    name = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{name}.{f.name} must be finite, got {v}")
+            if f.name in positive and isinstance(v, (int, float)) and v <= 0:
+                raise UsageError(f"{name}.{f.name} must be > 0, got {v}")
+            if f.name in unit and not 0.0 <= v < 1.0:
+                raise UsageError(f"{name}.{f.name} must be in [0, 1), got {v}")
+        hint = typing.get_type_hints(type(obj)).get(f.name)
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            choices = ", ".join(map(str, get_args(hint)))
+            raise UsageError(f"{name}.{f.name}: unknown value {value!r} (choose from {choices})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one model is optimised; shared by the classifier, the VAE and the denoiser."""
+
+    epochs: int = 5
+    batch_size: int = 128  # global batch: split across ranks under torchrun
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_decay: LrDecay = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.0  # 0 disables the EMA; the EMA weights are what the stage exports
+    checkpoint_every: int = 500  # optimizer steps between crash-safe checkpoints
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("epochs", "batch_size", "lr", "checkpoint_every"),
+                  unit=("ema_decay",))
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise UsageError("TrainConfig: weight_decay, warmup_steps, grad_clip must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """CNN whose penultimate `feature_dim` layer is the FID feature space (as in the post)."""
+
+    channels: int = 32  # width of the first stage; the second has twice as many
+    feature_dim: int = 128
+    dropout: float = 0.25
+    augment_shift: int = 2  # random translation in pixels during training
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("channels", "feature_dim"), unit=("dropout",))
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Conv VAE: 28x28 is padded to 32x32 and halved len(channels) times (32 -> 16 -> 8)."""
+
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (32, 64)
+    kl_weight: float = 1e-4  # beta of the KL term per latent element, see models/vae.py
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("latent_channels", "channels"))
+        if self.kl_weight < 0:
+            raise UsageError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
+        if not 1 <= len(self.channels) <= 4:
+            raise UsageError("VAEConfig.channels must have 1 to 4 entries")
+
+    @property
+    def latent_size(self) -> int:
+        return 32 // 2 ** len(self.channels)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Denoiser over latents; every conv block adds a projection of the time embedding."""
+
+    in_channels: int = 4
+    latent_size: int = 8
+    channels: tuple[int, ...] = (64, 128)  # one level per entry, halving resolution in between
+    blocks_per_level: int = 1
+    time_dim: int = 64  # width of the sinusoidal embedding
+    norm: NormName = "group"  # the post used InstanceNorm2d; see models/unet.py for why not
+    groups: int = 8
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("in_channels", "latent_size", "channels", "blocks_per_level",
+                                  "time_dim", "groups"))
+        if self.time_dim % 2:
+            raise UsageError("UNetConfig.time_dim must be even")
+        if self.latent_size % 2 ** (len(self.channels) - 1):
+            raise UsageError("UNetConfig: latent_size must be divisible by 2**(levels - 1)")
+        if any(c % self.groups for c in self.channels):
+            raise UsageError("UNetConfig: every channel count must be divisible by groups")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Variance schedule of the forward process (post: linear, 1e-4 .. 2e-2, T = 1000)."""
+
+    kind: ScheduleName = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    cosine_s: float = 0.008
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("num_timesteps", "beta_start", "beta_end", "cosine_s"))
+        if not self.beta_start < self.beta_end < 1:
+            raise UsageError("ScheduleConfig: need 0 < beta_start < beta_end < 1")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which sets `ldm run` generates and scores."""
+
+    num_samples: int = 10_000
+    samplers: tuple[str, ...] = ("ddim-50",)  # "ddpm" (all T steps), "ddpm-K", "ddim-K"
+    variance: VarianceName = "beta_tilde"
+    eta: float = 0.0  # DDIM stochasticity
+    batch_size: int = 500
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("num_samples", "batch_size"))
+        for spec in self.samplers:
+            parse_sampler(spec)
+
+
+def parse_sampler(spec: str) -> tuple[SamplerName, int | None]:
+    """'ddim-50' -> ('ddim', 50); 'ddpm' -> ('ddpm', None), meaning every timestep."""
+    name, _, steps = spec.partition("-")
+    if name not in get_args(SamplerName):
+        raise UsageError(f"unknown sampler {name!r} (choose from ddpm, ddim)")
+    if not steps:
+        return name, None  # type: ignore[return-value]
+    if not steps.isdigit() or int(steps) <= 0:
+        raise UsageError(f"sampler {spec!r}: steps must be a positive integer")
+    return name, int(steps)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `ldm run` does, stage by stage."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    classifier_train: TrainConfig = field(default_factory=TrainConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    vae_train: TrainConfig = field(default_factory=TrainConfig)
+    latent_mode: LatentMode = "mean"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    diffusion_train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval_samples: int = 10_000  # size of the Random and VAE-prior sets
+
+    def __post_init__(self) -> None:
+        _validate(self, positive=("eval_samples",))
+        if self.unet.in_channels != self.vae.latent_channels:
+            raise UsageError("unet.in_channels must equal vae.latent_channels")
+        if self.unet.latent_size != self.vae.latent_size:
+            raise UsageError("unet.latent_size must equal the VAE's latent size")
+
+
+def _tiny() -> RunConfig:
+    """Seconds on synthetic data: for tests only."""
+    train = TrainConfig(epochs=1, batch_size=16, lr=2e-3, checkpoint_every=4)
+    return RunConfig(
+        classifier=ClassifierConfig(channels=4, feature_dim=16),
+        classifier_train=train,
+        vae=VAEConfig(latent_channels=2, channels=(4, 8)),
+        vae_train=train,
+        unet=UNetConfig(in_channels=2, channels=(8, 16), time_dim=8, groups=4),
+        schedule=ScheduleConfig(num_timesteps=50),
+        diffusion_train=dataclasses.replace(train, ema_decay=0.9),
+        sampling=SamplingConfig(num_samples=24, samplers=("ddim-5", "ddpm"), batch_size=16),
+        eval_samples=24,
+    )
+
+
+def _quick() -> RunConfig:
+    """About two minutes on 2 CPU cores: rough but recognisable digits."""
+    return RunConfig(
+        classifier=ClassifierConfig(channels=16),
+        classifier_train=TrainConfig(epochs=1, batch_size=128, lr=3e-3, weight_decay=1e-4),
+        vae=VAEConfig(channels=(16, 32)),
+        vae_train=TrainConfig(epochs=2, batch_size=128, lr=2e-3),
+        unet=UNetConfig(channels=(32, 64)),
+        diffusion_train=TrainConfig(epochs=4, batch_size=256, lr=2e-3, ema_decay=0.995,
+                                    warmup_steps=50, weight_decay=1e-4),
+        sampling=SamplingConfig(num_samples=2000, samplers=("ddim-25",)),
+        eval_samples=2000,
+    )
+
+
+def _default() -> RunConfig:
+    """About fifteen minutes on 2 CPU cores; meets the quality bars of the README."""
+    return RunConfig(
+        classifier=ClassifierConfig(channels=32),
+        classifier_train=TrainConfig(epochs=3, batch_size=128, lr=3e-3, weight_decay=1e-4),
+        vae=VAEConfig(channels=(32, 64)),
+        vae_train=TrainConfig(epochs=6, batch_size=128, lr=2e-3),
+        unet=UNetConfig(channels=(64, 128)),
+        diffusion_train=TrainConfig(epochs=20, batch_size=256, lr=2e-3, ema_decay=0.999,
+                                    warmup_steps=200, weight_decay=1e-4),
+        sampling=SamplingConfig(num_samples=10_000, samplers=("ddim-50", "ddpm-250")),
+        eval_samples=10_000,
+    )
+
+
+PRESETS = {"tiny": _tiny, "quick": _quick, "default": _default}
+PresetName = Literal["tiny", "quick", "default"]
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------- (de)serialisation
+
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise UsageError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)  # type: ignore[arg-type]
+        elif get_origin(hint) in (tuple, types.GenericAlias) or hint is tuple:
+            value = tuple(value)
+        elif get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable sha256 of configs (dataclasses or plain JSON values)."""
+    payload = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

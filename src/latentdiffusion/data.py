@@ -1,0 +1,223 @@
+"""MNIST-format data: IDX reading with validation, a dataset registry, download and verify.
+
+IDX layout (LeCun et al.): big-endian magic (0x0803 images, 0x0801 labels), one uint32 per
+dimension, then uint8 values. Files may be gzipped (the original release) or raw.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+import urllib.request
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "test"]
+DATA_DIR_ENV = "LDM_DATA_DIR"
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    mirrors: tuple[str, ...]
+    md5: dict[str, str]  # file name (.gz) -> md5 of the original release
+
+
+DATASETS = {
+    "mnist": DatasetInfo(
+        name="mnist",
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
+}
+SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist") -> Path:
+    """--data-dir, else $LDM_DATA_DIR, else the user cache directory."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "latentdiffusion" / dataset
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
+        if candidate.is_file():
+            return candidate
+    if not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR or run "
+                        f"`ldm data download --data-dir {data_dir}`")
+    raise DataError(f"{data_dir / (stem + '.gz')} is missing; run "
+                    f"`ldm data download --data-dir {data_dir}` or point --data-dir elsewhere")
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read one IDX file (gzipped or raw), checking magic number, dimensions and size."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: truncated or corrupt gzip ({err}); delete it and run "
+                        "`ldm data download`") from None
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    (found,) = struct.unpack(">I", raw[:4])
+    if found != magic:
+        raise DataError(f"{path}: wrong magic number {found} (expected {magic}); "
+                        "not an IDX file of this kind")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: size {len(raw)} bytes does not match its header "
+                        f"{'x'.join(map(str, dims))} ({expected} bytes); the file is truncated")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write uint8 images (N, H, W) or labels (N,) as IDX; gzipped when the name ends in .gz."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = IMAGE_MAGIC if array.ndim == 3 else LABEL_MAGIC
+    data = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def load_split(data_dir: str | os.PathLike[str] | None,
+               split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 28, 28) and labels int64 (N,) of one split."""
+    if split not in SPLIT_FILES:
+        raise UsageError(f"unknown split {split!r} (choose from train, test)")
+    root = resolve_data_dir(data_dir)
+    image_stem, label_stem = SPLIT_FILES[split]
+    image_path, label_path = _find(root, image_stem), _find(root, label_stem)
+    images = read_idx(image_path, IMAGE_MAGIC)
+    labels = read_idx(label_path, LABEL_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{image_path}: images are {images.shape[1:]}, expected 28x28")
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
+                        f"{len(labels)} labels; one of them is from another release")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{label_path}: labels must be 0..9, found {labels.max()}")
+    return images, labels.astype(np.int64)
+
+
+def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) in 0..255 -> float32 (N, 1, 28, 28) in [0, 1]."""
+    tensor = torch.as_tensor(np.array(images, copy=True))
+    return tensor.to(torch.float32).div(255.0).unsqueeze(1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 1, 28, 28) in [0, 1] -> uint8 (N, 28, 28), rounded and clipped."""
+    return images.detach().squeeze(1).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist") -> dict[str, dict]:
+    """Check every file: MD5 of original .gz files, then parse and count; raises DataError."""
+    info = dataset_info(dataset)
+    root = resolve_data_dir(data_dir, dataset)
+    report: dict[str, dict] = {}
+    for split in ("train", "test"):
+        for stem in SPLIT_FILES[split]:
+            path = _find(root, stem)
+            if path.suffix == ".gz" and md5sum(path) != info.md5[path.name]:
+                report[path.name] = {"md5_ok": False}
+        images, labels = load_split(root, split)  # type: ignore[arg-type]
+        report[split] = {"images": list(images.shape), "labels": len(labels)}
+    bad = [name for name, entry in report.items() if entry.get("md5_ok") is False]
+    if bad:
+        raise DataError(f"{root}: MD5 mismatch for {', '.join(bad)} (parses, but is not the "
+                        f"original {dataset} release)")
+    return report
+
+
+def download(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist",
+             progress: Callable[[int, int], None] | None = None) -> Path:
+    """Fetch missing files from the registry's mirrors, verify MD5, write atomically."""
+    info = dataset_info(dataset)
+    root = resolve_data_dir(data_dir, dataset)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, md5 in info.md5.items():
+        target = root / name
+        if target.is_file() and md5sum(target) == md5:
+            continue
+        errors = []
+        for mirror in info.mirrors:
+            tmp = target.with_suffix(".part")
+            try:
+                log.info("downloading %s%s", mirror, name)
+                with urllib.request.urlopen(mirror + name, timeout=60) as response, \
+                        open(tmp, "wb") as out:
+                    total = int(response.headers.get("Content-Length") or 0)
+                    done = 0
+                    for block in iter(partial(response.read, 1 << 16), b""):
+                        out.write(block)
+                        done += len(block)
+                        if progress:
+                            progress(done, total)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if md5sum(tmp) != md5:
+                    raise OSError("MD5 mismatch")
+                os.replace(tmp, target)
+                break
+            except OSError as err:
+                errors.append(f"{mirror}: {err}")
+                tmp.unlink(missing_ok=True)
+        else:
+            raise DataError(f"could not download {name} ({'; '.join(errors)}); without network, "
+                            "copy the four files into a directory and pass --data-dir")
+    return root

@@ -1,0 +1,124 @@
+"""UNet noise predictor over VAE latents, after the post's time-conditioned conv blocks.
+
+Each block is conv -> norm -> + Linear(time embedding) -> activation, as in the post, inside a
+residual pair. The post normalised with InstanceNorm2d; on 8x8 and 4x4 maps that erases each
+channel's spatial mean, so the network cannot predict the mean of the noise; sampling divides
+that error by sqrt(alpha_bar_t) ~ 0.006 and samples collapse. GroupNorm normalises over groups
+of channels instead and keeps per-channel means (`norm="instance"` is kept for the ablation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import UNetConfig
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """(B,) -> (B, dim) laid out [sin(t w_0..w_{h-1}), cos(t w_0..w_{h-1})], as in the post.
+
+    Frequencies w_i = max_period^(-i / (h - 1)) are computed in log space, h = dim / 2.
+    """
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) / max(half - 1, 1)
+                            * torch.arange(half, device=t.device, dtype=torch.float32))
+    angles = t.float()[:, None] * frequencies[None]  # (B, h)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.GroupNorm(groups, channels)
+
+
+class TimeConvBlock(nn.Module):
+    """The post's block: act(norm(conv(x)) + Linear(time_embedding)), with SiLU."""
+
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, norm: str, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm = _norm(norm, c_out, groups)
+        self.time_proj = nn.Linear(embed_dim, c_out)
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(self.conv(x)) + self.time_proj(embedding)[:, :, None, None])
+
+
+class ResBlock(nn.Module):
+    """Two time-conditioned conv blocks with a (1x1 when needed) skip connection."""
+
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, norm: str, groups: int) -> None:
+        super().__init__()
+        self.block1 = TimeConvBlock(c_in, c_out, embed_dim, norm, groups)
+        self.block2 = TimeConvBlock(c_out, c_out, embed_dim, norm, groups)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.block2(self.block1(x, embedding), embedding)
+
+
+class UNet(nn.Module):
+    """(x_t (B, C, S, S), t (B,)) -> predicted noise (B, C, S, S)."""
+
+    kind = "unet"
+    config_class = UNetConfig
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch, n, norm, groups = config.channels, config.blocks_per_level, config.norm, config.groups
+        embed_dim = 4 * config.time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, embed_dim), nn.SiLU(),
+                                      nn.Linear(embed_dim, embed_dim), nn.SiLU())
+        self.stem = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleDict()
+        self.up = nn.ModuleDict()
+        sizes = [config.latent_size // 2**i for i in range(len(ch))]
+        skip_channels = []
+        c = ch[0]
+        for level, (c_out, size) in enumerate(zip(ch, sizes, strict=True)):
+            for i in range(n):
+                self.down[f"{size}x{size}_block{i}"] = ResBlock(c, c_out, embed_dim, norm, groups)
+                c = c_out
+                skip_channels.append(c)
+            if level + 1 < len(ch):
+                self.down[f"{size}x{size}_down"] = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.mid = ResBlock(c, c, embed_dim, norm, groups)
+        for level in reversed(range(len(ch))):
+            size = sizes[level]
+            for i in range(n):
+                block = ResBlock(c + skip_channels.pop(), ch[level], embed_dim, norm, groups)
+                self.up[f"{size}x{size}_block{i}"] = block
+                c = ch[level]
+            if level > 0:
+                self.up[f"{size}x{size}_up"] = nn.Conv2d(c, c, 3, padding=1)
+        self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(),
+                                 nn.Conv2d(c, config.in_channels, 3, padding=1))
+        final = self.out[-1]
+        assert isinstance(final, nn.Conv2d)
+        nn.init.zeros_(final.weight)  # start as the zero predictor
+        if final.bias is not None:
+            nn.init.zeros_(final.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        embedding = self.time_mlp(sinusoidal_embedding(t, self.config.time_dim))  # (B, 4 * dim)
+        h = self.stem(x_t)  # (B, ch0, S, S)
+        skips = []
+        for name, module in self.down.items():
+            if name.endswith("_down"):
+                h = module(h)  # (B, c, S/2, S/2)
+            else:
+                h = module(h, embedding)
+                skips.append(h)
+        h = self.mid(h, embedding)
+        for name, module in self.up.items():
+            if name.endswith("_up"):
+                h = module(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, c, 2S, 2S)
+            else:
+                h = module(torch.cat([h, skips.pop()], dim=1), embedding)
+        return self.out(h)

@@ -1,0 +1,87 @@
+"""Convolutional VAE (Kingma & Welling 2014): encoder -> (mean, log-variance), decoder -> pixels.
+
+28x28 digits are padded to 32x32 so that two stride-2 stages give an 8x8 latent: an even size
+that the UNet can halve again (the post's 7x7 cannot be halved cleanly, 4x4 -> 7x7 needs
+cropping).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VAEConfig
+
+PAD = 2  # 28 + 2 * 2 = 32
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.SiLU())
+
+
+class VAE(nn.Module):
+    """Images (B, 1, 28, 28) in [0, 1] <-> latents (B, C, S, S) with S = 32 / 2**levels."""
+
+    kind = "vae"
+    config_class = VAEConfig
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch = config.channels
+        size = 32
+        encoder: list[nn.Module] = [_conv(1, ch[0])]
+        decoder: list[nn.Module] = []
+        for c_prev, c in zip((ch[0],) + ch[:-1], ch, strict=True):
+            size //= 2
+            encoder += [_conv(c_prev, c, stride=2), _conv(c, c)]  # halve resolution
+            decoder = [nn.Upsample(scale_factor=2, mode="nearest"), _conv(c, c_prev),
+                       _conv(c_prev, c_prev)] + decoder
+        encoder.append(nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1))
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(_conv(config.latent_channels, ch[-1]), *decoder,
+                                     nn.Conv2d(ch[0], 1, 3, padding=1))
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, 28, 28) -> mean, log_variance, each (B, C, S, S)."""
+        h = self.encoder(F.pad(images * 2 - 1, (PAD,) * 4, value=-1.0))
+        mean, log_variance = h.chunk(2, dim=1)
+        return mean, log_variance.clamp(-30.0, 20.0)
+
+    def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> pixel logits (B, 1, 28, 28)."""
+        return self.decoder(latents)[:, :, PAD:-PAD, PAD:-PAD]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> images (B, 1, 28, 28) in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(latents))
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode, sample the posterior with `noise`, decode: (logits, mean, log_variance)."""
+        mean, log_variance = self.encode(images)
+        return self.decode_logits(sample_posterior(mean, log_variance, noise)), mean, log_variance
+
+
+def sample_posterior(mean: torch.Tensor, log_variance: torch.Tensor,
+                     noise: torch.Tensor) -> torch.Tensor:
+    """Reparameterisation: z = mean + sigma * noise, with sigma = exp(log_variance / 2)."""
+    return mean + torch.exp(0.5 * log_variance) * noise
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, sigma^2) || N(0, 1)) per element = (mean^2 + sigma^2 - 1 - log sigma^2) / 2."""
+    return 0.5 * (mean.square() + log_variance.exp() - 1.0 - log_variance)
+
+
+def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
+             kl_weight: float) -> torch.Tensor:
+    """Mean per-pixel BCE + kl_weight * mean per-latent-element KL (a beta-VAE objective).
+
+    kl_weight trades sharpness for a Gaussian latent: too small and the posterior means drift
+    far from N(0, I) (prior samples decode to garbage), too large and digits blur.
+    """
+    logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
+    reconstruction = F.binary_cross_entropy_with_logits(logits, images)
+    return reconstruction + kl_weight * kl_to_standard_normal(mean, log_variance).mean()

@@ -1,0 +1,92 @@
+"""Figures of a run: digit grids, reconstructions, schedules, loss curves, class histograms."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .fileio import atomic_write  # noqa: E402
+
+
+def tile(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W) -> one uint8 image of a rows x cols grid (missing cells stay black)."""
+    n, h, w = images.shape
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
+    for i in range(min(n, rows * cols)):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
+    return grid
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def save_grid(images: np.ndarray, path: Path, rows: int = 8, cols: int = 9) -> None:
+    """The post's 72-digit figure (8 x 9) as a PNG, white digits on black, scaled 3x."""
+    grid = np.kron(tile(images, rows, cols), np.ones((3, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    plt.imsave(buffer, grid, cmap="gray", vmin=0, vmax=255, format="png")
+    atomic_write(path, buffer.getvalue())
+
+
+def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path,
+                         count: int = 12) -> None:
+    """Top row: test digits; bottom row: their VAE reconstructions."""
+    pairs = np.concatenate([originals[:count], reconstructions[:count]])
+    save_grid(pairs, path, rows=2, cols=count)
+
+
+def save_schedules(schedules: dict[str, np.ndarray], path: Path) -> None:
+    """alphas_cumprod over t for each schedule (the post's schedule plot)."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, alphas_cumprod in schedules.items():
+        ax.plot(np.arange(1, len(alphas_cumprod) + 1), alphas_cumprod, label=name)
+    ax.set_xlabel("t")
+    ax.set_ylabel(r"$\bar\alpha_t$")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def save_losses(histories: dict[str, Sequence[dict]], path: Path) -> None:
+    """Train and validation loss per epoch, one panel per model."""
+    names = [name for name, history in histories.items() if history]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        history = histories[name]
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        if "val_loss" in history[0]:
+            ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def save_class_histograms(histograms: dict[str, Sequence[float]], path: Path) -> None:
+    """Fraction of each predicted class per generated set (uniform would be 0.1 each)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    width = 0.8 / max(len(histograms), 1)
+    for i, (name, histogram) in enumerate(histograms.items()):
+        ax.bar(np.arange(10) + i * width, histogram, width=width, label=name)
+    ax.axhline(0.1, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(np.arange(10) + 0.4 - width / 2, [str(d) for d in range(10)])
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=7)
+    _save(fig, path)

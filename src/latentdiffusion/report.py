@@ -1,0 +1,125 @@
+"""report.md and a self-contained report.html (images embedded) of one run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import RunConfig, to_dict
+from .fileio import atomic_write
+
+POST_FID = {"random": 48.43, "vae-prior": 63.49, "diffusion": 6.02, "validation": 0.30}
+ROW_NAMES = {"random": "Random", "vae-prior": "VAE (prior samples)",
+             "vae-reconstruction": "VAE (test reconstructions)", "validation": "Validation"}
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+
+
+def _rows(metrics: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    order = ["random", "vae-prior", "vae-reconstruction",
+             *[k for k in metrics if k not in ROW_NAMES], "validation"]
+    for name in order:
+        if name not in metrics:
+            continue
+        m = metrics[name]
+        post = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
+        label = ROW_NAMES.get(name, f"Diffusion ({name})")
+        rows.append([label, str(m["n"]), f"{m['fid']:.3f}", f"{m['fid_over_validation']:.1f}x",
+                     f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}",
+                     f"{m['precision']:.3f} / {m['recall']:.3f}",
+                     f"{m['class_entropy_bits']:.3f}",
+                     f"{m['accuracy']:.4f}" if "accuracy" in m else "",
+                     f"{post:.2f}" if post is not None else ""])
+    return rows
+
+
+HEAD = ["Set", "N", "FID", "FID / Validation", "KID (mean ± std)", "Precision / Recall",
+        "Class entropy (bits)", "Accuracy", "Post's FID"]
+
+
+def _figures(root: Path, metrics: dict[str, Any]) -> list[tuple[str, Path]]:
+    diffusion = [k for k in metrics if k not in ROW_NAMES]
+    figures = [(f"Diffusion samples ({k}), the post's 8 x 9 grid", root / "samples" / f"{k}.png")
+               for k in diffusion]
+    figures += [("VAE: test digits (top) and reconstructions (bottom)",
+                 root / "figures" / "reconstructions.png"),
+                ("VAE prior samples", root / "samples" / "vae-prior.png"),
+                ("Random baseline", root / "samples" / "random.png"),
+                ("Noise schedules: alphas_cumprod over t", root / "figures" / "schedules.png"),
+                ("Loss curves", root / "figures" / "losses.png"),
+                ("Predicted class of generated digits", root / "figures" / "class_histogram.png")]
+    return [(title, path) for title, path in figures if path.exists()]
+
+
+def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, Any],
+          records: dict[str, Any], headers: dict[str, dict[str, Any]]) -> None:
+    rows = _rows(metrics)
+    versions = {"latentdiffusion": __version__, "torch": torch.__version__,
+                "numpy": np.__version__, "python": platform.python_version(),
+                "git": _git_revision()}
+    times = [(name, r["seconds"], r["summary"]) for name, r in records.items()]
+    seeds = {"classifier": config.classifier_train.seed, "vae": config.vae_train.seed,
+             "diffusion": config.diffusion_train.seed, "sampling": config.sampling.seed}
+    hashes = {name: h["sha256"][:16] for name, h in headers.items()}
+    figures = _figures(root, metrics)
+    intro = (f"Preset `{preset_name}`. FID is the Fréchet distance between the run's classifier "
+             "features (128-d penultimate layer) of each set and of the 60,000 training digits; "
+             "the post's figures come from its own classifier, so compare ratios to the "
+             "Validation row, not raw values.")
+
+    md = [f"# latentdiffusion run: {root.name}", "", intro, "", "## FID table", "",
+          "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "## Figures", ""]
+    md += [f"### {title}\n\n![{title}]({path.relative_to(root)})\n" for title, path in figures]
+    md += ["## Wall time per stage", "", "| Stage | Seconds | Summary |", "|---|---|---|"]
+    md += [f"| {n} | {s:.1f} | {summary} |" for n, s, summary in times]
+    md += [f"| total | {sum(s for _, s, _ in times):.1f} | |", "", "## Provenance", "",
+           f"- versions: {json.dumps(versions)}", f"- seeds: {json.dumps(seeds)}",
+           f"- model hashes: {json.dumps(hashes)}", "", "## Config", "", "```json",
+           json.dumps(to_dict(config), indent=2), "```", ""]
+    atomic_write(root / "report.md", "\n".join(md).encode())
+
+    def img(path: Path) -> str:
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+    e = html.escape
+    table = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    table += "</table>"
+    time_table = "<table><tr><th>Stage</th><th>Seconds</th><th>Summary</th></tr>" + "".join(
+        f"<tr><td>{e(n)}</td><td>{s:.1f}</td><td>{e(summary)}</td></tr>"
+        for n, s, summary in times) + "</table>"
+    body = [f"<h1>latentdiffusion run: {e(root.name)}</h1>", f"<p>{e(intro)}</p>",
+            "<h2>FID table</h2>", table, "<h2>Figures</h2>"]
+    body += [f"<figure>{img(path)}<figcaption>{e(title)}</figcaption></figure>"
+             for title, path in figures]
+    body += ["<h2>Wall time per stage</h2>", time_table, "<h2>Provenance</h2>",
+             f"<pre>versions: {e(json.dumps(versions))}\nseeds: {e(json.dumps(seeds))}\n"
+             f"model hashes: {e(json.dumps(hashes))}</pre>",
+             "<h2>Config</h2>", f"<pre>{e(json.dumps(to_dict(config), indent=2))}</pre>"]
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "figure{margin:1em 0}img{max-width:100%}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>latentdiffusion "
+            f"{e(root.name)}</title><style>{style}</style></head><body>{''.join(body)}"
+            "</body></html>")
+    atomic_write(root / "report.html", page.encode())

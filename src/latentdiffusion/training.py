@@ -1,0 +1,297 @@
+"""One training loop for every model: sharded batches, AdamW, LR schedule, EMA, validation,
+crash-safe checkpoints, exact resume and torchrun (DDP).
+
+All randomness of a step (data order, t, noise, augmentation) is a pure function of
+(seed, epoch or step), drawn for the whole *global* batch and then sharded, so a run gives the
+same numbers on any number of processes and resumes exactly from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from . import distributed as dist
+from .config import TrainConfig, config_hash, to_dict
+from .errors import CheckpointError, LdmError
+from .rng import derive_seed, generator, randn
+
+log = logging.getLogger(__name__)
+KEEP_CHECKPOINTS = 2
+_ORDER, _STEP, _VAL = 1, 2, 3  # keys that separate the seed streams
+
+
+@dataclass
+class Batch:
+    """This rank's shard of a global batch, plus the step's randomness for the whole batch."""
+
+    tensors: tuple[torch.Tensor, ...]
+    global_size: int
+    shard: slice
+    generator: torch.Generator
+    device: torch.device
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """(local B, *shape) standard normal, the same numbers whatever the world size."""
+        return randn((self.global_size, *shape), self.generator)[self.shard].to(self.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        """(local B,) integers in [0, high)."""
+        values = torch.randint(high, (self.global_size,), generator=self.generator)
+        return values[self.shard].to(self.device)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # the EMA weights when the EMA is on, else the trained weights
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def init_model(cls: Callable[[Any], nn.Module], config: Any, seed: int) -> nn.Module:
+    """Build a model with weights drawn from `seed`, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_decay == "constant":
+        return config.lr * warmup
+    return config.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model; buffers (BatchNorm statistics) are copied."""
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_buffer.copy_(buffer)
+
+
+def _shard(global_size: int) -> slice:
+    return slice(dist.rank(), None, dist.world_size())
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor],
+                  batch_size: int, seed: int, device: torch.device) -> float:
+    """Mean loss over `data` with fixed randomness (same value on every world size)."""
+    was_training = model.training
+    model.eval()
+    n = len(data[0])
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, start in enumerate(range(0, n, batch_size)):
+        rows = torch.arange(start, min(start + batch_size, n))
+        shard = _shard(len(rows))
+        local = rows[shard]
+        batch = Batch(tuple(t[local].to(device) for t in data), len(rows), shard,
+                      generator(seed, _VAL, i), device)
+        if len(local):
+            total += torch.tensor([loss_fn(model, batch).item() * len(local), len(local)],
+                                  dtype=torch.float64)
+    dist.all_reduce_sum(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+
+
+def list_checkpoints(state_dir: Path) -> list[Path]:
+    """Training checkpoints, newest first."""
+    return sorted(state_dir.glob("step-*.safetensors"), reverse=True)
+
+
+def latest_checkpoint(state_dir: Path, kind: str) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in list_checkpoints(state_dir):
+        try:
+            tensors, meta = checkpoint.load(path, kind=kind)
+        except CheckpointError as err:
+            log.warning("skipping %s", err)
+            continue
+        return path, tensors, meta
+    return None
+
+
+def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
+        val_data: Sequence[torch.Tensor] | None, config: TrainConfig, *, state_dir: Path,
+        kind: str, model_config: Any, device: torch.device, resume: bool = False,
+        progress: bool = True, val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+        ) -> FitResult:
+    """Train `model` on in-memory tensors; `state_dir` holds the crash-safe checkpoints."""
+    state_kind = f"train-state/{kind}"
+    key = config_hash(model_config, config)
+    n = len(train_data[0])
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+        raise LdmError(f"batch size {config.batch_size} is larger than the {n} training examples")
+    if config.batch_size % dist.world_size():
+        raise LdmError(f"batch size {config.batch_size} is not divisible by the "
+                       f"{dist.world_size()} processes")
+    total_steps = config.epochs * steps_per_epoch
+
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    history: list[dict[str, float]] = []
+    step, loss_sum, loss_count = 0, 0.0, 0
+    torch.manual_seed(derive_seed(config.seed, dist.rank()))  # dropout: torch's global RNG
+    found = latest_checkpoint(state_dir, state_kind) if resume else None
+    last_good: Path | None = None
+    if found:
+        last_good, tensors, meta = found
+        if meta["key"] != key:
+            raise CheckpointError(f"{last_good} was made with a different config; start over "
+                                  "with --force (or use another --run-dir)")
+        model.load_state_dict(_prefixed("model.", tensors))
+        if ema is not None:
+            ema.load_state_dict(_prefixed("ema.", tensors))
+        _load_optimizer(optimizer, tensors, meta["optimizer"])
+        step, history = meta["step"], meta["history"]
+        loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
+        _restore_rng(tensors, meta)
+        log.info("resumed %s from %s (step %d of %d)", kind, last_good.name, step, total_steps)
+
+    wrapped: nn.Module = model
+    if dist.world_size() > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def save_state() -> Path:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+        tensors.update(optim_tensors)
+        rng_tensors, rng_meta = _rng_state()
+        tensors.update(rng_tensors)
+        path = state_dir / f"step-{step:09d}.safetensors"
+        checkpoint.save(path, tensors, state_kind, key=key, step=step, history=history,
+                        loss_sum=loss_sum, loss_count=loss_count, optimizer=optim_meta,
+                        rng=rng_meta, config=to_dict(config), model_config=to_dict(model_config))
+        for old in list_checkpoints(state_dir)[KEEP_CHECKPOINTS:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    bar = tqdm(total=total_steps, initial=step, desc=kind, leave=False,
+               disable=not (progress and dist.is_main()))
+    order: torch.Tensor | None = None
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        if order is None or position == 0:
+            order = torch.randperm(n, generator=generator(config.seed, _ORDER, epoch))
+        rows = order[position * config.batch_size:(position + 1) * config.batch_size]
+        shard = _shard(len(rows))
+        batch = Batch(tuple(t[rows[shard]].to(device, non_blocking=True) for t in train_data),
+                      len(rows), shard, generator(config.seed, _STEP, step), device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step, total_steps)
+        loss = loss_fn(wrapped, batch)
+        total_loss = dist.all_reduce_sum(loss.detach().double().reshape(1)).item()
+        mean_loss = total_loss / dist.world_size()
+        if not math.isfinite(mean_loss):
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint yet"
+            raise LdmError(f"{kind}: loss became {mean_loss} at step {step}; training stopped, "
+                           f"{where} (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
+        bar.update()
+        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+        if step % steps_per_epoch == 0:
+            history.append(_end_epoch(epoch, loss_sum / loss_count, ema or model, loss_fn,
+                                      val_data, config, device, val_metrics))
+            log.info("%s epoch %d: %s", kind, epoch + 1, history[-1])
+            loss_sum, loss_count = 0.0, 0
+        if step % config.checkpoint_every == 0 or step == total_steps:
+            if dist.is_main():
+                last_good = save_state()
+            dist.barrier()
+    bar.close()
+    return FitResult(model=(ema or model).eval(), history=history)
+
+
+def _end_epoch(epoch: int, train_loss: float, model: nn.Module, loss_fn: LossFn,
+               val_data: Sequence[torch.Tensor] | None, config: TrainConfig,
+               device: torch.device,
+               val_metrics: Callable[[nn.Module], dict[str, float]] | None) -> dict[str, float]:
+    record = {"epoch": epoch + 1, "train_loss": train_loss}
+    was_training = model.training
+    if val_data is not None:
+        record["val_loss"] = evaluate_loss(model, loss_fn, val_data, config.batch_size,
+                                           config.seed, device)
+    if val_metrics is not None:
+        model.eval()
+        record.update(val_metrics(model))
+    model.train(was_training)
+    return record
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, py_state, gauss = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    meta = {"numpy": [kind, pos, has_gauss, cached], "python": [version, list(py_state), gauss]}
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    kind, pos, has_gauss, cached = meta["rng"]["numpy"]
+    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
+    version, py_state, gauss = meta["rng"]["python"]
+    random.setstate((version, tuple(py_state), gauss))
