@@ -30,18 +30,19 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         ch = config.channels
-        size = 32
-        encoder: list[nn.Module] = [_conv(1, ch[0])]
+        # No conv works at full 32x32 resolution but the first (1 -> ch[0], stride 2) and the
+        # last (ch[0] -> 1): they are the costly ones on a CPU and need few channels.
+        encoder: list[nn.Module] = []
         decoder: list[nn.Module] = []
-        for c_prev, c in zip((ch[0],) + ch[:-1], ch, strict=True):
-            size //= 2
-            encoder += [_conv(c_prev, c, stride=2), _conv(c, c)]  # halve resolution
-            decoder = [nn.Upsample(scale_factor=2, mode="nearest"), _conv(c, c_prev),
-                       _conv(c_prev, c_prev)] + decoder
+        for level, c in enumerate(ch):
+            c_in = 1 if level == 0 else ch[level - 1]
+            encoder += [_conv(c_in, c, stride=2), _conv(c, c)]  # (B, c, S/2, S/2)
+            upsample = nn.Upsample(scale_factor=2, mode="nearest")
+            out = (nn.Conv2d(c, 1, 3, padding=1) if level == 0 else _conv(c, c_in))
+            decoder = [_conv(c, c), upsample, out] + decoder  # (B, c_in, 2S, 2S)
         encoder.append(nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1))
         self.encoder = nn.Sequential(*encoder)
-        self.decoder = nn.Sequential(_conv(config.latent_channels, ch[-1]), *decoder,
-                                     nn.Conv2d(ch[0], 1, 3, padding=1))
+        self.decoder = nn.Sequential(_conv(config.latent_channels, ch[-1]), *decoder)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, 28, 28) -> mean, log_variance, each (B, C, S, S)."""

@@ -1,0 +1,70 @@
+"""Ablations of the diffusion recipe on a shared classifier + VAE + latents (--run-dir must hold
+them, e.g. after benchmarks/diffusion.py): each variant trains its own denoiser in a subfolder
+and is scored with the same sampler and N.
+
+    python benchmarks/ablation.py --data-dir ../shared/data/mnist --run-dir bench-out/default \\
+        --epochs 4 -n 2000
+Variants: the preset (linear schedule, GroupNorm, EMA, DDPM with beta_tilde), cosine schedule,
+no EMA, InstanceNorm (the post's block), and DDPM with sigma^2 = beta instead of beta_tilde.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+
+from common import emit, parser, setup
+from latentdiffusion import data, stages
+from latentdiffusion.config import SamplingConfig, preset
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("-n", "--num-samples", type=int, default=2000)
+    p.add_argument("--sampler", default="ddpm-250", help="sampler used for every variant")
+    args = p.parse_args()
+    device = setup(args)
+    config = preset(args.preset)
+    r = dataclasses.replace
+    train = r(config.diffusion_train, epochs=args.epochs)
+    variants = {
+        "baseline": (config.unet, config.schedule, train, "beta_tilde"),
+        "cosine_schedule": (config.unet, r(config.schedule, kind="cosine"), train, "beta_tilde"),
+        "no_ema": (config.unet, config.schedule, r(train, ema_decay=0.0), "beta_tilde"),
+        "instance_norm": (r(config.unet, norm="instance"), config.schedule, train, "beta_tilde"),
+        "variance_beta": (config.unet, config.schedule, train, "beta"),
+    }
+    base = stages.RunDir(args.run_dir)
+    test_images, test_labels = data.load_split(args.data_dir, "test")
+    validation = stages.evaluate(args.data_dir, base, test_images, test_labels, device=device)
+    result: dict = {"benchmark": "ablation", "epochs": args.epochs, "n": args.num_samples,
+                    "sampler": args.sampler, "validation_fid": validation["fid"]}
+    for name, (unet, schedule, train_config, variance) in variants.items():
+        run = stages.RunDir(args.run_dir / "ablation" / name)
+        run.root.mkdir(parents=True, exist_ok=True)
+        for f in ("classifier", "vae"):
+            shutil.copy(base.model(f), run.model(f))
+        shutil.copy(base.latents, run.latents)
+        start = time.perf_counter()
+        if name != "variance_beta":  # same denoiser as the baseline, other sampler variance
+            stages.train_diffusion(run, unet, schedule, train_config, device=device,
+                                   progress=False)
+        else:
+            shutil.copy(args.run_dir / "ablation" / "baseline" / "diffusion.safetensors",
+                        run.model("diffusion"))
+        seconds = time.perf_counter() - start
+        images = stages.generate(run, "diffusion", args.num_samples, seed=1,
+                                 sampler=args.sampler, sampling=SamplingConfig(variance=variance),
+                                 device=device, progress=False)
+        m = stages.evaluate(args.data_dir, base, images, None, device=device)
+        result[name] = {"fid": m["fid"], "fid_over_validation": m["fid"] / validation["fid"],
+                        "class_entropy_bits": m["class_entropy_bits"],
+                        "precision": m["precision"], "recall": m["recall"],
+                        "train_seconds": seconds}
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Train the VAE and measure its bars against the run's classifier (train it first with
+benchmarks/classifier.py on the same --run-dir).
+
+    python benchmarks/vae.py --data-dir ../shared/data/mnist --run-dir bench-out/default
+Bars: <= 240 s; classifier accuracy on test reconstructions >= 0.985; reconstruction FID
+<= 2x Validation FID. Also reports the VAE-prior and Random rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+from common import emit, parser, setup
+from latentdiffusion import data, stages
+from latentdiffusion.config import preset
+from latentdiffusion.metrics import random_images
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--skip-train", action="store_true", help="evaluate the existing VAE")
+    args = p.parse_args()
+    device = setup(args)
+    config = preset(args.preset)
+    run = stages.RunDir(args.run_dir)
+    start = time.perf_counter()
+    if not args.skip_train:
+        stages.train_vae(args.data_dir, run, config.vae, config.vae_train, device=device,
+                         progress=False)
+    train_seconds = time.perf_counter() - start
+    test_images, test_labels = data.load_split(args.data_dir, "test")
+    train_images = data.load_split(args.data_dir, "train")[0]
+    recon, labels = stages.reconstruct(args.data_dir, run, "test", device=device)
+    prior = stages.generate(run, "vae", 10_000, seed=1, device=device, progress=False)
+
+    def score(images, labels=None):  # type: ignore[no-untyped-def]
+        m = stages.evaluate(args.data_dir, run, images, labels, device=device)
+        return {k: m[k] for k in ("n", "fid", "kid_mean", "precision", "recall", "accuracy",
+                                  "class_entropy_bits") if k in m}
+
+    validation = score(test_images, test_labels)
+    reconstruction = score(recon, labels)
+    emit({"benchmark": "vae", "preset": args.preset, "train_seconds": train_seconds,
+          "bar_seconds": 240, "validation": validation, "reconstruction": reconstruction,
+          "reconstruction_fid_over_validation": reconstruction["fid"] / validation["fid"],
+          "bar_fid_ratio": 2.0, "bar_reconstruction_accuracy": 0.985,
+          "prior": score(prior), "random": score(random_images(train_images, 10_000, 1))})
+
+
+if __name__ == "__main__":
+    main()
