@@ -1,0 +1,107 @@
+"""End to end: `ldm run --preset tiny` in-process on synthetic data, every CLI stage once."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentdiffusion.cli import main
+from latentdiffusion.metrics import load_samples
+
+STAGES = ["classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report"]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, str]:
+    """Run `ldm run` and return {stage: 'ran' | 'skipped'} from its one-line summaries."""
+    assert main(["run", *argv]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    return {m.group(1): "skipped" if "skipped" in m.group(2) else "ran"
+            for m in re.finditer(r"^\[(\w+)\] (.*)$", err, flags=re.M)}
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.sources.append(dict(attrs).get("src") or "")
+
+
+def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ("--data-dir", str(data_dir), "--run-dir", str(run), "--preset", "tiny",
+            "--device", "cpu")
+    assert _run(capsys, *argv) == dict.fromkeys(STAGES, "ran")
+
+    for name in ("classifier", "vae", "diffusion", "latents"):
+        assert (run / f"{name}.safetensors").is_file()
+    for name in ("report.md", "report.html", "metrics.json", "run.json",
+                 "figures/losses.png", "figures/schedules.png", "figures/reconstructions.png",
+                 "figures/class_histogram.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"random", "vae-prior", "vae-reconstruction", "ddim-5", "ddpm",
+                            "validation"}
+    for name, entry in metrics.items():
+        for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "class_entropy_bits"):
+            assert math.isfinite(entry[key]), (name, key)
+        assert len(entry["class_histogram"]) == 10
+        assert abs(sum(entry["class_histogram"]) - 1) < 1e-6
+    for name in ("random", "vae-prior", "ddim-5", "ddpm"):
+        images, labels = load_samples(run / "samples" / f"{name}.npz")
+        assert images.shape == (24, 28, 28) and images.dtype == np.uint8 and labels is None
+        assert metrics[name]["n"] == 24
+    _, labels = load_samples(run / "samples" / "vae-reconstruction.npz")
+    assert labels is not None and "accuracy" in metrics["vae-reconstruction"]
+
+    page = (run / "report.html").read_text()
+    images = _Images()
+    images.feed(page)
+    assert len(images.sources) >= 6
+    assert all(src.startswith("data:image/png;base64,") for src in images.sources)
+    assert "Validation" in page and "Random" in page and "6.02" in page
+
+    # A second run is a no-op; --force diffusion redoes diffusion and what reads it.
+    assert _run(capsys, *argv) == dict.fromkeys(STAGES, "skipped")
+    before = (run / "vae.safetensors").stat().st_mtime_ns
+    events = _run(capsys, *argv, "--force", "diffusion")
+    assert [s for s in STAGES if events[s] == "ran"] == ["diffusion", "sample", "evaluate",
+                                                         "report"]
+    assert (run / "vae.safetensors").stat().st_mtime_ns == before
+
+
+def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    run = str(tmp_path / "run")
+    common = ["--run-dir", run, "--device", "cpu", "--quiet"]
+    data = ["--data-dir", str(data_dir)]
+    for model in ("classifier", "vae"):
+        assert main(["train", model, "--preset", "tiny", *data, *common]) == 0
+    assert main(["encode", *data, *common]) == 0
+    assert main(["train", "diffusion", "--preset", "tiny", *common]) == 0
+    out = tmp_path / "d.npz"
+    assert main(["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "3", "-n",
+                 "10", "--out", str(out), *common]) == 0
+    assert out.with_suffix(".png").is_file()
+    recon = tmp_path / "r.npz"
+    assert main(["sample", "--model", "vae", "--reconstruct", "test", "--out", str(recon),
+                 *data, *common]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--samples", str(recon), "--out", str(tmp_path / "r.json"),
+                 *data, *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 40 and 0 <= result["accuracy"] <= 1
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert main(["evaluate", "--baselines", *data, *common]) == 0
+    baselines = json.loads(capsys.readouterr().out)
+    assert set(baselines) == {"validation", "random"}
+    assert baselines["validation"]["n"] == 40
