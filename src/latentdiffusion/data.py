@@ -110,6 +110,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
                         "not an IDX file of this kind")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: size {len(raw)} bytes is shorter than its {header}-byte "
+                        "header; the file is truncated")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims))
     if len(raw) != expected:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
+# What np.load raises for a truncated or garbled .npz besides OSError / ValueError.
+_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError)
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Reference:
                     return None
                 stats = FeatureStats(int(f["n"]), f["mean"], f["cov"])
                 return cls(stats, f["subset"], classifier_hash)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError, *_BAD_NPZ):  # TypeError: a .npy
             return None
 
 
@@ -208,14 +212,18 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a samples .npz: `images` uint8 (N, 28, 28), optional `labels` (N,) in 0..9."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise DataError(f"{path} is a single .npy array; save samples with "
+                            "np.savez(path, images=...)")
+        with loaded as f:
             if "images" not in f:
                 raise DataError(f"{path}: no 'images' array (found: {', '.join(f.files)})")
             images = f["images"]
             labels = f["labels"] if "labels" in f else None
     except FileNotFoundError:
         raise DataError(f"samples file {path} does not exist") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, *_BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
     if images.dtype != np.uint8:
         raise DataError(f"{path}: images must be uint8 in 0..255, got {images.dtype} (convert "

@@ -1,0 +1,319 @@
+"""IDX reading and validation, data-dir resolution, verify and download (local file:// only)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_digits, write_dataset
+from latentdiffusion import data
+from latentdiffusion.data import (
+    DATASETS,
+    IMAGE_MAGIC,
+    LABEL_MAGIC,
+    DatasetInfo,
+    load_split,
+    read_idx,
+    resolve_data_dir,
+    write_idx,
+)
+from latentdiffusion.errors import DataError, UsageError
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- IDX format
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
+    images, labels = synthetic_digits(13, seed=3)
+    suffix = ".gz" if gz else ""
+    image_path, label_path = tmp_path / f"i{suffix}", tmp_path / f"l{suffix}"
+    write_idx(image_path, images)
+    write_idx(label_path, labels)
+    raw = image_path.read_bytes()
+    assert (raw[:2] == b"\x1f\x8b") is gz  # gzip magic only when the name ends in .gz
+    header = gzip.decompress(raw)[:16] if gz else raw[:16]
+    assert struct.unpack(">4I", header) == (IMAGE_MAGIC, 13, 28, 28)
+    np.testing.assert_array_equal(read_idx(image_path, IMAGE_MAGIC), images)
+    back = read_idx(label_path, LABEL_MAGIC)
+    assert back.shape == (13,) and back.dtype == np.uint8
+    np.testing.assert_array_equal(back, labels)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_split_shapes_and_dtypes(tmp_path: Path, gz: bool) -> None:
+    root = write_dataset(tmp_path / "d", n_train=30, n_test=20, gz=gz)
+    images, labels = load_split(root, "train")
+    expected_images, expected_labels = synthetic_digits(30, seed=0)
+    assert images.shape == (30, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert load_split(root, "test")[0].shape == (20, 28, 28)
+
+
+def test_load_split_rejects_unknown_split(data_dir: Path) -> None:
+    with pytest.raises(UsageError, match="valid"):
+        load_split(data_dir, "valid")  # type: ignore[arg-type]
+
+
+def test_unit_tensor_and_uint8_are_inverse() -> None:
+    images, _ = synthetic_digits(4, seed=5)
+    unit = data.to_unit_tensor(images)
+    assert unit.shape == (4, 1, 28, 28) and unit.dtype == torch.float32
+    assert float(unit.min()) >= 0 and float(unit.max()) == 1.0
+    np.testing.assert_array_equal(data.to_uint8(unit), images)
+    assert data.to_uint8(torch.full((1, 1, 28, 28), 2.0)).max() == 255  # clipped
+
+
+# ---------------------------------------------------------------- corrupt files
+
+
+def test_missing_data_dir_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="does not exist") as err:
+        load_split(missing, "train")
+    assert str(missing) in str(err.value) and "--data-dir" in str(err.value)
+
+
+def test_missing_one_file_names_it(data_dir: Path) -> None:
+    (data_dir / f"{TRAIN_LABELS}.gz").unlink()
+    with pytest.raises(DataError, match="is missing") as err:
+        load_split(data_dir, "train")
+    assert str(data_dir / f"{TRAIN_LABELS}.gz") in str(err.value)
+    assert load_split(data_dir, "test")[0].shape == (40, 28, 28)  # the other split still loads
+
+
+def test_truncated_gzip(data_dir: Path) -> None:
+    path = data_dir / f"{TRAIN_IMAGES}.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt gzip") as err:
+        load_split(data_dir, "train")
+    assert str(path) in str(err.value)
+
+
+def test_garbled_gzip(data_dir: Path) -> None:
+    path = data_dir / f"{TRAIN_IMAGES}.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # corrupt deflate data or its CRC
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as err:
+        load_split(data_dir, "train")
+    assert str(path) in str(err.value)
+
+
+def test_labels_where_images_are_expected(data_dir: Path) -> None:
+    path = data_dir / f"{TRAIN_IMAGES}.gz"
+    write_idx(path, np.zeros(96, dtype=np.uint8))  # a label file under the image name
+    with pytest.raises(DataError, match=f"wrong magic number {LABEL_MAGIC}") as err:
+        load_split(data_dir, "train")
+    assert str(path) in str(err.value)
+
+
+def test_patched_magic_byte(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d", n_train=10, n_test=10, gz=False)
+    path = root / TRAIN_LABELS
+    raw = bytearray(path.read_bytes())
+    raw[2] = 0x0D  # data type byte: 0x08 (uint8) -> 0x0d (float32)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="wrong magic number") as err:
+        load_split(root, "train")
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("change", [-1, +1])
+def test_size_not_matching_header(tmp_path: Path, change: int) -> None:
+    root = write_dataset(tmp_path / "d", n_train=10, n_test=10, gz=False)
+    path = root / TRAIN_IMAGES
+    raw = path.read_bytes()
+    path.write_bytes(raw[:change] if change < 0 else raw + b"\0")
+    with pytest.raises(DataError, match="does not match its header") as err:
+        load_split(root, "train")
+    message = str(err.value)
+    assert str(path) in message and "10x28x28" in message and str(len(raw) + change) in message
+
+
+@pytest.mark.parametrize("size", [0, 5, 12])
+def test_file_cut_inside_the_header(tmp_path: Path, size: int) -> None:
+    root = write_dataset(tmp_path / "d", n_train=10, n_test=10, gz=False)
+    path = root / TRAIN_IMAGES
+    path.write_bytes(path.read_bytes()[:size])  # 12 bytes: magic and 2 of the 3 dimensions
+    with pytest.raises(DataError) as err:
+        load_split(root, "train")
+    assert str(path) in str(err.value)
+
+
+def test_image_label_count_mismatch(data_dir: Path) -> None:
+    write_idx(data_dir / f"{TRAIN_LABELS}.gz", np.zeros(95, dtype=np.uint8))
+    with pytest.raises(DataError, match="96 images but .* 95 labels") as err:
+        load_split(data_dir, "train")
+    assert str(data_dir / f"{TRAIN_IMAGES}.gz") in str(err.value)
+    assert str(data_dir / f"{TRAIN_LABELS}.gz") in str(err.value)
+
+
+def test_wrong_image_size_and_label_range(data_dir: Path) -> None:
+    write_idx(data_dir / f"{TRAIN_IMAGES}.gz", np.zeros((96, 32, 32), dtype=np.uint8))
+    with pytest.raises(DataError, match="expected 28x28"):
+        load_split(data_dir, "train")
+    write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", np.full(40, 10, dtype=np.uint8))
+    with pytest.raises(DataError, match="labels must be 0..9, found 10") as err:
+        load_split(data_dir, "test")
+    assert "t10k-labels-idx1-ubyte.gz" in str(err.value)
+
+
+# ---------------------------------------------------------------- data dir
+
+
+def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert resolve_data_dir(None) == tmp_path / "xdg" / "latentdiffusion" / "mnist"
+    assert resolve_data_dir(None, "fashion-mnist") == (tmp_path / "xdg" / "latentdiffusion"
+                                                       / "fashion-mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+    assert resolve_data_dir(None) == tmp_path / "env"
+    assert resolve_data_dir("") == tmp_path / "env"  # an empty --data-dir means unset
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_data_dir("~/m") == tmp_path / "home" / "m"
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert resolve_data_dir(None) == tmp_path / "home" / ".cache" / "latentdiffusion" / "mnist"
+
+
+def test_load_split_uses_env_data_dir(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(data_dir))
+    assert load_split(None, "test")[0].shape == (40, 28, 28)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_rejects_gz_that_parses_but_is_not_the_original(data_dir: Path) -> None:
+    with pytest.raises(DataError, match="MD5 mismatch") as err:
+        data.verify(data_dir)
+    message = str(err.value)
+    assert str(data_dir) in message and "not the original mnist release" in message
+    for name in DATASETS["mnist"].md5:
+        assert name in message  # all four synthetic .gz files are named
+
+
+def test_verify_passes_when_md5s_match(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md5 = {name: _md5(data_dir / name) for name in DATASETS["mnist"].md5}
+    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (), md5))
+    report = data.verify(data_dir)
+    assert report == {"train": {"images": [96, 28, 28], "labels": 96},
+                      "test": {"images": [40, 28, 28], "labels": 40}}
+    # One changed file (that still parses) is caught, and only it is named.
+    write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", np.zeros(40, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"MD5 mismatch for t10k-labels-idx1-ubyte\.gz \("):
+        data.verify(data_dir)
+
+
+def test_verify_raw_files_are_parsed_not_hashed(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "raw", n_train=20, n_test=10, gz=False)
+    assert data.verify(root)["test"] == {"images": [10, 28, 28], "labels": 10}
+    (root / TRAIN_LABELS).write_bytes(b"")
+    with pytest.raises(DataError, match="too short"):
+        data.verify(root)
+
+
+def test_verify_unknown_dataset(data_dir: Path) -> None:
+    with pytest.raises(UsageError, match="unknown dataset 'cifar'"):
+        data.verify(data_dir, "cifar")
+
+
+# ---------------------------------------------------------------- download
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A local file:// mirror holding synthetic .gz files, registered as the only mirror."""
+    source = write_dataset(tmp_path / "mirror", n_train=20, n_test=10)
+    md5 = {name: _md5(source / name) for name in DATASETS["mnist"].md5}
+    monkeypatch.setitem(DATASETS, "mnist",
+                        DatasetInfo("mnist", (source.as_uri() + "/",), md5))
+    return source
+
+
+def test_download_from_local_mirror(mirror: Path, tmp_path: Path) -> None:
+    target = tmp_path / "downloaded"
+    calls: list[tuple[int, int]] = []
+    assert data.download(target, progress=lambda done, total: calls.append((done, total))) \
+        == target
+    names = sorted(DATASETS["mnist"].md5)
+    assert sorted(p.name for p in target.iterdir()) == names  # no .part files left
+    for name in names:
+        assert (target / name).read_bytes() == (mirror / name).read_bytes()
+    sizes = {(mirror / name).stat().st_size for name in names}
+    assert {total for _, total in calls} == sizes and {done for done, _ in calls} >= sizes
+    assert data.verify(target)["train"]["labels"] == 20
+
+    # Files already present with the right MD5 are not fetched again.
+    calls.clear()
+    data.download(target, progress=lambda done, total: calls.append((done, total)))
+    assert calls == []
+
+
+def test_download_falls_back_to_the_next_mirror(mirror: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    info = DATASETS["mnist"]
+    dead = (tmp_path / "dead").as_uri() + "/"
+    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (dead, *info.mirrors), info.md5))
+    target = data.download(tmp_path / "out")
+    assert all((target / name).read_bytes() == (mirror / name).read_bytes()
+               for name in info.md5)
+
+
+def test_download_replaces_a_corrupt_file(mirror: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    name = f"{TRAIN_IMAGES}.gz"
+    (target / name).write_bytes(b"garbage")
+    data.download(target)
+    assert (target / name).read_bytes() == (mirror / name).read_bytes()
+
+
+def test_download_rejects_wrong_md5_leaving_no_partial_file(
+        mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = DATASETS["mnist"]
+    bad = f"{TRAIN_IMAGES}.gz"
+    monkeypatch.setitem(DATASETS, "mnist",
+                        DatasetInfo("mnist", info.mirrors, {**info.md5, bad: "0" * 32}))
+    target = tmp_path / "out"
+    with pytest.raises(DataError, match="MD5 mismatch") as err:
+        data.download(target)
+    assert bad in str(err.value) and "--data-dir" in str(err.value)
+    assert not (target / bad).exists()
+    assert not list(target.glob("*.part"))
+    # An existing file is left alone when the replacement fails its MD5.
+    (target / bad).write_bytes(b"old")
+    with pytest.raises(DataError):
+        data.download(target)
+    assert (target / bad).read_bytes() == b"old" and not list(target.glob("*.part"))
+
+
+def test_download_with_no_reachable_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    info = DATASETS["mnist"]
+    monkeypatch.setitem(DATASETS, "mnist",
+                        DatasetInfo("mnist", ((tmp_path / "none").as_uri() + "/",), info.md5))
+    target = tmp_path / "out"
+    with pytest.raises(DataError, match="could not download") as err:
+        data.download(target)
+    assert "none" in str(err.value)
+    assert list(target.iterdir()) == []
