@@ -253,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             output = _data(args)
         else:
+            if getattr(args, "preset", None):
+                preset(args.preset)  # fail before the run directory is created
             device = dist.resolve_device(args.device)
             dist.init(device)
             writes = args.command in ("train", "encode", "run")

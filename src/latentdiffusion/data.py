@@ -220,6 +220,9 @@ def download(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist",
             except OSError as err:
                 errors.append(f"{mirror}: {err}")
                 tmp.unlink(missing_ok=True)
+            except BaseException:  # Ctrl-C: leave no partial file behind
+                tmp.unlink(missing_ok=True)
+                raise
         else:
             raise DataError(f"could not download {name} ({'; '.join(errors)}); without network, "
                             "copy the four files into a directory and pass --data-dir")

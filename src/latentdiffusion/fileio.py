@@ -82,9 +82,10 @@ def run_dir_lock(run_dir: str | os.PathLike[str], enabled: bool = True) -> Itera
         except FileExistsError:
             try:
                 host, pid = lock.read_text().split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            except (OSError, ValueError):  # empty: its owner died between create and write
+                host, pid = socket.gethostname(), "0"
+            if host == socket.gethostname() and pid.isdigit() and (
+                    int(pid) == 0 or not _pid_alive(int(pid))):
                 lock.unlink(missing_ok=True)  # stale: its owner is dead
                 continue
             raise LdmError(f"{run_dir} is in use by process {pid} on {host or '?'}; wait for it "
