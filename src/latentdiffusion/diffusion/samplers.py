@@ -28,6 +28,8 @@ def timesteps(num_timesteps: int, num_steps: int | None) -> list[int]:
         return list(range(num_timesteps - 1, -1, -1))
     if num_steps < 1:
         raise ValueError("num_steps must be >= 1")
+    if num_steps == 1:  # linspace(0, T - 1, 1) is [0]: one step must start from pure noise
+        return [num_timesteps - 1]
     grid = torch.linspace(0, num_timesteps - 1, num_steps).round().long()
     return sorted(set(grid.tolist()), reverse=True)
 

@@ -1,0 +1,245 @@
+"""The training loop: learning, determinism, exact resume after SIGKILL, NaN and corrupt files.
+
+Run as a script (`python tests/test_training.py STATE_DIR SLEEP`), this file trains the same
+tiny model as the tests, sleeping SLEEP seconds per step: the kill-and-resume test kills it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from latentdiffusion.config import ScheduleConfig, TrainConfig, UNetConfig
+from latentdiffusion.diffusion import NoiseSchedule
+from latentdiffusion.errors import CheckpointError, LdmError
+from latentdiffusion.models import UNet
+from latentdiffusion.stages import diffusion_loss
+from latentdiffusion.training import (
+    Batch,
+    FitResult,
+    evaluate_loss,
+    fit,
+    init_model,
+    latest_checkpoint,
+    list_checkpoints,
+)
+
+UNET = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
+# Noisier than the post's betas over T = 50, so that the tiny model has something to learn fast.
+SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=50, beta_start=1e-3,
+                                                    beta_end=0.2))
+# 32 examples / 8 = 4 steps per epoch, 2 epochs; EMA, warm-up and cosine decay all on.
+CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
+                     checkpoint_every=1, seed=3)
+TOTAL_STEPS = 8
+CPU = torch.device("cpu")
+
+
+def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor]:
+    """Latent-like data: a few fixed patterns plus a little noise, scaled to unit variance."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(4, 2, 8, 8, generator=g)
+    x = patterns[torch.arange(n) % 4] + 0.1 * torch.randn(n, 2, 8, 8, generator=g)
+    return (x / x.std(),)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def _fit(state_dir: Path, *, config: TrainConfig = CONFIG, resume: bool = False,
+         loss_fn: LossFn | None = None, val: bool = False) -> tuple[nn.Module, FitResult]:
+    model = init_model(UNet, UNET, config.seed)
+    result = fit(model, loss_fn or diffusion_loss(SCHEDULE), _data(), _data(16, 1) if val else None,
+                 config, state_dir=state_dir, kind="unet", model_config=UNET, device=CPU,
+                 resume=resume, progress=False)
+    return model, result
+
+
+def _counting(calls: list[int], sleep: float = 0.0) -> LossFn:
+    inner = diffusion_loss(SCHEDULE)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        calls.append(1)
+        if sleep:
+            time.sleep(sleep)
+        return inner(model, batch)
+
+    return loss_fn
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_fit_lowers_the_loss(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
+                         checkpoint_every=100, seed=0)
+    loss_fn = diffusion_loss(SCHEDULE)
+    initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(16, 1), 8, 0, CPU)
+    assert initial == pytest.approx(1.0, abs=0.2)  # the zero predictor: E |noise|^2
+    _, result = _fit(tmp_path, config=config, val=True)
+    history = result.history
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)
+    assert history[-1]["val_loss"] < 0.8 * initial, (initial, history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
+    model_a, result_a = _fit(tmp_path / "a")
+    model_b, result_b = _fit(tmp_path / "b")
+    _assert_same_weights(model_a, model_b)
+    _assert_same_weights(result_a.model, result_b.model)
+    assert result_a.history == result_b.history
+    other = CONFIG.__class__(**{**CONFIG.__dict__, "seed": 4})
+    model_c, _ = _fit(tmp_path / "c", config=other)
+    assert any(not torch.equal(p, q) for p, q in zip(model_a.state_dict().values(),
+                                                      model_c.state_dict().values(), strict=True))
+
+
+def test_fit_returns_ema_and_keeps_two_checkpoints(tmp_path: Path) -> None:
+    model, result = _fit(tmp_path)
+    assert result.model is not model and not result.model.training
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                      result.model.parameters(), strict=True))
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-000000008.safetensors", "step-000000007.safetensors"]
+
+
+def _slow_run(state_dir: Path, sleep: float) -> None:
+    """Script entry point: the run the kill-and-resume test kills."""
+    torch.set_num_threads(1)
+    _fit(state_dir, loss_fn=_counting([], sleep))
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    reference_model, reference = _fit(tmp_path / "reference")
+
+    state_dir = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, __file__, str(state_dir), "0.4"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (state_dir / "step-000000002.safetensors").exists():
+            assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no checkpoint after 60 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    found = latest_checkpoint(state_dir, "train-state/unet")
+    assert found is not None
+    done = found[2]["step"]
+    assert 2 <= done < TOTAL_STEPS
+
+    calls: list[int] = []
+    model, result = _fit(state_dir, resume=True, loss_fn=_counting(calls))
+    assert len(calls) == TOTAL_STEPS - done  # it resumed, it did not start over
+    _assert_same_weights(model, reference_model)
+    _assert_same_weights(result.model, reference.model)
+    assert result.history == reference.history
+
+
+def test_resume_without_checkpoints_starts_over(tmp_path: Path) -> None:
+    calls: list[int] = []
+    _fit(tmp_path, resume=True, loss_fn=_counting(calls))
+    assert len(calls) == TOTAL_STEPS
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path: Path) -> None:
+    model_a, _ = _fit(tmp_path)
+    calls: list[int] = []
+    model_b, _ = _fit(tmp_path, resume=True, loss_fn=_counting(calls))
+    assert calls == []
+    _assert_same_weights(model_a, model_b)
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+    _fit(tmp_path)
+    other = CONFIG.__class__(**{**CONFIG.__dict__, "lr": 1e-3})
+    with pytest.raises(CheckpointError, match="different config"):
+        _fit(tmp_path, config=other, resume=True)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
+    inner = diffusion_loss(SCHEDULE)
+    calls: list[int] = []
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        calls.append(1)
+        loss = inner(model, batch)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    with pytest.raises(LdmError, match=r"loss became nan at step 3\b") as info:
+        _fit(tmp_path, loss_fn=loss_fn)
+    assert "step-000000003.safetensors" in str(info.value)  # the last good checkpoint
+    assert len(calls) == 4
+    # Nothing was saved for the bad step, and the last checkpoint resumes.
+    assert list_checkpoints(tmp_path)[0].name == "step-000000003.safetensors"
+
+
+def test_nan_before_any_checkpoint(tmp_path: Path) -> None:
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch.tensors[0], torch.zeros(len(batch.tensors[0]), dtype=torch.long)
+                     ).sum() * float("inf")
+
+    with pytest.raises(LdmError, match="at step 0.*no checkpoint yet"):
+        _fit(tmp_path, loss_fn=loss_fn)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    state_dir = tmp_path / "run"
+    config = CONFIG.__class__(**{**CONFIG.__dict__, "checkpoint_every": 3})
+    _fit(state_dir, config=config)  # checkpoints at steps 6 and 8 remain
+    reference_model, reference = _fit(tmp_path / "reference", config=config)
+    newest, previous = list_checkpoints(state_dir)
+    assert (newest.name, previous.name) == ("step-000000008.safetensors",
+                                            "step-000000006.safetensors")
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+
+    calls: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="latentdiffusion.training"):
+        model, result = _fit(state_dir, config=config, resume=True, loss_fn=_counting(calls))
+    assert len(calls) == 2  # resumed from step 6
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step-000000008.safetensors" in r.getMessage() for r in warnings)
+    _assert_same_weights(model, reference_model)
+    _assert_same_weights(result.model, reference.model)
+    # The rewritten step 8 verifies again.
+    assert latest_checkpoint(state_dir, "train-state/unet")[0].name == newest.name  # type: ignore[index]
+
+
+def test_garbled_checkpoint_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _fit(tmp_path)
+    newest = list_checkpoints(tmp_path)[0]
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the tensor data: only the checksum can tell
+    newest.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="latentdiffusion.training"):
+        found = latest_checkpoint(tmp_path, "train-state/unet")
+    assert found is not None and found[2]["step"] == 7
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+
+
+if __name__ == "__main__":
+    _slow_run(Path(sys.argv[1]), float(sys.argv[2]))
