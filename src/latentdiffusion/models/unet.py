@@ -95,8 +95,8 @@ class UNet(nn.Module):
                 block = ResBlock(c + skip_channels.pop(), ch[level], embed_dim, norm, groups)
                 self.up[f"{size}x{size}_block{i}"] = block
                 c = ch[level]
-            if level > 0:
-                self.up[f"{size}x{size}_up"] = nn.Conv2d(c, c, 3, padding=1)
+            if level > 0:  # nearest upsampling; the next block's convs do the mixing (cheap)
+                self.up[f"{size}x{size}_up"] = nn.Upsample(scale_factor=2.0, mode="nearest")
         self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(),
                                  nn.Conv2d(c, config.in_channels, 3, padding=1))
         final = self.out[-1]
@@ -118,7 +118,7 @@ class UNet(nn.Module):
         h = self.mid(h, embedding)
         for name, module in self.up.items():
             if name.endswith("_up"):
-                h = module(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, c, 2S, 2S)
+                h = module(h)  # (B, c, 2S, 2S)
             else:
                 h = module(torch.cat([h, skips.pop()], dim=1), embedding)
         return self.out(h)
