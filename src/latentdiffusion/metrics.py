@@ -67,6 +67,10 @@ def frechet_distance(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray,
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
 
 
+def _cube(x: np.ndarray) -> np.ndarray:
+    return x * x * x  # several times faster than x ** 3 on large arrays
+
+
 def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100,
                               subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Mean and std of the unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 over random subsets."""
@@ -77,7 +81,7 @@ def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, num_subsets: i
     for _ in range(num_subsets):
         x = real[rng.choice(len(real), m, replace=False)].astype(np.float64)
         y = fake[rng.choice(len(fake), m, replace=False)].astype(np.float64)
-        k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        k_xx, k_yy, k_xy = (_cube(a @ b.T / d + 1) for a, b in ((x, x), (y, y), (x, y)))
         off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
         values.append(off_diagonal - 2 * k_xy.mean())
     return float(np.mean(values)), float(np.std(values))
@@ -200,7 +204,7 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
         "precision": precision,
         "recall": recall,
         "class_histogram": [round(float(h), 6) for h in histogram],
-        "class_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()),
+        "class_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()) + 0.0,  # no -0.0
         "classifier_hash": reference.classifier_hash,
     }
     if labels is not None:
