@@ -92,13 +92,12 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
             ("classifier", stages.train_classifier, c.classifier, c.classifier_train),
             ("vae", stages.train_vae, c.vae, c.vae_train)):
         key = config_hash(model_cfg, train_cfg)
-        kind = "classifier" if name == "classifier" else "vae"
 
         def work(fn: Any = train_fn, m: Any = model_cfg, t: Any = train_cfg) -> str:
             header = fn(data_dir, run, m, t, device=device, resume=True, progress=progress)
             return _history_summary(header["history"])
 
-        step(name, key, _stored_key(run.model(name), kind) == key, work)
+        step(name, key, _stored_key(run.model(name), name) == key, work)  # kind == name
 
     # 3. latents
     vae_hash = checkpoint.load(run.model("vae"), kind="vae")[1]["sha256"]
