@@ -288,3 +288,14 @@ def test_two_process_cli_training_matches_one_process(trained_run: tuple[Path, P
 
 def _cli_job(argv: list[str]) -> None:
     assert main(argv) == 0
+
+
+def test_ldm_run_under_torchrun(tmp_path: Path) -> None:
+    """Every stage of `ldm run` under 2 processes: rank 0 writes, the others wait and read."""
+    data_dir = write_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    _torchrun("run", "--preset", "tiny", "--data-dir", str(data_dir), "--run-dir", str(run),
+              "--device", "cpu", "--quiet")
+    for name in ("metrics.json", "report.html", "samples/ddpm.npz", "diffusion.safetensors"):
+        assert (run / name).is_file(), name
+    assert not (run / ".lock").exists()

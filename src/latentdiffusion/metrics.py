@@ -89,7 +89,8 @@ def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, num_subsets: i
 
 def _knn_radii(x: torch.Tensor, k: int, chunk: int = 1000) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row."""
-    radii = [torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+    # topk is several times faster than kthvalue on the CPU; index k skips the point itself.
+    radii = [torch.cdist(x[i:i + chunk], x).topk(k + 1, dim=1, largest=False).values[:, k]
              for i in range(0, len(x), chunk)]
     return torch.cat(radii)
 

@@ -80,6 +80,7 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
             if dist.is_main():
                 write_json(run.root / "run.json", {"stages": records, "preset": preset_name,
                                                    "config": to_dict(config)})
+        dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
         if on_stage and dist.is_main():
             on_stage(StageEvent(name, skip, seconds, summary))
 
