@@ -153,7 +153,9 @@ def _sample_all(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig,
     sets["random"] = (random_images(train_images, c.eval_samples, s.seed), None)
     sets["vae-prior"] = (stages.generate(run, "vae", c.eval_samples, s.seed, device=device,
                                          batch_size=s.batch_size, progress=progress), None)
-    sets["vae-reconstruction"] = stages.reconstruct(data_dir, run, "test", device=device)
+    reconstructions, test_labels = stages.reconstruct(data_dir, run, "test", device=device)
+    n = c.eval_samples
+    sets["vae-reconstruction"] = (reconstructions[:n], test_labels[:n])
     timings = {}
     for spec in s.samplers:
         start = time.perf_counter()
