@@ -20,7 +20,7 @@ from .config import RunConfig, ScheduleConfig, config_hash, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
 from .fileio import write_json, write_npz
-from .metrics import load_samples, random_images
+from .metrics import evaluate_images, load_samples, random_images
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report")
@@ -176,13 +176,14 @@ def _sample_all(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig,
 
 def _evaluate_all(run: stages.RunDir, data_dir: str | Path | None, sets: list[str],
                   device: torch.device) -> str:
+    classifier, reference = stages.reference(data_dir, run, device)  # loaded once for all sets
     results: dict[str, Any] = {}
     for name in sets:
         images, labels = load_samples(run.samples(name))
-        results[name] = stages.evaluate(data_dir, run, images, labels, device=device)
+        results[name] = evaluate_images(classifier, images, reference, labels, device)
     test_images, test_labels = data.load_split(data_dir, "test")
-    results["validation"] = stages.evaluate(data_dir, run, test_images, test_labels,
-                                            device=device)
+    results["validation"] = evaluate_images(classifier, test_images, reference, test_labels,
+                                            device)
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
