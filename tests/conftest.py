@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiffusion.config import ScheduleConfig, UNetConfig
 from latentdiffusion.data import write_idx
+from latentdiffusion.diffusion import NoiseSchedule
 
 torch.set_num_threads(1)
+
+# The tiny denoiser of the training and distributed tests. Its betas are noisier than the
+# post's over T = 50, so that x_T is close to noise and the model has something to learn fast.
+TINY_UNET = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
+TINY_SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=50, beta_start=1e-3,
+                                                         beta_end=0.2))
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,19 +24,16 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import write_dataset
+from conftest import TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion import distributed as dist
 from latentdiffusion.cli import main
-from latentdiffusion.config import ScheduleConfig, TrainConfig, UNetConfig
-from latentdiffusion.diffusion import NoiseSchedule
+from latentdiffusion.config import TrainConfig
 from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
 from latentdiffusion.stages import diffusion_loss
 from latentdiffusion.training import Batch, fit, init_model, latest_checkpoint, list_checkpoints
 
-UNET = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
-SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=50, beta_start=1e-3,
-                                                    beta_end=0.2))
+UNET, SCHEDULE = TINY_UNET, TINY_SCHEDULE
 # 32 examples, global batch 8 (4 per rank): 4 steps per epoch, 8 in all.
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
                      checkpoint_every=1, seed=5)

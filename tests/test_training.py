@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from latentdiffusion.config import ScheduleConfig, TrainConfig, UNetConfig
-from latentdiffusion.diffusion import NoiseSchedule
+from conftest import TINY_SCHEDULE, TINY_UNET
+from latentdiffusion.config import TrainConfig
 from latentdiffusion.errors import CheckpointError, LdmError
 from latentdiffusion.models import UNet
 from latentdiffusion.stages import diffusion_loss
@@ -35,10 +35,7 @@ from latentdiffusion.training import (
     list_checkpoints,
 )
 
-UNET = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
-# Noisier than the post's betas over T = 50, so that the tiny model has something to learn fast.
-SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=50, beta_start=1e-3,
-                                                    beta_end=0.2))
+UNET, SCHEDULE = TINY_UNET, TINY_SCHEDULE
 # 32 examples / 8 = 4 steps per epoch, 2 epochs; EMA, warm-up and cosine decay all on.
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
                      checkpoint_every=1, seed=3)
