@@ -4,8 +4,10 @@ and is scored with the same sampler and N.
 
     python benchmarks/ablation.py --data-dir ../shared/data/mnist --run-dir bench-out/default \\
         --epochs 4 -n 2000
-Variants: the preset (linear schedule, GroupNorm, EMA, DDPM with beta_tilde), cosine schedule,
-no EMA, InstanceNorm (the post's block), and DDPM with sigma^2 = beta instead of beta_tilde.
+Variants: the preset (v-prediction with min-SNR-5 weights, per-channel latent normalisation,
+linear schedule, GroupNorm, EMA, DDPM with beta_tilde); the post's noise target with uniform
+weights; each of v and min-SNR alone; one global latent scale; cosine schedule; no EMA;
+InstanceNorm (the post's block); and DDPM with sigma^2 = beta instead of beta_tilde.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 from common import emit, parser, setup
 from latentdiffusion import data, stages
-from latentdiffusion.config import SamplingConfig, preset
+from latentdiffusion.config import ObjectiveConfig, RunConfig, SamplingConfig, preset
 
 
 def main() -> None:
@@ -28,29 +30,37 @@ def main() -> None:
     device = setup(args)
     config = preset(args.preset)
     r = dataclasses.replace
-    train = r(config.diffusion_train, epochs=args.epochs)
-    variants = {
-        "baseline": (config.unet, config.schedule, train, "beta_tilde"),
-        "cosine_schedule": (config.unet, r(config.schedule, kind="cosine"), train, "beta_tilde"),
-        "no_ema": (config.unet, config.schedule, r(train, ema_decay=0.0), "beta_tilde"),
-        "instance_norm": (r(config.unet, norm="instance"), config.schedule, train, "beta_tilde"),
-        "variance_beta": (config.unet, config.schedule, train, "beta"),
+    c = r(config, diffusion_train=r(config.diffusion_train, epochs=args.epochs))
+    variants: dict[str, tuple[RunConfig, str]] = {
+        "baseline": (c, "beta_tilde"),
+        "post_objective_noise_uniform": (r(c, objective=ObjectiveConfig()), "beta_tilde"),
+        "noise_min_snr": (r(c, objective=r(c.objective, prediction="noise")), "beta_tilde"),
+        "v_uniform": (r(c, objective=r(c.objective, min_snr_gamma=0.0)), "beta_tilde"),
+        "global_latent_scale": (r(c, latent_norm="global"), "beta_tilde"),
+        "cosine_schedule": (r(c, schedule=r(c.schedule, kind="cosine")), "beta_tilde"),
+        "no_ema": (r(c, diffusion_train=r(c.diffusion_train, ema_decay=0.0)), "beta_tilde"),
+        "instance_norm": (r(c, unet=r(c.unet, norm="instance")), "beta_tilde"),
+        "variance_beta": (c, "beta"),
     }
     base = stages.RunDir(args.run_dir)
     test_images, test_labels = data.load_split(args.data_dir, "test")
     validation = stages.evaluate(args.data_dir, base, test_images, test_labels, device=device)
     result: dict = {"benchmark": "ablation", "epochs": args.epochs, "n": args.num_samples,
                     "sampler": args.sampler, "validation_fid": validation["fid"]}
-    for name, (unet, schedule, train_config, variance) in variants.items():
+    for name, (v, variance) in variants.items():
         run = stages.RunDir(args.run_dir / "ablation" / name)
         run.root.mkdir(parents=True, exist_ok=True)
         for f in ("classifier", "vae"):
             shutil.copy(base.model(f), run.model(f))
-        shutil.copy(base.latents, run.latents)
+        if v.latent_norm == config.latent_norm:
+            shutil.copy(base.latents, run.latents)
+        else:
+            stages.encode(args.data_dir, run, v.latent_mode, v.latent_norm, device=device,
+                          seed=v.vae_train.seed)
         start = time.perf_counter()
         if name != "variance_beta":  # same denoiser as the baseline, other sampler variance
-            stages.train_diffusion(run, unet, schedule, train_config, device=device,
-                                   progress=False)
+            stages.train_diffusion(run, v.unet, v.schedule, v.objective, v.diffusion_train,
+                                   device=device, progress=False)
         else:
             shutil.copy(args.run_dir / "ablation" / "baseline" / "diffusion.safetensors",
                         run.model("diffusion"))

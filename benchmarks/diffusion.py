@@ -48,11 +48,12 @@ def main() -> None:
                     "unet_flops_per_sample_step": unet_flops(config.unet)}
     if not args.skip_train:
         start = time.perf_counter()
-        stages.encode(args.data_dir, run, config.latent_mode, device=device)
+        stages.encode(args.data_dir, run, config.latent_mode, config.latent_norm, device=device,
+                      seed=config.vae_train.seed)
         result["encode_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        header = stages.train_diffusion(run, config.unet, config.schedule, train_config,
-                                        device=device, progress=False)
+        header = stages.train_diffusion(run, config.unet, config.schedule, config.objective,
+                                        train_config, device=device, progress=False)
         result["train_seconds"] = time.perf_counter() - start
         result["history"] = header["history"]
     test_images, test_labels = data.load_split(args.data_dir, "test")

@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_SCHEDULE, TINY_UNET
-from latentdiffusion.config import TrainConfig
+from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
+from latentdiffusion.config import ObjectiveConfig, TrainConfig
 from latentdiffusion.errors import CheckpointError, LdmError
 from latentdiffusion.models import UNet
 from latentdiffusion.stages import diffusion_loss
@@ -35,7 +35,7 @@ from latentdiffusion.training import (
     list_checkpoints,
 )
 
-UNET, SCHEDULE = TINY_UNET, TINY_SCHEDULE
+UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
 # 32 examples / 8 = 4 steps per epoch, 2 epochs; EMA, warm-up and cosine decay all on.
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
                      checkpoint_every=1, seed=3)
@@ -57,14 +57,14 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 def _fit(state_dir: Path, *, config: TrainConfig = CONFIG, resume: bool = False,
          loss_fn: LossFn | None = None, val: bool = False) -> tuple[nn.Module, FitResult]:
     model = init_model(UNet, UNET, config.seed)
-    result = fit(model, loss_fn or diffusion_loss(SCHEDULE), _data(), _data(16, 1) if val else None,
-                 config, state_dir=state_dir, kind="unet", model_config=UNET, device=CPU,
-                 resume=resume, progress=False)
+    result = fit(model, loss_fn or diffusion_loss(SCHEDULE, OBJECTIVE), _data(),
+                 _data(16, 1) if val else None, config, state_dir=state_dir, kind="unet",
+                 model_config=UNET, device=CPU, resume=resume, progress=False)
     return model, result
 
 
 def _counting(calls: list[int], sleep: float = 0.0) -> LossFn:
-    inner = diffusion_loss(SCHEDULE)
+    inner = diffusion_loss(SCHEDULE, OBJECTIVE)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         calls.append(1)
@@ -85,10 +85,10 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_fit_lowers_the_loss(tmp_path: Path) -> None:
     config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
                          checkpoint_every=100, seed=0)
-    loss_fn = diffusion_loss(SCHEDULE)
+    loss_fn = diffusion_loss(SCHEDULE, ObjectiveConfig())  # the post's: noise, uniform
     initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(16, 1), 8, 0, CPU)
     assert initial == pytest.approx(1.0, abs=0.2)  # the zero predictor: E |noise|^2
-    _, result = _fit(tmp_path, config=config, val=True)
+    _, result = _fit(tmp_path, config=config, val=True, loss_fn=loss_fn)
     history = result.history
     assert [h["epoch"] for h in history] == list(range(1, 7))
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)
@@ -177,7 +177,7 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
-    inner = diffusion_loss(SCHEDULE)
+    inner = diffusion_loss(SCHEDULE, OBJECTIVE)
     calls: list[int] = []
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:

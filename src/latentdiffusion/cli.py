@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _common(p)
     p.add_argument("--latent-mode", default="mean", help="mean (posterior mean) or sample")
+    p.add_argument("--latent-norm", default="channel",
+                   help="channel (standardise each channel) or global (one 1/std factor)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
@@ -153,7 +155,8 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     elif name == "vae":
         header = stages.train_vae(args.data_dir, run, config.vae, train_config, **common)
     else:
-        header = stages.train_diffusion(run, config.unet, schedule, train_config, **common)
+        header = stages.train_diffusion(run, config.unet, schedule, config.objective,
+                                        train_config, **common)
     last = header["history"][-1] if header["history"] else {}
     return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
                        **last})
@@ -283,10 +286,13 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
     if args.command == "encode":
         if args.latent_mode not in ("mean", "sample"):
             raise UsageError(f"unknown latent mode {args.latent_mode!r} (choose mean, sample)")
+        if args.latent_norm not in ("channel", "global"):
+            raise UsageError(f"unknown latent norm {args.latent_norm!r} (choose channel, global)")
         header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), args.latent_mode,
-                               device=device, seed=args.seed)
+                               args.latent_norm, device=device, seed=args.seed)
         return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
-                           "scale": header["scale"], "mode": header["mode"]})
+                           "shift": header["shift"], "scale": header["scale"],
+                           "mode": header["mode"]})
     if args.command == "sample":
         return _sample(args, device)
     if args.command == "evaluate":

@@ -102,18 +102,19 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
 
     # 3. latents
     vae_hash = checkpoint.load(run.model("vae"), kind="vae")[1]["sha256"]
-    latent_key = config_hash(vae_hash, c.latent_mode, c.vae_train.seed)
+    latent_key = config_hash(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed)
     step("encode", latent_key, _stored_key(run.latents, "latents") == latent_key,
-         lambda: (stages.encode(data_dir, run, c.latent_mode, device=device,
+         lambda: (stages.encode(data_dir, run, c.latent_mode, c.latent_norm, device=device,
                                 seed=c.vae_train.seed), "latents cached")[1])
 
     # 4. diffusion
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
-    diffusion_key = config_hash(c.unet, c.schedule, c.diffusion_train, latents_hash)
+    diffusion_key = config_hash(c.unet, c.schedule, c.objective, c.diffusion_train,
+                                latents_hash)
     step("diffusion", diffusion_key,
          _stored_key(run.model("diffusion"), "unet") == diffusion_key,
          lambda: _history_summary(stages.train_diffusion(
-             run, c.unet, c.schedule, c.diffusion_train, device=device, resume=True,
+             run, c.unet, c.schedule, c.objective, c.diffusion_train, device=device, resume=True,
              progress=progress)["history"]))
 
     # 5. samples: Random, VAE prior, VAE reconstructions of test, each diffusion sampler

@@ -24,6 +24,8 @@ from . import distributed as dist
 from .config import (
     ClassifierConfig,
     LatentMode,
+    LatentNorm,
+    ObjectiveConfig,
     SamplingConfig,
     ScheduleConfig,
     TrainConfig,
@@ -34,7 +36,8 @@ from .config import (
     parse_sampler,
     to_dict,
 )
-from .diffusion import NoiseSchedule, sample
+from .diffusion import NoiseSchedule, noise_predictor, sample
+from .diffusion.objective import loss_weight, target
 from .errors import CheckpointError, UsageError
 from .metrics import Reference, evaluate_images, reference_from_images
 from .models import VAE, Classifier, UNet
@@ -174,13 +177,13 @@ def train_vae(data_dir: str | Path | None, run: RunDir, model_config: VAEConfig,
                   progress)
 
 
-def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, *,
+def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
            device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Encode train and test once; store latents, the 1/std scale and the VAE hash."""
+    """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
-    key = config_hash(vae_header["sha256"], mode, seed)
+    key = config_hash(vae_header["sha256"], mode, norm, seed)
     latent_set = latents.build(vae, vae_header["sha256"], data.load_split(data_dir, "train")[0],
-                               data.load_split(data_dir, "test")[0], mode, seed, device)
+                               data.load_split(data_dir, "test")[0], mode, norm, seed, device)
     if dist.is_main():
         latents.save(run.latents, latent_set, key=key)
     dist.barrier()
@@ -190,21 +193,25 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, *,
 # ---------------------------------------------------------------- diffusion
 
 
-def diffusion_loss(schedule: NoiseSchedule) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """The post's eq. (5): E ||noise - model(x_t, t)||^2 at a uniform random t."""
+def diffusion_loss(schedule: NoiseSchedule, objective: ObjectiveConfig
+                   ) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """E_t w_t ||target - model(x_t, t)||^2 at a uniform random t; the post's eq. (5) when the
+    target is the noise and w_t = 1."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        x0 = batch.tensors[0]  # (B, C, S, S) scaled latents
+        x0 = batch.tensors[0]  # (B, C, S, S) normalised latents
         t = batch.randint(schedule.num_timesteps)
         noise = batch.randn(*x0.shape[1:])
-        predicted_noise = model(schedule.add_noise(x0, noise, t), t)
-        return F.mse_loss(predicted_noise, noise)
+        prediction = model(schedule.add_noise(x0, noise, t), t)
+        squared_error = (prediction - target(objective, schedule, x0, noise, t)).square()
+        return (loss_weight(objective, schedule, t) * squared_error.mean((1, 2, 3))).mean()
 
     return loss_fn
 
 
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
-                    train_config: TrainConfig, *, device: torch.device, resume: bool = False,
+                    objective: ObjectiveConfig, train_config: TrainConfig, *,
+                    device: torch.device, resume: bool = False,
                     progress: bool = True) -> dict[str, Any]:
     latent_set = latents.load(run.latents)
     _, latent_header = checkpoint.load(run.latents, kind=latents.KIND)
@@ -214,10 +221,13 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
         raise UsageError(f"the latents are {shape} but the UNet config expects {expected}; "
                          "match unet.in_channels / latent_size to the VAE")
     schedule = NoiseSchedule.from_config(schedule_config)
-    key = config_hash(model_config, schedule_config, train_config, latent_header["sha256"])
-    return _train(run, "diffusion", UNet, model_config, train_config, diffusion_loss(schedule),
-                  (latent_set.scaled("train"),), (latent_set.scaled("test"),), key, device,
-                  resume, progress, schedule=to_dict(schedule_config), scale=latent_set.scale,
+    key = config_hash(model_config, schedule_config, objective, train_config,
+                      latent_header["sha256"])
+    return _train(run, "diffusion", UNet, model_config, train_config,
+                  diffusion_loss(schedule, objective),
+                  (latent_set.normalised("train"),), (latent_set.normalised("test"),), key, device,
+                  resume, progress, schedule=to_dict(schedule_config),
+                  objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
                   latents_hash=latent_header["sha256"], vae_hash=latent_set.vae_hash)
 
 
@@ -241,7 +251,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
             raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
                                   "VAE; retrain it (ldm encode, ldm train diffusion)")
         schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
-        scale = header["scale"]
+        denoiser = noise_predictor(unet, from_dict(ObjectiveConfig, header["objective"]), schedule)
+        shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []
     for start in range(0, len(mine), batch_size):
@@ -249,9 +260,9 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         generators = [generator(seed, i) for i in indices]
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
-            x0 = sample(unet, schedule, x_T, name, num_steps, variance=sampling.variance,
+            x0 = sample(denoiser, schedule, x_T, name, num_steps, variance=sampling.variance,
                         eta=sampling.eta, generator=generators, progress=progress)
-            chunks.append(vae.decode(x0 / scale).cpu())
+            chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
         else:
             chunks.append(vae.decode(x_T).cpu())  # the VAE prior N(0, I)
     images = torch.cat(chunks) if chunks else torch.empty(0, 1, 28, 28)

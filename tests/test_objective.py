@@ -1,0 +1,89 @@
+"""The training objective: targets, min-SNR weights, and the conversion back to noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiffusion.config import ObjectiveConfig, ScheduleConfig
+from latentdiffusion.diffusion import NoiseSchedule, ddim_sample, noise_predictor
+from latentdiffusion.diffusion.objective import loss_weight, target
+from latentdiffusion.errors import UsageError
+
+SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
+NOISE, V = ObjectiveConfig("noise"), ObjectiveConfig("v")
+
+
+def _example(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    return x0, noise, torch.tensor([0, 10, 300, 700, 999])
+
+
+def test_noise_target_is_the_noise() -> None:
+    x0, noise, t = _example()
+    assert torch.equal(target(NOISE, SCHEDULE, x0, noise, t), noise)
+
+
+def test_v_target_formula_and_its_unit_scale() -> None:
+    x0, noise, t = _example()
+    alpha_bar = SCHEDULE.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    torch.testing.assert_close(target(V, SCHEDULE, x0, noise, t), expected)
+    # At t = 0 v is ~noise, at t = T - 1 it is ~ -x_0.
+    v = target(V, SCHEDULE, x0, noise, t)
+    torch.testing.assert_close(v[0], noise[0], atol=0.05, rtol=0)  # sqrt(1 - a) = 0.01
+    torch.testing.assert_close(v[-1], -x0[-1], atol=0.05, rtol=0)  # sqrt(a) = 0.006
+
+
+@pytest.mark.parametrize("objective", [NOISE, V])
+def test_oracle_network_converts_back_to_the_true_noise(objective: ObjectiveConfig) -> None:
+    x0, noise, t = _example(1)
+    x_t = SCHEDULE.add_noise(x0, noise, t)
+    oracle = target(objective, SCHEDULE, x0, noise, t)
+    predict = noise_predictor(lambda x, s: oracle, objective, SCHEDULE)
+    torch.testing.assert_close(predict(x_t, t), noise)
+
+
+def test_v_oracle_for_one_point_lets_ddim_recover_it() -> None:
+    point = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
+
+    def v_oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = SCHEDULE.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        noise = (x_t - alpha_bar.sqrt() * point) / (1 - alpha_bar).sqrt()
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * point
+
+    noise = torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+    x0 = ddim_sample(noise_predictor(v_oracle, V, SCHEDULE), SCHEDULE, noise, num_steps=20)
+    torch.testing.assert_close(x0, point.expand_as(x0), atol=1e-3, rtol=0)
+
+
+def test_uniform_weights_without_min_snr() -> None:
+    t = torch.arange(0, 1000, 37)
+    assert torch.equal(loss_weight(NOISE, SCHEDULE, t), torch.ones(len(t)))
+    assert torch.equal(loss_weight(V, SCHEDULE, t), torch.ones(len(t)))
+
+
+def test_min_snr_weights() -> None:
+    gamma = 5.0
+    t = torch.arange(1000)
+    alpha_bar = SCHEDULE.alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    noise_w = loss_weight(ObjectiveConfig("noise", gamma), SCHEDULE, t).double()
+    v_w = loss_weight(ObjectiveConfig("v", gamma), SCHEDULE, t).double()
+    torch.testing.assert_close(noise_w, snr.clamp(max=gamma) / snr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(v_w, snr.clamp(max=gamma) / (snr + 1), rtol=1e-6, atol=0)
+    # Noisy steps (SNR < gamma) keep weight 1 on the noise target; clean ones are damped.
+    noisy = snr < gamma
+    assert torch.allclose(noise_w[noisy], torch.ones(int(noisy.sum()), dtype=torch.float64))
+    assert noise_w[0] < 0.01 and v_w[0] < 0.01
+    # Both weigh the x_0 error by min(SNR, gamma): noise error = SNR x0 error, v = (SNR + 1).
+    torch.testing.assert_close(noise_w * snr, v_w * (snr + 1), rtol=1e-6, atol=0)
+
+
+def test_bad_objective_values() -> None:
+    with pytest.raises(UsageError, match="prediction"):
+        ObjectiveConfig("x0")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="min_snr_gamma"):
+        ObjectiveConfig("v", -1.0)
