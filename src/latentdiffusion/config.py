@@ -244,7 +244,7 @@ def _quick() -> RunConfig:
         vae_train=TrainConfig(epochs=1, batch_size=128, lr=8e-3, warmup_steps=50),
         unet=UNetConfig(channels=(16, 32), time_dim=32),
         objective=_OBJECTIVE,
-        diffusion_train=TrainConfig(epochs=2, batch_size=256, lr=8e-3, ema_decay=0.995,
+        diffusion_train=TrainConfig(epochs=1, batch_size=256, lr=8e-3, ema_decay=0.99,
                                     warmup_steps=50, weight_decay=1e-4),
         sampling=SamplingConfig(num_samples=2000, samplers=("ddpm-25",)),
         eval_samples=2000,

@@ -1,9 +1,10 @@
 """What the denoiser is trained to predict, how the loss weighs each t, and the way back to noise.
 
 - "noise": the post's target, eq. (5): the noise that was added (Ho et al. 2020).
-- "v": v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). Its scale
-  stays ~1 at every t, so the network is not asked for x_0 / sqrt(alpha_bar_t) ~ 160 x_0 at the
-  noisy end as the noise target implicitly is.
+- "v": v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022). The x_0
+  implied by a noise prediction, (x_t - sqrt(1 - alpha_bar) noise) / sqrt(alpha_bar), multiplies
+  its error by sqrt((1 - alpha_bar) / alpha_bar), ~160 at the noisy end of the post's schedule;
+  the x_0 implied by v, sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v, never amplifies it.
 - Min-SNR-gamma weighting (Hang et al. 2023): the per-t loss is weighed so that, in terms of the
   x_0 error, each t counts min(SNR_t, gamma) with SNR_t = alpha_bar_t / (1 - alpha_bar_t). The
   near-clean steps (huge SNR, easy, low-value) stop dominating the gradient. gamma = 0 turns it
