@@ -24,16 +24,12 @@ from .schedule import NoiseSchedule
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction
 
 
-def _alpha_bar(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return schedule.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
-
-
 def target(objective: ObjectiveConfig, schedule: NoiseSchedule, x0: torch.Tensor,
            noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the network should output for x_t = add_noise(x0, noise, t); shapes (B, C, H, W)."""
     if objective.prediction == "noise":
         return noise
-    alpha_bar = _alpha_bar(schedule, t, x0)
+    alpha_bar = schedule.alpha_bar(t, x0)
     return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # v
 
 
@@ -57,7 +53,7 @@ def noise_predictor(network: Network, objective: ObjectiveConfig,
         return network
 
     def predict_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = _alpha_bar(schedule, t, x_t)
+        alpha_bar = schedule.alpha_bar(t, x_t)
         return alpha_bar.sqrt() * network(x_t, t) + (1 - alpha_bar).sqrt() * x_t
 
     return predict_noise

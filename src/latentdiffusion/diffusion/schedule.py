@@ -65,7 +65,11 @@ class NoiseSchedule:
         """beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (0 at t = 0)."""
         return (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod) * self.betas
 
+    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod at (B,) long t, as (B, 1, 1, 1) with the dtype and device of `like`."""
+        return self.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. (3): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; t is (B,) long."""
-        alpha_bar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
+        alpha_bar = self.alpha_bar(t, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
