@@ -207,6 +207,15 @@ def test_unknown_sampler(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
                  match="unknown sampler 'foo'")
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--latent-norm", "batch"),
+                                           ("--latent-mode", "median")])
+def test_unknown_latent_option(capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str,
+                               value: str) -> None:
+    # Checked before the VAE is read: the run directory does not even exist.
+    assert_fails(capsys, 2, "encode", flag, value, "--run-dir", tmp_path / "run", *CPU,
+                 match=f"unknown value '{value}'")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_cpu_only_machine(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert_fails(capsys, 2, "train", "classifier", "--preset", "tiny", "--run-dir",

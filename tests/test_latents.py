@@ -54,7 +54,7 @@ def test_decoding_inverts_the_stored_normalisation(norm: LatentNorm) -> None:
 def test_cache_round_trip(latent_set: latents.LatentSet, tmp_path: Path) -> None:
     path = tmp_path / "latents.safetensors"
     latents.save(path, latent_set, key="k")
-    loaded = latents.load(path)
+    loaded, _ = latents.load(path)
     assert torch.equal(loaded.train, latent_set.train) and torch.equal(loaded.test, latent_set.test)
     assert (loaded.shift, loaded.scale) == (latent_set.shift, latent_set.scale)
     assert (loaded.vae_hash, loaded.mode) == ("abc123", "mean")

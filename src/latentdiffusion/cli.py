@@ -284,12 +284,10 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
     if args.command == "train":
         return _train(args, device)
     if args.command == "encode":
-        if args.latent_mode not in ("mean", "sample"):
-            raise UsageError(f"unknown latent mode {args.latent_mode!r} (choose mean, sample)")
-        if args.latent_norm not in ("channel", "global"):
-            raise UsageError(f"unknown latent norm {args.latent_norm!r} (choose channel, global)")
-        header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), args.latent_mode,
-                               args.latent_norm, device=device, seed=args.seed)
+        # The config checks both choices, with the same one-line error as every other value.
+        options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+        header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), options.latent_mode,
+                               options.latent_norm, device=device, seed=args.seed)
         return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],
                            "mode": header["mode"]})

@@ -97,7 +97,8 @@ def save(path: Path, latents: LatentSet, **meta: object) -> str:
                            vae_hash=latents.vae_hash, mode=latents.mode, **meta)
 
 
-def load(path: Path) -> LatentSet:
+def load(path: Path) -> tuple[LatentSet, dict]:
+    """The cached latents and the file's header (its sha256 keys the diffusion stage)."""
     tensors, header = checkpoint.load(path, kind=KIND)
     return LatentSet(tensors["train"], tensors["test"], tuple(header["shift"]),
-                     tuple(header["scale"]), header["vae_hash"], header["mode"])
+                     tuple(header["scale"]), header["vae_hash"], header["mode"]), header

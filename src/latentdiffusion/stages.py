@@ -213,8 +213,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
                     device: torch.device, resume: bool = False,
                     progress: bool = True) -> dict[str, Any]:
-    latent_set = latents.load(run.latents)
-    _, latent_header = checkpoint.load(run.latents, kind=latents.KIND)
+    latent_set, latent_header = latents.load(run.latents)  # one read of the cache
     shape = tuple(latent_set.train.shape[1:])
     expected = (model_config.in_channels, model_config.latent_size, model_config.latent_size)
     if shape != expected:
