@@ -28,6 +28,7 @@ from latentdiffusion.stages import diffusion_loss
 from latentdiffusion.training import (
     Batch,
     FitResult,
+    ema_update,
     evaluate_loss,
     fit,
     init_model,
@@ -127,6 +128,19 @@ def test_fit_returns_ema_and_keeps_two_checkpoints(tmp_path: Path) -> None:
                                                       result.model.parameters(), strict=True))
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["step-000000008.safetensors", "step-000000007.safetensors"]
+
+
+def test_ema_update_is_the_convex_combination() -> None:
+    ema, model = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for i, (e, m) in enumerate(zip(ema.parameters(), model.parameters(), strict=True)):
+            e.fill_(1.0 + i)
+            m.fill_(-2.0)
+    model.running_mean.fill_(5.0)
+    ema_update(ema, model, 0.75)
+    assert torch.allclose(ema.weight, torch.full((3,), 0.75 * 1.0 + 0.25 * -2.0))
+    assert torch.allclose(ema.bias, torch.full((3,), 0.75 * 2.0 + 0.25 * -2.0))
+    assert torch.equal(ema.running_mean, model.running_mean)  # buffers are copied
 
 
 def _slow_run(state_dir: Path, sleep: float) -> None:
