@@ -112,8 +112,8 @@ def _fit_job(state_dir: Path, out: Path, resume: bool, sleep: float) -> None:
 
 
 def _weights(model: nn.Module, ema: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    return tensors | {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    return tensors | {f"ema.{k}": v.contiguous() for k, v in ema.state_dict().items()}
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:

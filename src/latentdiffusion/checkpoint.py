@@ -112,6 +112,7 @@ def load_model(path: str | os.PathLike[str], cls: type[M],
     """Rebuild `cls` from its config and weights; the file must hold a checkpoint of cls.kind."""
     from .config import from_dict
     from .errors import UsageError
+    from .models import to_device
 
     tensors, header = load(path, kind=cls.kind)  # type: ignore[attr-defined]
     try:
@@ -122,4 +123,4 @@ def load_model(path: str | os.PathLike[str], cls: type[M],
         first = str(err).strip().splitlines()[0][:120]
         raise CheckpointError(f"{path} does not fit this version's {cls.__name__} "
                               f"(incompatible config: {first})") from None
-    return model.to(device).eval(), header
+    return to_device(model, device).eval(), header

@@ -113,7 +113,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
 @torch.no_grad()
 def classify(classifier: nn.Module, images: np.ndarray, device: torch.device,
-             batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+             batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 28, 28) -> features (N, d) float32 and predicted classes (N,), on the CPU."""
     classifier.eval()
     features, predictions = [], []

@@ -26,6 +26,7 @@ from . import checkpoint
 from . import distributed as dist
 from .config import TrainConfig, config_hash, to_dict
 from .errors import CheckpointError, LdmError
+from .models import to_device
 from .rng import derive_seed, generator, randn
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Saved state is NCHW-contiguous. The fused AdamW kernel walks raw memory, so each state
+    # tensor must have its parameter's (channels-last) strides, or elements get silently mixed.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param_state = optimizer.state[param]
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    param_state[key] = torch.empty_like(param).copy_(value)
 
 
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,7 +194,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
                        f"{dist.world_size()} processes")
     total_steps = config.epochs * steps_per_epoch
 
-    model.to(device).train()
+    to_device(model, device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
     optimizer = adamw(model, config)
     history: list[dict[str, float]] = []
