@@ -262,7 +262,9 @@ def _default() -> RunConfig:
         unet=UNetConfig(channels=(32, 48), time_dim=32),
         schedule=ScheduleConfig(kind="cosine"),  # with v-prediction: FID 62.5 -> 53.9 (README)
         objective=_OBJECTIVE,
-        diffusion_train=TrainConfig(epochs=6, batch_size=256, lr=8e-3, ema_decay=0.999,
+        # Batch 64: 4x the optimizer steps of batch 256 for 1.3x the time per epoch; FID
+        # 97.9 -> 64.2 after 3 epochs (README, recipe).
+        diffusion_train=TrainConfig(epochs=6, batch_size=64, lr=8e-3, ema_decay=0.999,
                                     warmup_steps=100, weight_decay=1e-4),
         # Respaced ancestral DDPM: DDIM-50's cost, DDPM-1000's FID (benchmarks/diffusion.py).
         sampling=SamplingConfig(num_samples=10_000, samplers=("ddpm-50",)),
