@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiffusion.config import UNetConfig
-from latentdiffusion.models import UNet
+from latentdiffusion.models import UNet, to_device
 from latentdiffusion.models.unet import sinusoidal_embedding
 from latentdiffusion.training import init_model
 
@@ -106,3 +106,17 @@ def test_unet_other_sizes() -> None:
     model = init_model(UNet, config, seed=0)
     x = torch.randn(2, 4, 16, 16)
     assert model(x, torch.tensor([0, 1])).shape == x.shape
+
+
+def test_channels_last_layout_keeps_the_outputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    model = init_model(UNet, TINY, 0).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the zero-initialised output conv would hide the body
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x_t, t = torch.randn(5, 2, 8, 8, generator=g), torch.tensor([0, 3, 10, 30, 49])
+    with torch.no_grad():
+        expected = model(x_t, t)
+        moved = to_device(model, "cpu")
+        assert moved.stem.weight.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(moved(x_t, t), expected, atol=1e-5)

@@ -58,7 +58,10 @@ class TrainConfig:
     lr_decay: LrDecay = "cosine"
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.0  # 0 disables the EMA; the EMA weights are what the stage exports
+    # 0 disables the EMA; the EMA weights are what the stage exports. The decay at step n is
+    # min(ema_decay, (1 + n) / (10 + n)): an average over roughly the last 10% of the steps
+    # until the cap binds (0.999 binds from step ~9,000 on).
+    ema_decay: float = 0.0
     checkpoint_every: int = 500  # optimizer steps between crash-safe checkpoints
     seed: int = 0
 

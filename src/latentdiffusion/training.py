@@ -87,8 +87,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel (one pass over all tensors: 6-13% faster steps for the small
-    models here), or the multi-tensor one where this torch has no fused kernel for the device."""
+    """AdamW with the fused kernel (one pass over all tensors; ~7% faster denoiser steps at batch
+    64 on 2 cores), or the multi-tensor one where this torch has no fused kernel for the device."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay, fused=True)
