@@ -84,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="cache the VAE latents of train and test",
                        formatter_class=fmt)
     _common(p)
-    p.add_argument("--latent-mode", default="mean", help="mean (posterior mean) or sample")
-    p.add_argument("--latent-norm", default="channel",
-                   help="channel (standardise each channel) or global (one 1/std factor)")
+    latents_default = preset("default")  # as `ldm run` encodes them
+    p.add_argument("--latent-mode", default=latents_default.latent_mode,
+                   help="mean (posterior mean) or sample")
+    p.add_argument("--latent-norm", default=latents_default.latent_norm,
+                   help="global (one 1/std factor) or channel (standardise each channel)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)

@@ -262,6 +262,9 @@ def _default() -> RunConfig:
                                      warmup_steps=200),
         vae=VAEConfig(channels=(16, 32)),
         vae_train=TrainConfig(epochs=5, batch_size=128, lr=4e-3, warmup_steps=100),
+        # On this VAE's latents one global scale beat per-channel standardisation in both
+        # ablations (FID 76.3 vs 85.1 and 173 vs 187; README).
+        latent_norm="global",
         unet=UNetConfig(channels=(32, 48), time_dim=32),
         schedule=ScheduleConfig(kind="cosine"),  # with v-prediction: FID 62.5 -> 53.9 (README)
         objective=_OBJECTIVE,
