@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import emit, parser, setup
-from latentdiffusion.config import preset
+from latentdiffusion.config import TrainConfig, preset
 from latentdiffusion.models import VAE, Classifier, UNet
 from latentdiffusion.models.vae import vae_loss
+from latentdiffusion.training import adamw
 
 Loss = Callable[[nn.Module], torch.Tensor]
 
@@ -32,7 +33,7 @@ def _milliseconds(work: Callable[[], object], repeats: int) -> float:
 
 
 def _train_step(model: nn.Module, loss: Loss, repeats: int) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = adamw(model, TrainConfig(lr=1e-4))  # the library's optimizer
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
