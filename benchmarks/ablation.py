@@ -4,11 +4,11 @@ and is scored with the same sampler and N.
 
     python benchmarks/ablation.py --data-dir ../shared/data/mnist --run-dir bench-out/default \\
         --epochs 4 -n 2000
-Variants: the preset (v-prediction with min-SNR-5 weights, one global latent scale, cosine
-schedule, GroupNorm, EMA, batch 64, DDPM with beta_tilde); the post's noise target with uniform
-weights; each of v and min-SNR alone; per-channel latent standardisation; the post's linear
-schedule; no EMA; InstanceNorm (the post's block); batch 256; and DDPM with sigma^2 = beta
-instead of beta_tilde.
+Variants: the preset (v-prediction with min-SNR weights and t drawn by importance, one global
+latent scale, cosine schedule, GroupNorm, EMA, batch 64, DDPM with beta_tilde); the post's noise
+target with uniform weights and t; each of v and min-SNR alone; uniformly drawn t; per-channel
+latent standardisation; the post's linear schedule; no EMA; InstanceNorm (the post's block);
+batch 256; and DDPM with sigma^2 = beta instead of beta_tilde.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main() -> None:
         "post_objective_noise_uniform": (r(c, objective=ObjectiveConfig()), "beta_tilde"),
         "noise_min_snr": (r(c, objective=r(c.objective, prediction="noise")), "beta_tilde"),
         "v_uniform": (r(c, objective=r(c.objective, min_snr_gamma=0.0)), "beta_tilde"),
+        "uniform_timesteps": (r(c, objective=r(c.objective, timestep_sampling="uniform")),
+                              "beta_tilde"),
         "channel_latent_scale": (r(c, latent_norm="channel"), "beta_tilde"),
         "linear_schedule": (r(c, schedule=r(c.schedule, kind="linear")), "beta_tilde"),
         "no_ema": (r(c, diffusion_train=r(c.diffusion_train, ema_decay=0.0)), "beta_tilde"),

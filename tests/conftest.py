@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion.config import ObjectiveConfig, ScheduleConfig, UNetConfig
+from latentdiffusion.config import ScheduleConfig, UNetConfig, preset
 from latentdiffusion.data import write_idx
 from latentdiffusion.diffusion import NoiseSchedule
 
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 TINY_UNET = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
 TINY_SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=50, beta_start=1e-3,
                                                          beta_end=0.2))
-TINY_OBJECTIVE = ObjectiveConfig(prediction="v", min_snr_gamma=5.0)  # the presets' objective
+TINY_OBJECTIVE = preset("tiny").objective  # the presets' objective
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

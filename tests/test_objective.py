@@ -7,7 +7,12 @@ import torch
 
 from latentdiffusion.config import ObjectiveConfig, ScheduleConfig
 from latentdiffusion.diffusion import NoiseSchedule, ddim_sample, noise_predictor
-from latentdiffusion.diffusion.objective import loss_weight, target
+from latentdiffusion.diffusion.objective import (
+    loss_weight,
+    sample_weight,
+    target,
+    timestep_probabilities,
+)
 from latentdiffusion.errors import UsageError
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
@@ -82,8 +87,34 @@ def test_min_snr_weights() -> None:
     torch.testing.assert_close(noise_w * snr, v_w * (snr + 1), rtol=1e-6, atol=0)
 
 
+def test_uniform_timesteps_keep_the_loss_weights() -> None:
+    objective = ObjectiveConfig("v", 5.0)
+    probabilities = timestep_probabilities(objective, SCHEDULE)
+    assert torch.equal(probabilities, torch.full((1000,), 1e-3))
+    t = torch.arange(0, 1000, 7)
+    torch.testing.assert_close(sample_weight(objective, SCHEDULE, t, probabilities),
+                               loss_weight(objective, SCHEDULE, t))
+
+
+def test_importance_sampling_draws_t_by_weight_and_is_unbiased() -> None:
+    objective = ObjectiveConfig("v", 5.0, timestep_sampling="importance")
+    t = torch.arange(1000)
+    weights = loss_weight(objective, SCHEDULE, t).double()
+    probabilities = timestep_probabilities(objective, SCHEDULE).double()
+    torch.testing.assert_close(probabilities.sum(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(probabilities, weights / weights.sum(), rtol=1e-6, atol=0)
+    assert probabilities.argmax() == weights.argmax() and probabilities[0] < 1e-5
+    # E_p[weight(t) l_t] = (1/T) sum_t w_t l_t for any per-t loss l: the objective is unchanged.
+    per_t_loss = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draw_weights = sample_weight(objective, SCHEDULE, t, probabilities.float()).double()
+    torch.testing.assert_close((probabilities * draw_weights * per_t_loss).sum(),
+                               (weights * per_t_loss).mean(), rtol=1e-5, atol=0)
+
+
 def test_bad_objective_values() -> None:
     with pytest.raises(UsageError, match="prediction"):
         ObjectiveConfig("x0")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="min_snr_gamma"):
         ObjectiveConfig("v", -1.0)
+    with pytest.raises(UsageError, match="timestep_sampling"):
+        ObjectiveConfig("v", 5.0, timestep_sampling="stratified")  # type: ignore[arg-type]

@@ -130,6 +130,21 @@ def test_fit_returns_ema_and_keeps_two_checkpoints(tmp_path: Path) -> None:
     assert names == ["step-000000008.safetensors", "step-000000007.safetensors"]
 
 
+def test_batch_choice_follows_the_probabilities_whatever_the_world_size() -> None:
+    probabilities = torch.tensor([0.1, 0.0, 0.6, 0.3])
+
+    def draw(shard: slice) -> torch.Tensor:
+        batch = Batch((), 20_000, shard, torch.Generator().manual_seed(0), CPU)
+        return batch.choice(probabilities)
+
+    whole = draw(slice(None))
+    frequencies = torch.bincount(whole, minlength=4) / len(whole)
+    torch.testing.assert_close(frequencies, probabilities, rtol=0, atol=0.015)
+    assert frequencies[1] == 0
+    for rank in range(2):  # each of two ranks gets every other draw of the global batch
+        assert torch.equal(draw(slice(rank, None, 2)), whole[rank::2])
+
+
 def test_ema_update_is_the_convex_combination() -> None:
     ema, model = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     with torch.no_grad():

@@ -37,7 +37,7 @@ from .config import (
     to_dict,
 )
 from .diffusion import NoiseSchedule, noise_predictor, sample
-from .diffusion.objective import loss_weight, target
+from .diffusion.objective import sample_weight, target, timestep_probabilities
 from .errors import CheckpointError, UsageError
 from .metrics import Reference, evaluate_images, reference_from_images
 from .models import VAE, Classifier, UNet
@@ -195,16 +195,19 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: Lat
 
 def diffusion_loss(schedule: NoiseSchedule, objective: ObjectiveConfig
                    ) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """E_t w_t ||target - model(x_t, t)||^2 at a uniform random t; the post's eq. (5) when the
-    target is the noise and w_t = 1."""
+    """E_t w_t ||target - model(x_t, t)||^2 over a uniform t, estimated with t drawn from
+    `timestep_probabilities`; the post's eq. (5) when the target is the noise, w_t = 1 and t is
+    drawn uniformly."""
+    probabilities = timestep_probabilities(objective, schedule)  # (T,)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         x0 = batch.tensors[0]  # (B, C, S, S) normalised latents
-        t = batch.randint(schedule.num_timesteps)
+        t = batch.choice(probabilities)  # (B,)
         noise = batch.randn(*x0.shape[1:])
         prediction = model(schedule.add_noise(x0, noise, t), t)
         squared_error = (prediction - target(objective, schedule, x0, noise, t)).square()
-        return (loss_weight(objective, schedule, t) * squared_error.mean((1, 2, 3))).mean()
+        weight = sample_weight(objective, schedule, t, probabilities)  # (B,)
+        return (weight * squared_error.mean((1, 2, 3))).mean()
 
     return loss_fn
 

@@ -54,6 +54,12 @@ class Batch:
         values = torch.randint(high, (self.global_size,), generator=self.generator)
         return values[self.shard].to(self.device)
 
+    def choice(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(local B,) indices drawn with replacement from `probabilities` (K,)."""
+        values = torch.multinomial(probabilities.cpu(), self.global_size, replacement=True,
+                                   generator=self.generator)
+        return values[self.shard].to(self.device)
+
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 

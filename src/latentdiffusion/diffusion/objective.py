@@ -9,6 +9,11 @@
   x_0 error, each t counts min(SNR_t, gamma) with SNR_t = alpha_bar_t / (1 - alpha_bar_t). The
   near-clean steps (huge SNR, easy, low-value) stop dominating the gradient. gamma = 0 turns it
   off (uniform weights, the post's loss).
+- Importance sampling of t: the loss is E_t[w_t l_t] over a uniform t. Drawing t with
+  probability p_t proportional to w_t and weighing each draw by w_t / (T p_t) has the same
+  expectation, but no draw is spent on the near-zero weights at either end of the schedule
+  (min-SNR-5 with the cosine schedule: mean weight 0.33, peak 0.83), so the gradient is less
+  noisy. Measured: FID 56.8 -> 45.0 after the same 3 epochs (README, ablation).
 Samplers take a noise predictor; `noise_predictor` converts a v-network into one.
 """
 
@@ -44,6 +49,23 @@ def loss_weight(objective: ObjectiveConfig, schedule: NoiseSchedule,
     # ||noise error||^2 = SNR ||x0 error||^2 and ||v error||^2 = (SNR + 1) ||x0 error||^2.
     denominator = snr if objective.prediction == "noise" else snr + 1
     return (clipped / denominator).float()
+
+
+def timestep_probabilities(objective: ObjectiveConfig, schedule: NoiseSchedule) -> torch.Tensor:
+    """(T,) probabilities of drawing each t in training: uniform, or proportional to w_t."""
+    num_timesteps = schedule.num_timesteps
+    if objective.timestep_sampling == "uniform":
+        return torch.full((num_timesteps,), 1.0 / num_timesteps)
+    weights = loss_weight(objective, schedule, torch.arange(num_timesteps)).double()
+    return (weights / weights.sum()).float()
+
+
+def sample_weight(objective: ObjectiveConfig, schedule: NoiseSchedule, t: torch.Tensor,
+                  probabilities: torch.Tensor) -> torch.Tensor:
+    """(B,) weight of each draw t ~ probabilities: w_t / (T p_t), so E[weight * l_t] equals the
+    uniform-t loss E_t[w_t l_t]; w_t itself when t is uniform."""
+    p_t = probabilities.to(t.device)[t]
+    return loss_weight(objective, schedule, t) / (schedule.num_timesteps * p_t)
 
 
 def noise_predictor(network: Network, objective: ObjectiveConfig,
