@@ -6,9 +6,10 @@ and is scored with the same sampler and N.
         --epochs 4 -n 2000
 Variants: the preset (v-prediction with min-SNR weights and t drawn by importance, one global
 latent scale, cosine schedule, GroupNorm, EMA, batch 64, DDPM with beta_tilde); the post's noise
-target with uniform weights and t; each of v and min-SNR alone; uniformly drawn t; per-channel
-latent standardisation; the post's linear schedule; no EMA; InstanceNorm (the post's block);
-batch 256; and DDPM with sigma^2 = beta instead of beta_tilde.
+target with uniform weights and t; each of v and min-SNR alone; uniformly drawn t; min-SNR-5
+(the paper's gamma); AdamW's default beta2 = 0.999; per-channel latent standardisation; the
+post's linear schedule; no EMA; InstanceNorm (the post's block); batch 256; and DDPM with
+sigma^2 = beta instead of beta_tilde.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("-n", "--num-samples", type=int, default=2000)
     p.add_argument("--sampler", default="ddpm-250", help="sampler used for every variant")
+    p.add_argument("--variants", help="comma-separated subset to run (default: all)")
     args = p.parse_args()
     device = setup(args)
     config = preset(args.preset)
@@ -39,6 +41,9 @@ def main() -> None:
         "v_uniform": (r(c, objective=r(c.objective, min_snr_gamma=0.0)), "beta_tilde"),
         "uniform_timesteps": (r(c, objective=r(c.objective, timestep_sampling="uniform")),
                               "beta_tilde"),
+        "min_snr_5": (r(c, objective=r(c.objective, min_snr_gamma=5.0)), "beta_tilde"),
+        "adam_beta2_0999": (r(c, diffusion_train=r(c.diffusion_train, adam_beta2=0.999)),
+                            "beta_tilde"),
         "channel_latent_scale": (r(c, latent_norm="channel"), "beta_tilde"),
         "linear_schedule": (r(c, schedule=r(c.schedule, kind="linear")), "beta_tilde"),
         "no_ema": (r(c, diffusion_train=r(c.diffusion_train, ema_decay=0.0)), "beta_tilde"),
@@ -46,6 +51,14 @@ def main() -> None:
         "batch_256": (r(c, diffusion_train=r(c.diffusion_train, batch_size=256)), "beta_tilde"),
         "variance_beta": (c, "beta"),
     }
+    if args.variants:
+        chosen = args.variants.split(",")
+        unknown = sorted(set(chosen) - set(variants))
+        if unknown:
+            p.error(f"unknown variant(s) {', '.join(unknown)} (choose from {', '.join(variants)})")
+        if "variance_beta" in chosen and "baseline" not in chosen:
+            p.error("variance_beta samples the baseline's denoiser: add baseline")
+        variants = {name: variants[name] for name in variants if name in chosen}
     base = stages.RunDir(args.run_dir)
     test_images, test_labels = data.load_split(args.data_dir, "test")
     validation = stages.evaluate(args.data_dir, base, test_images, test_labels, device=device)

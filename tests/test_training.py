@@ -22,12 +22,13 @@ from torch import nn
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
 from latentdiffusion.config import ObjectiveConfig, TrainConfig
-from latentdiffusion.errors import CheckpointError, LdmError
+from latentdiffusion.errors import CheckpointError, LdmError, UsageError
 from latentdiffusion.models import UNet
 from latentdiffusion.stages import diffusion_loss
 from latentdiffusion.training import (
     Batch,
     FitResult,
+    adamw,
     ema_update,
     evaluate_loss,
     fit,
@@ -143,6 +144,15 @@ def test_batch_choice_follows_the_probabilities_whatever_the_world_size() -> Non
     assert frequencies[1] == 0
     for rank in range(2):  # each of two ranks gets every other draw of the global batch
         assert torch.equal(draw(slice(rank, None, 2)), whole[rank::2])
+
+
+def test_adamw_takes_beta2_from_the_config() -> None:
+    model = nn.Linear(3, 2)
+    assert adamw(model, CONFIG).param_groups[0]["betas"] == (0.9, 0.999)
+    tuned = adamw(model, TrainConfig(adam_beta2=0.99)).param_groups[0]
+    assert tuned["betas"] == (0.9, 0.99)
+    with pytest.raises(UsageError, match="adam_beta2 must be in"):
+        TrainConfig(adam_beta2=1.0)
 
 
 def test_ema_update_is_the_convex_combination() -> None:
