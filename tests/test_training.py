@@ -35,6 +35,7 @@ from latentdiffusion.training import (
     init_model,
     latest_checkpoint,
     list_checkpoints,
+    module_tensors,
 )
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
@@ -162,7 +163,7 @@ def test_ema_update_is_the_convex_combination() -> None:
             e.fill_(1.0 + i)
             m.fill_(-2.0)
     model.running_mean.fill_(5.0)
-    ema_update(ema, model, 0.75)
+    ema_update(module_tensors(ema), module_tensors(model), 0.75)
     assert torch.allclose(ema.weight, torch.full((3,), 0.75 * 1.0 + 0.25 * -2.0))
     assert torch.allclose(ema.bias, torch.full((3,), 0.75 * 2.0 + 0.25 * -2.0))
     assert torch.equal(ema.running_mean, model.running_mean)  # buffers are copied

@@ -32,6 +32,9 @@ from .rng import derive_seed, generator, randn
 
 log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 2
+# Validation is forward-only, and a larger batch is cheaper per sample (the UNet on 8x8 latents:
+# 1.8 s per 10k at 1024 against 3.1 s at 64, 2 cores).
+VAL_BATCH_SIZE = 1024
 _ORDER, _STEP, _VAL = 1, 2, 3  # keys that separate the seed streams
 
 
@@ -85,11 +88,21 @@ def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
+Tensors = tuple[list[torch.Tensor], list[torch.Tensor]]  # (parameters, buffers) of a module
+
+
+def module_tensors(module: nn.Module) -> Tensors:
+    """Taken once per run: walking the module tree at every step cost 1.1 ms, ~2% of a denoiser
+    step on 2 cores."""
+    return list(module.parameters()), list(module.buffers())
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema: Tensors, model: Tensors, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model; buffers (BatchNorm statistics) are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+    (ema_parameters, ema_buffers), (parameters, buffers) = ema, model
+    torch._foreach_lerp_(ema_parameters, parameters, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
         ema_buffer.copy_(buffer)
 
 
@@ -244,6 +257,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
             old.unlink(missing_ok=True)
         return path
 
+    model_tensors = module_tensors(model)
+    ema_tensors = module_tensors(ema) if ema is not None else None
     bar = tqdm(total=total_steps, initial=step, desc=kind, leave=False,
                disable=not (progress and dist.is_main()))
     order: torch.Tensor | None = None
@@ -267,10 +282,10 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            nn.utils.clip_grad_norm_(model_tensors[0], config.grad_clip)
         optimizer.step()
-        if ema is not None:
-            ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+        if ema_tensors is not None:
+            ema_update(ema_tensors, model_tensors, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
         loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
         bar.update()
@@ -295,8 +310,8 @@ def _end_epoch(epoch: int, train_loss: float, model: nn.Module, loss_fn: LossFn,
     record = {"epoch": epoch + 1, "train_loss": train_loss}
     was_training = model.training
     if val_data is not None:
-        record["val_loss"] = evaluate_loss(model, loss_fn, val_data, config.batch_size,
-                                           config.seed, device)
+        record["val_loss"] = evaluate_loss(model, loss_fn, val_data, VAL_BATCH_SIZE, config.seed,
+                                           device)
     if val_metrics is not None:
         model.eval()
         record.update(val_metrics(model))
