@@ -262,9 +262,9 @@ def _quick() -> RunConfig:
 
 
 def _default() -> RunConfig:
-    """About fifteen minutes on 2 CPU cores (see README for the measured figures)."""
+    """About 12 to 14 minutes on 2 CPU cores (see README for the measured figures)."""
     return RunConfig(
-        # 2 epochs with 1-pixel shifts at lr 5e-3: 99.48% test accuracy, where 3 epochs with
+        # 2 epochs with 1-pixel shifts at lr 5e-3: 99.47% test accuracy, where 3 epochs with
         # 2-pixel shifts at 3e-3 took 50% longer for 99.42% (README, time budget).
         classifier=ClassifierConfig(channels=16, augment_shift=1),
         classifier_train=TrainConfig(epochs=2, batch_size=128, lr=5e-3, weight_decay=1e-4,
@@ -278,7 +278,8 @@ def _default() -> RunConfig:
         schedule=ScheduleConfig(kind="cosine"),  # with v-prediction: FID 62.5 -> 53.9 (README)
         objective=_OBJECTIVE,
         # Batch 64: 4x the optimizer steps of batch 256 for 1.3x the time per epoch; FID
-        # 97.9 -> 64.2 after 3 epochs (README, recipe). 8 epochs: FID 11.3x -> 8.7x of 6.
+        # 97.9 -> 64.2 after 3 epochs (README, recipe). 8 epochs instead of 6: FID / Validation
+        # 11.3x -> 8.7x (10k).
         diffusion_train=TrainConfig(epochs=8, batch_size=64, lr=8e-3, adam_beta2=0.99,
                                     ema_decay=0.999, warmup_steps=100, weight_decay=1e-4),
         # Respaced ancestral DDPM: better than DDPM-1000 at 1/40 of its cost; 25 steps score as
