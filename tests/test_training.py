@@ -132,6 +132,18 @@ def test_fit_returns_ema_and_keeps_two_checkpoints(tmp_path: Path) -> None:
     assert names == ["step-000000008.safetensors", "step-000000007.safetensors"]
 
 
+def test_fit_updates_the_ema_at_every_step(tmp_path: Path) -> None:
+    # A decay of ~0 makes each update copy the model, so the EMA must end on the final weights
+    # (an EMA that is never updated would still hold the initial ones).
+    config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 1e-9})
+    model, result = _fit(tmp_path, config=config)
+    initial = init_model(UNet, UNET, config.seed)
+    for trained, ema in zip(model.parameters(), result.model.parameters(), strict=True):
+        torch.testing.assert_close(ema, trained, rtol=0, atol=1e-6)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters(),
+                                                      strict=True))
+
+
 def test_batch_choice_follows_the_probabilities_whatever_the_world_size() -> None:
     probabilities = torch.tensor([0.1, 0.0, 0.6, 0.3])
 
