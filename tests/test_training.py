@@ -6,6 +6,7 @@ tiny model as the tests, sleeping SLEEP seconds per step: the kill-and-resume te
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -135,7 +136,7 @@ def test_fit_returns_ema_and_keeps_two_checkpoints(tmp_path: Path) -> None:
 def test_fit_updates_the_ema_at_every_step(tmp_path: Path) -> None:
     # A decay of ~0 makes each update copy the model, so the EMA must end on the final weights
     # (an EMA that is never updated would still hold the initial ones).
-    config = TrainConfig(**{**CONFIG.__dict__, "ema_decay": 1e-9})
+    config = dataclasses.replace(CONFIG, ema_decay=1e-9)
     model, result = _fit(tmp_path, config=config)
     initial = init_model(UNet, UNET, config.seed)
     for trained, ema in zip(model.parameters(), result.model.parameters(), strict=True):
