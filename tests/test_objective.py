@@ -1,4 +1,4 @@
-"""The training objective: targets, min-SNR weights, and the conversion back to noise."""
+"""The training objective: targets, min-SNR weights, and the denoiser built from the network."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentdiffusion.config import ObjectiveConfig, ScheduleConfig
-from latentdiffusion.diffusion import NoiseSchedule, ddim_sample, noise_predictor
+from latentdiffusion.diffusion import NoiseSchedule, VPDenoiser, sample
 from latentdiffusion.diffusion.objective import (
     loss_weight,
     sample_weight,
@@ -43,24 +43,26 @@ def test_v_target_formula_and_its_unit_scale() -> None:
 
 
 @pytest.mark.parametrize("objective", [NOISE, V])
-def test_oracle_network_converts_back_to_the_true_noise(objective: ObjectiveConfig) -> None:
+def test_oracle_network_gives_the_true_x0_as_denoiser(objective: ObjectiveConfig) -> None:
     x0, noise, t = _example(1)
-    x_t = SCHEDULE.add_noise(x0, noise, t)
+    alpha_bar = SCHEDULE.alpha_bar(t, x0)
+    x = SCHEDULE.add_noise(x0, noise, t) / alpha_bar.sqrt()  # VE units: x0 + sigma noise
     oracle = target(objective, SCHEDULE, x0, noise, t)
-    predict = noise_predictor(lambda x, s: oracle, objective, SCHEDULE)
-    torch.testing.assert_close(predict(x_t, t), noise)
+    denoiser = VPDenoiser(lambda x_t, t_: oracle, SCHEDULE, objective.prediction)
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt().view(-1)
+    torch.testing.assert_close(denoiser(x, sigma), x0)
 
 
 def test_v_oracle_for_one_point_lets_ddim_recover_it() -> None:
     point = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1)
 
     def v_oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = SCHEDULE.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        alpha_bar = SCHEDULE.alphas_cumprod[t.round().long()].float().view(-1, 1, 1, 1)
         noise = (x_t - alpha_bar.sqrt() * point) / (1 - alpha_bar).sqrt()
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * point
 
     noise = torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(0))
-    x0 = ddim_sample(noise_predictor(v_oracle, V, SCHEDULE), SCHEDULE, noise, num_steps=20)
+    x0 = sample(VPDenoiser(v_oracle, SCHEDULE, "v"), noise, "ddim-20")
     torch.testing.assert_close(x0, point.expand_as(x0), atol=1e-3, rtol=0)
 
 

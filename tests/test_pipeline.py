@@ -78,6 +78,27 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
                                                          "report"]
     assert (run / "vae.safetensors").stat().st_mtime_ns == before
 
+    # `ldm sweep` scores each (sampler, NFE) pair, adds its table and figure to the report, and
+    # continues a sweep of the same models instead of redoing it.
+    sweep_argv = ["sweep", "--samplers", "heun,dpmpp-2m,ddim", "--nfe", "3,4", "-n", "8",
+                  "--data-dir", str(data_dir), "--run-dir", str(run), "--quiet"]
+    assert main(sweep_argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report_updated"] is True
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert set(sweep["results"]) == {"heun-2", "dpmpp-2m-3", "dpmpp-2m-4", "ddim-3", "ddim-4"}
+    assert [sweep["results"][k]["nfe"] for k in ("heun-2", "dpmpp-2m-4")] == [3, 4]
+    assert sweep["n"] == 8 and sweep["validation"]["fid"] > 0
+    assert all(math.isfinite(e["fid"]) and e["samples_per_second"] > 0
+               for e in sweep["results"].values())
+    assert (run / "figures" / "sweep.png").is_file()
+    assert "Quality against cost" in (run / "report.html").read_text()
+    assert "| dpmpp-2m-4 | 4 |" in (run / "report.md").read_text()
+    assert main([*sweep_argv[:2], "heun", *sweep_argv[3:]]) == 0  # every pair is already done
+    assert json.loads((run / "sweep.json").read_text()) == sweep  # same timings: not redone
+    events = _run(capsys, *argv)  # the report now has the sweep in its key: only it is redone
+    assert [s for s in STAGES if events[s] == "ran"] == ["report"]
+
 
 def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,6 +113,13 @@ def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
     assert main(["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "3", "-n",
                  "10", "--out", str(out), *common]) == 0
     assert out.with_suffix(".png").is_file()
+    capsys.readouterr()
+    for sampler, nfe in (("heun", 5), ("dpmpp-2m-sde", 3), ("euler", 3), ("ddpm", 3)):
+        assert main(["sample", "--model", "diffusion", "--sampler", sampler, "--steps",
+                     str(3), "-n", "4", "--out", str(out), *common]) == 0
+        assert json.loads(capsys.readouterr().out)["nfe"] == nfe
+        with np.load(out) as saved:  # the samples file says how it was made
+            assert (str(saved["sampler"]), int(saved["nfe"])) == (f"{sampler}-3", nfe)
     recon = tmp_path / "r.npz"
     assert main(["sample", "--model", "vae", "--reconstruct", "test", "--out", str(recon),
                  *data, *common]) == 0

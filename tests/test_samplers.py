@@ -1,27 +1,44 @@
-"""DDPM and DDIM against an analytic noise predictor, determinism and per-sample generators."""
+"""Every registered sampler against known answers: the one-point and the Gaussian data set, whose
+exact denoisers are known; the post's eq. (6) walk; determinism; model calls; the name table."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from latentdiffusion.config import ScheduleConfig, UNetConfig
-from latentdiffusion.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, sample
-from latentdiffusion.diffusion.samplers import timesteps
+from latentdiffusion.diffusion import SAMPLERS, NoiseSchedule, VPDenoiser, parse_sampler, sample
+from latentdiffusion.diffusion.denoiser import karras_sigmas, noise_levels, timesteps
+from latentdiffusion.diffusion.samplers import dpmpp_2m_sample, heun_sample
+from latentdiffusion.errors import UsageError
 from latentdiffusion.models import UNet
 from latentdiffusion.rng import generator
 from latentdiffusion.training import init_model
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
+COSINE = NoiseSchedule.from_config(ScheduleConfig(kind="cosine", num_timesteps=100))
 X0 = torch.tensor([1.5, -0.5, 0.25, -2.0], dtype=torch.float64).view(1, 1, 2, 2)
+NAMES = list(SAMPLERS)
 
 
-def oracle(x0: torch.Tensor, schedule: NoiseSchedule = SCHEDULE):
-    """The exact noise predictor for a data set of one point x0."""
+def oracle(x0: torch.Tensor, schedule: NoiseSchedule = SCHEDULE, spread: float = 0.0):
+    """The exact noise predictor (x_t, t) -> noise for data N(x0, spread^2 I): one point at 0.
+
+    With sigma^2 = (1 - a) / a, E[x_0 | x] = x0 + spread^2 / (spread^2 + sigma^2) (x - x0) in VE
+    units x = x_t / sqrt(a); the noise is (x - E[x_0 | x]) / sigma.
+    """
 
     def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = schedule.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
-        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        t_floor = t.floor().long()  # fractional t: interpolate alpha_bar in log sigma
+        sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+        low, high = sigmas[t_floor], sigmas[(t_floor + 1).clamp(max=len(sigmas) - 1)]
+        fraction = (t.double() - t_floor).view(-1)
+        sigma = (low.log() * (1 - fraction) + high.log() * fraction).exp().view(-1, 1, 1, 1)
+        x = x_t * (1 + sigma.square()).sqrt()
+        denoised = x0 + spread**2 / (spread**2 + sigma.square()) * (x - x0)
+        return ((x - denoised) / sigma).to(x_t.dtype)
 
     return predict
 
@@ -31,41 +48,82 @@ def _noise(n: int, seed: int = 0) -> torch.Tensor:
                        dtype=torch.float64)
 
 
-@pytest.mark.parametrize("num_steps", [1, 2, 10, 1000])
-def test_ddim_eta0_recovers_the_single_point(num_steps: int) -> None:
-    x0 = ddim_sample(oracle(X0), SCHEDULE, _noise(3), num_steps=num_steps, eta=0.0)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("num_steps", [1, 2, 10])
+@pytest.mark.parametrize("schedule", [SCHEDULE, COSINE], ids=["linear", "cosine"])
+def test_every_sampler_recovers_the_single_point(name: str, num_steps: int,
+                                                 schedule: NoiseSchedule) -> None:
+    denoiser = VPDenoiser(oracle(X0, schedule), schedule, "noise")
+    x0 = sample(denoiser, _noise(3), f"{name}-{num_steps}",
+                generator=torch.Generator().manual_seed(1))
     assert torch.allclose(x0, X0.expand(3, -1, -1, -1), atol=1e-6)
 
 
-@pytest.mark.parametrize("num_steps", [None, 10])
-@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
-def test_ddpm_ends_at_the_single_point(num_steps: int | None, variance: str) -> None:
-    x0 = ddpm_sample(oracle(X0), SCHEDULE, _noise(3), num_steps=num_steps, variance=variance,
-                     generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(x0, X0.expand(3, -1, -1, -1), atol=1e-6)
+def test_v_prediction_denoiser_recovers_the_single_point() -> None:
+    def v_oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        noise = oracle(X0)(x_t, t)
+        alpha_bar = SCHEDULE.alphas_cumprod[t.round().long()].view(-1, 1, 1, 1)
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * X0  # v, on the grid
 
-
-def test_ddim_eta1_with_oracle_also_recovers() -> None:
-    x0 = ddim_sample(oracle(X0), SCHEDULE, _noise(2), num_steps=20, eta=1.0,
-                     generator=torch.Generator().manual_seed(0))
+    x0 = sample(VPDenoiser(v_oracle, SCHEDULE, "v"), _noise(2), "ddim-20")
     assert torch.allclose(x0, X0.expand(2, -1, -1, -1), atol=1e-6)
 
 
-def test_cosine_schedule_with_oracle() -> None:
-    schedule = NoiseSchedule.from_config(ScheduleConfig(kind="cosine", num_timesteps=100))
-    x0 = ddim_sample(oracle(X0, schedule), schedule, _noise(2), num_steps=10)
-    assert torch.allclose(x0, X0.expand(2, -1, -1, -1), atol=1e-6)
-
-
-def test_ddim_one_step_queries_the_noisiest_level() -> None:
-    seen: list[int] = []
+def test_the_denoiser_asks_the_network_for_grid_timesteps_exactly() -> None:
+    seen: list[float] = []
 
     def spy(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         seen.extend(t.unique().tolist())
         return oracle(X0)(x_t, t)
 
-    ddim_sample(spy, SCHEDULE, _noise(1), num_steps=1)
-    assert seen == [999]
+    sample(VPDenoiser(spy, SCHEDULE, "noise"), _noise(1), "ddim-4")
+    assert seen == [999.0, 666.0, 333.0, 0.0]
+
+
+def _gaussian_error(name: str, num_steps: int) -> float:
+    """Distance to the exact ODE solution for Gaussian data N(X0, 0.5^2): along the flow,
+    x - X0 scales with sqrt(0.5^2 + sigma^2), so x_0 = X0 + (x - X0) 0.5 / sqrt(0.25 + s^2)."""
+    denoiser = VPDenoiser(oracle(X0, SCHEDULE, spread=0.5), SCHEDULE, "noise")
+    sigmas = noise_levels(denoiser, SAMPLERS[name].spacing, num_steps)
+    x = denoiser.prior(_noise(4), float(sigmas[0]))
+    exact = X0 + (x - X0) * 0.5 / math.sqrt(0.25 + float(sigmas[0]) ** 2)
+    return float((SAMPLERS[name].function(denoiser, x, sigmas) - exact).abs().max())
+
+
+def test_higher_order_solvers_converge_faster_on_gaussian_data() -> None:
+    euler = [_gaussian_error("euler", k) for k in (10, 20, 40)]
+    heun = [_gaussian_error("heun", k) for k in (10, 20, 40)]
+    dpmpp = [_gaussian_error("dpmpp-2m", k) for k in (10, 20, 40)]
+    assert euler[0] > euler[1] > euler[2] > 0
+    assert 1.5 < euler[0] / euler[1] < 2.5 and 1.5 < euler[1] / euler[2] < 2.5  # first order
+    assert heun[0] / heun[1] > 3.5 and heun[1] / heun[2] > 3.5  # second order
+    assert dpmpp[1] / dpmpp[2] > 3.5
+    assert dpmpp[1] < euler[1] / 5  # at the same 20 model calls
+    assert _gaussian_error("ddim", 40) < 1.5 * euler[2]  # ddim is Euler too, on the t grid
+
+
+def _paper_walk(network, schedule: NoiseSchedule, x_T: torch.Tensor, num_steps: int, eta: float,
+                ddpm: bool, generator_: torch.Generator) -> torch.Tensor:
+    """The VP updates written out from the papers, on the respaced timesteps: DDPM eq. (6) with
+    sigma^2 = beta_tilde, DDIM eq. (12) with eq. (16)'s sigma."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    steps = timesteps(schedule.num_timesteps, num_steps)
+    x_t = x_T
+    for i, t in enumerate(steps):
+        a_t = alphas_cumprod[t]
+        a_s = alphas_cumprod[steps[i + 1]] if i + 1 < len(steps) else 1.0
+        noise = network(x_t, torch.full((len(x_t),), float(t)))
+        if ddpm:
+            beta = 1 - a_t / a_s
+            x_t = (x_t - beta / (1 - a_t) ** 0.5 * noise) / (1 - beta) ** 0.5
+            sigma = ((1 - a_s) / (1 - a_t) * beta) ** 0.5
+        else:
+            x0 = (x_t - (1 - a_t) ** 0.5 * noise) / a_t**0.5
+            sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5
+            x_t = a_s**0.5 * x0 + (1 - a_s - sigma**2) ** 0.5 * noise
+        if a_s < 1.0 and sigma > 0:
+            x_t = x_t + sigma * torch.randn(x_t.shape, generator=generator_).to(x_t)
+    return x_t
 
 
 def _model() -> UNet:
@@ -84,43 +142,49 @@ def _x_T(seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(1, 4, 4, generator=generator(7, s)) for s in seeds])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_samplers_are_deterministic_under_a_generator(sampler: str) -> None:
+@pytest.mark.parametrize(("spec", "eta", "ddpm"),
+                         [("ddpm-7", 1.0, True), ("ddpm", 1.0, True), ("ddim-5", 0.0, False),
+                          ("ddim-5", 0.5, False)])
+def test_ddpm_and_ddim_follow_the_papers_updates(spec: str, eta: float, ddpm: bool) -> None:
     model, x_T = _model(), _x_T([0, 1])
-    kwargs = dict(eta=1.0)
+    with torch.no_grad():
+        ours = sample(VPDenoiser(model, SMALL, "noise"), x_T, spec, eta=eta,
+                      generator=torch.Generator().manual_seed(3))
+        steps = parse_sampler(spec)[1]
+        paper = _paper_walk(model, SMALL, x_T, steps or 20, eta, ddpm,
+                            torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, paper, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samplers_are_deterministic_under_a_generator(name: str) -> None:
+    denoiser, x_T = VPDenoiser(_model(), SMALL, "noise"), _x_T([0, 1])
 
     def run(seed: int) -> torch.Tensor:
-        return sample(model, SMALL, x_T, sampler, None, generator=torch.Generator().manual_seed(
-            seed), **kwargs)
+        return sample(denoiser, x_T, f"{name}-5", eta=1.0,
+                      generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(0), run(0), run(1)
     assert torch.isfinite(a).all()
     assert torch.equal(a, b)
-    assert (a - c).abs().max() > 1e-3
-
-
-def test_ddim_eta0_ignores_the_generator() -> None:
-    model, x_T = _model(), _x_T([0, 1])
-    a = ddim_sample(model, SMALL, x_T, num_steps=5, generator=torch.Generator().manual_seed(0))
-    b = ddim_sample(model, SMALL, x_T, num_steps=5, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    stochastic = name in ("ddpm", "ddim", "dpmpp-2m-sde")  # ddim with the eta = 1 given
+    assert ((a - c).abs().max() > 1e-3) == stochastic
 
 
 def test_ddpm_variance_choice_matters() -> None:
-    model, x_T = _model(), _x_T([0])
-    a = ddpm_sample(model, SMALL, x_T, variance="beta_tilde",
-                    generator=torch.Generator().manual_seed(0))
-    b = ddpm_sample(model, SMALL, x_T, variance="beta",
-                    generator=torch.Generator().manual_seed(0))
+    denoiser, x_T = VPDenoiser(_model(), SMALL, "noise"), _x_T([0])
+    a = sample(denoiser, x_T, "ddpm", variance="beta_tilde",
+               generator=torch.Generator().manual_seed(0))
+    b = sample(denoiser, x_T, "ddpm", variance="beta", generator=torch.Generator().manual_seed(0))
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_generator_list_makes_rows_independent_of_the_batch(sampler: str) -> None:
-    model = _model()
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp-2m-sde"])
+def test_generator_list_makes_rows_independent_of_the_batch(name: str) -> None:
+    denoiser = VPDenoiser(_model(), SMALL, "noise")
 
     def run(seeds: list[int]) -> torch.Tensor:
-        return sample(model, SMALL, _x_T(seeds), sampler, 10, eta=1.0,
+        return sample(denoiser, _x_T(seeds), f"{name}-10",
                       generator=[generator(7, s) for s in seeds])
 
     four, two, reordered = run([0, 1, 2, 3]), run([0, 1]), run([3, 1])
@@ -128,7 +192,68 @@ def test_generator_list_makes_rows_independent_of_the_batch(sampler: str) -> Non
     assert torch.allclose(four[[3, 1]], reordered, atol=1e-6)
     assert (four[0] - four[1]).abs().max() > 1e-3  # different generators, different rows
     with pytest.raises(ValueError):
-        sample(model, SMALL, _x_T([0, 1]), sampler, 10, eta=1.0, generator=[generator(7, 0)])
+        sample(denoiser, _x_T([0, 1]), f"{name}-10", generator=[generator(7, 0)])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("num_steps", [1, 4, 9])
+def test_model_calls_match_the_table(name: str, num_steps: int) -> None:
+    calls = 0
+    inner = VPDenoiser(oracle(X0), SCHEDULE, "noise")
+
+    def counting(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return inner(x, sigma)
+
+    sigmas = noise_levels(inner, SAMPLERS[name].spacing, num_steps)
+    SAMPLERS[name].function(counting, inner.prior(_noise(1), float(sigmas[0])), sigmas)
+    assert calls == SAMPLERS[name].model_calls(num_steps)
+    assert SAMPLERS[name].model_calls(SAMPLERS[name].steps_for(calls)) == calls
+
+
+def test_heun_steps_for_a_budget() -> None:
+    heun = SAMPLERS["heun"]
+    assert [heun.steps_for(n) for n in (5, 10, 19, 20, 50)] == [3, 5, 10, 10, 25]
+    assert [SAMPLERS["euler"].steps_for(n) for n in (5, 10)] == [5, 10]
+
+
+def test_karras_levels_follow_edm() -> None:
+    sigmas = karras_sigmas(5, 0.002, 80.0)
+    assert sigmas[0] == pytest.approx(80.0) and sigmas[-1] == pytest.approx(0.002)
+    ramp = (sigmas ** (1 / 7)).diff()
+    assert torch.allclose(ramp, ramp[0].expand(4))  # equal steps in sigma^(1/rho)
+    denoiser = VPDenoiser(oracle(X0), SCHEDULE, "noise")
+    levels = noise_levels(denoiser, "logsnr", 6)
+    assert levels[-1] == 0 and levels[0] == pytest.approx(denoiser.sigma_max)
+    assert torch.allclose(levels[:-1].log().diff(), levels[:-1].log().diff()[0].expand(5))
+
+
+def test_parse_sampler() -> None:
+    assert parse_sampler("ddim-50") == ("ddim", 50)
+    assert parse_sampler("ddpm") == ("ddpm", None)  # every timestep
+    assert parse_sampler("dpmpp-2m") == ("dpmpp-2m", SAMPLERS["dpmpp-2m"].default_steps)
+    assert parse_sampler("dpmpp-2m-sde-12") == ("dpmpp-2m-sde", 12)
+    for bad in ("ddim-\u00b2", "ddim-0", "nope", "ddim-x", "dpmpp-", ""):
+        with pytest.raises(UsageError):
+            parse_sampler(bad)
+
+
+def test_eta_outside_the_unit_interval_is_refused() -> None:
+    denoiser = VPDenoiser(oracle(X0), SCHEDULE, "noise")
+    for eta in (2.0, -1.0):
+        with pytest.raises(UsageError, match="eta"):
+            sample(denoiser, _noise(1), "ddim-5", eta=eta)
+
+
+def test_heun_and_dpmpp_ignore_the_generator() -> None:
+    denoiser, x_T = VPDenoiser(_model(), SMALL, "noise"), _x_T([0])
+    for function in (heun_sample, dpmpp_2m_sample):
+        sigmas = noise_levels(denoiser, "karras", 4)
+        x = denoiser.prior(x_T, float(sigmas[0]))
+        a = function(denoiser, x, sigmas, generator=torch.Generator().manual_seed(0))
+        b = function(denoiser, x, sigmas, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 10, 50, 250, 999])

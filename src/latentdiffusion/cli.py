@@ -1,4 +1,5 @@
-"""Command line: `ldm data|train|encode|sample|evaluate|run`. The only module that prints."""
+"""Command line: `ldm data|train|encode|sample|evaluate|sweep|run`. The only module that
+prints."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import data, stages
 from . import distributed as dist
 from .config import PRESETS, RunConfig, SamplingConfig, preset
+from .diffusion import SAMPLERS
 from .errors import LdmError, UsageError
 from .fileio import run_dir_lock, write_json, write_npz
 
@@ -24,6 +27,7 @@ EPILOG = """examples:
   ldm train vae --data-dir ~/mnist --run-dir runs/demo
   ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
   ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
+  ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
   torchrun --standalone --nproc_per_node=2 -m latentdiffusion train diffusion --run-dir runs/demo
 """
 
@@ -94,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
     _common(p)
     p.add_argument("--model", required=True, choices=("vae", "diffusion"))
-    p.add_argument("--sampler", default="ddim", help="ddpm or ddim")
-    p.add_argument("--steps", type=_positive, help="sampler steps (default: ddim 50, ddpm all)")
+    p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLERS)}, or NAME-STEPS")
+    p.add_argument("--steps", type=_positive,
+                   help="sampler steps (default: " + ", ".join(
+                       f"{name} {spec.default_steps or 'all'}" for name, spec in SAMPLERS.items())
+                   + ")")
     p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, in [0, 1]")
     p.add_argument("-n", "--num-samples", type=_positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive, default=500)
@@ -112,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sweep", help="FID against model calls for several samplers",
+                       formatter_class=fmt)
+    _common(p)
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated names")
+    p.add_argument("--nfe", default="5,10,20,50", help="comma-separated model-call budgets")
+    p.add_argument("-n", "--num-samples", type=_positive, default=10_000)
+    p.add_argument("--seed", type=int, default=1, help="the presets' sampling seed")
+    p.add_argument("--batch-size", type=_positive, default=500)
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
@@ -167,15 +183,17 @@ def _train(args: argparse.Namespace, device: Any) -> str:
 def _sample(args: argparse.Namespace, device: Any) -> str | None:
     run = stages.RunDir(args.run_dir)
     labels = None
+    meta: dict[str, Any] = {}  # which sampler made the set and its model calls (NFE)
     if args.reconstruct:
         if args.model != "vae":
             raise UsageError("--reconstruct works with --model vae")
         images, labels = stages.reconstruct(args.data_dir, run, args.reconstruct, device=device)
     else:
-        spec = args.sampler + (f"-{args.steps}" if args.steps else "")
-        if args.sampler == "ddim" and not args.steps:
-            spec = "ddim-50"
+        spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+        # The config checks the sampler's name, steps, variance and eta before any work.
         sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
+        if args.model == "diffusion":
+            meta = {"sampler": spec, "nfe": stages.model_calls(run, spec, device)}
         images = stages.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
                                  sampling=sampling, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
@@ -184,9 +202,9 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
     from .plots import save_grid
 
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-    write_npz(args.out, **arrays)
+    write_npz(args.out, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
     save_grid(images, args.out.with_suffix(".png"))
-    return json.dumps({"out": str(args.out), "n": len(images)})
+    return json.dumps({"out": str(args.out), "n": len(images), **meta})
 
 
 def _evaluate(args: argparse.Namespace, device: Any) -> str:
@@ -209,6 +227,25 @@ def _evaluate(args: argparse.Namespace, device: Any) -> str:
     if args.out and dist.is_main():
         write_json(args.out, result)
     return json.dumps(result)
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _sweep(args: argparse.Namespace, device: Any) -> str:
+    from .pipeline import refresh_report
+    from .sweep import run_sweep, summary
+
+    result = run_sweep(stages.RunDir(args.run_dir), args.data_dir, args.samplers.split(","),
+                       _integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
+                       device=device, batch_size=args.batch_size, progress=not args.quiet)
+    refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
+    return json.dumps({"sweep": str(args.run_dir / "sweep.json"), "report_updated": refreshed,
+                       **summary(result)})
 
 
 def _run(args: argparse.Namespace, device: Any) -> str:
@@ -265,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preset(args.preset)  # fail before the run directory is created
             device = dist.resolve_device(args.device)
             dist.init(device)
-            writes = args.command in ("train", "encode", "run")
+            writes = args.command in ("train", "encode", "run", "sweep")
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
                 output = _dispatch(args, device)
         if output is not None and dist.is_main():
@@ -297,6 +334,8 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
         return _sample(args, device)
     if args.command == "evaluate":
         return _evaluate(args, device)
+    if args.command == "sweep":
+        return _sweep(args, device)
     return _run(args, device)
 
 

@@ -19,7 +19,6 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from .errors import UsageError
 
 ScheduleName = Literal["linear", "cosine"]
-SamplerName = Literal["ddpm", "ddim"]
 VarianceName = Literal["beta_tilde", "beta"]
 NormName = Literal["group", "instance"]
 LatentMode = Literal["sample", "mean"]
@@ -173,28 +172,22 @@ class SamplingConfig:
     """Which sets `ldm run` generates and scores."""
 
     num_samples: int = 10_000
-    samplers: tuple[str, ...] = ("ddim-50",)  # "ddpm" (all T steps), "ddpm-K", "ddim-K"
-    variance: VarianceName = "beta_tilde"
-    eta: float = 0.0  # DDIM stochasticity
+    # NAME or NAME-STEPS of diffusion/samplers.py's table: "ddpm" (all T steps), "ddpm-25",
+    # "ddim-50", "euler-20", "heun-10", "dpmpp-2m-10", "dpmpp-2m-sde-10"
+    samplers: tuple[str, ...] = ("ddim-50",)
+    variance: VarianceName = "beta_tilde"  # ddpm's
+    eta: float = 0.0  # ddim's stochasticity, in [0, 1]
     batch_size: int = 500
     seed: int = 1
 
     def __post_init__(self) -> None:
         _validate(self, positive=("num_samples", "batch_size"))
+        if not 0.0 <= self.eta <= 1.0:
+            raise UsageError(f"SamplingConfig.eta must be in [0, 1], got {self.eta}")
+        from .diffusion.samplers import parse_sampler  # here: the diffusion package imports config
+
         for spec in self.samplers:
             parse_sampler(spec)
-
-
-def parse_sampler(spec: str) -> tuple[SamplerName, int | None]:
-    """'ddim-50' -> ('ddim', 50); 'ddpm' -> ('ddpm', None), meaning every timestep."""
-    name, _, steps = spec.partition("-")
-    if name not in get_args(SamplerName):
-        raise UsageError(f"unknown sampler {name!r} (choose from ddpm, ddim)")
-    if not steps:
-        return name, None  # type: ignore[return-value]
-    if not steps.isdigit() or int(steps) <= 0:
-        raise UsageError(f"sampler {spec!r}: steps must be a positive integer")
-    return name, int(steps)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint, data, plots, report, stages
 from . import distributed as dist
-from .config import RunConfig, ScheduleConfig, config_hash, to_dict
+from .config import RunConfig, ScheduleConfig, config_hash, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
 from .fileio import write_json, write_npz
@@ -132,11 +132,31 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
     step("evaluate", eval_key, recorded("evaluate", eval_key, metrics_path),
          lambda: _evaluate_all(run, data_dir, sets, c.eval_samples, device))
 
-    # 7. report
+    # 7. report (with the sweep of `ldm sweep`, when there is one)
+    report_key = config_hash(eval_key, _sweep_results(run))
     report_paths = (run.root / "report.md", run.root / "report.html")
-    step("report", eval_key, recorded("report", eval_key, *report_paths),
+    step("report", report_key, recorded("report", report_key, *report_paths),
          lambda: _report(run, data_dir, c, preset_name, records))
     return json.loads(metrics_path.read_text())
+
+
+def _sweep_results(run: stages.RunDir) -> dict[str, Any] | None:
+    try:
+        found = json.loads((run.root / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and "results" in found else None
+
+
+def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:
+    """Write the report of a finished run again (after a sweep); False when there is none."""
+    run = stages.RunDir(run_root)
+    manifest = _manifest(run)
+    if "report" not in manifest.get("stages", {}):
+        return False
+    config = from_dict(RunConfig, manifest["config"])
+    _report(run, data_dir, config, manifest.get("preset", "custom"), manifest["stages"])
+    return True
 
 
 def _history_summary(history: list[dict[str, float]]) -> str:
@@ -217,5 +237,5 @@ def _report(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig, prese
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
     plots.save_reconstructions(data.load_split(data_dir, "test")[0], reconstructions,
                                figures / "reconstructions.png")
-    report.write(run.root, c, preset_name, metrics, records, headers)
+    report.write(run.root, c, preset_name, metrics, records, headers, _sweep_results(run))
     return "report.md, report.html"

@@ -90,3 +90,20 @@ def save_class_histograms(histograms: dict[str, Sequence[float]], path: Path) ->
     ax.set_ylabel("fraction")
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def save_lines(lines: dict[str, Sequence[tuple[float, float]]], floor: tuple[str, float],
+               path: Path, xlabel: str, ylabel: str) -> None:
+    """One line of (x, y) points per name on a log x axis, and a dashed horizontal floor."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in lines.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, "o-", label=name)
+    ax.axhline(floor[1], color="gray", linestyle="--", linewidth=1, label=floor[0])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)

@@ -16,6 +16,7 @@ import torch
 from . import __version__
 from .config import RunConfig, to_dict
 from .fileio import atomic_write
+from .sweep import table
 
 POST_FID = {"random": 48.43, "vae-prior": 63.49, "diffusion": 6.02, "validation": 0.30}
 ROW_NAMES = {"random": "Random", "vae-prior": "VAE (prior samples)",
@@ -68,9 +69,21 @@ def _figures(root: Path, metrics: dict[str, Any]) -> list[tuple[str, Path]]:
     return [(title, path) for title, path in figures if path.exists()]
 
 
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>")
+
+
 def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, Any],
-          records: dict[str, Any], headers: dict[str, dict[str, Any]]) -> None:
+          records: dict[str, Any], headers: dict[str, dict[str, Any]],
+          sweep: dict[str, Any] | None = None) -> None:
     rows = _rows(metrics)
+    sweep_head, sweep_rows = table(sweep) if sweep else ([], [])
+    sweep_title = (f"Quality against cost: FID of each sampler against its model calls "
+                   f"(`ldm sweep`, N = {sweep['n']:,}, seed {sweep['seed']})" if sweep else "")
+    sweep_figure = root / "figures" / "sweep.png"
     versions = {"latentdiffusion": __version__, "torch": torch.__version__,
                 "numpy": np.__version__, "python": platform.python_version(),
                 "git": _git_revision()}
@@ -87,6 +100,12 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     md = [f"# latentdiffusion run: {root.name}", "", intro, "", "## FID table", "",
           "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    if sweep:
+        md += ["", "## " + sweep_title, "", "| " + " | ".join(sweep_head) + " |",
+               "|" + "---|" * len(sweep_head)]
+        md += ["| " + " | ".join(r) + " |" for r in sweep_rows]
+        if sweep_figure.exists():
+            md += ["", f"![FID against NFE]({sweep_figure.relative_to(root)})"]
     md += ["", "## Figures", ""]
     md += [f"### {title}\n\n![{title}]({path.relative_to(root)})\n" for title, path in figures]
     md += ["## Wall time per stage", "", "| Stage | Seconds | Summary |", "|---|---|---|"]
@@ -102,14 +121,16 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
     e = html.escape
-    table = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in HEAD) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    table += "</table>"
-    time_table = "<table><tr><th>Stage</th><th>Seconds</th><th>Summary</th></tr>" + "".join(
-        f"<tr><td>{e(n)}</td><td>{s:.1f}</td><td>{e(summary)}</td></tr>"
-        for n, s, summary in times) + "</table>"
+    fid_table = _html_table(HEAD, rows)
+    time_table = _html_table(["Stage", "Seconds", "Summary"],
+                             [[n, f"{s:.1f}", summary] for n, s, summary in times])
     body = [f"<h1>latentdiffusion run: {e(root.name)}</h1>", f"<p>{e(intro)}</p>",
-            "<h2>FID table</h2>", table, "<h2>Figures</h2>"]
+            "<h2>FID table</h2>", fid_table]
+    if sweep:
+        body += [f"<h2>{e(sweep_title)}</h2>", _html_table(sweep_head, sweep_rows)]
+        if sweep_figure.exists():
+            body.append(f"<figure>{img(sweep_figure)}</figure>")
+    body.append("<h2>Figures</h2>")
     body += [f"<figure>{img(path)}<figcaption>{e(title)}</figcaption></figure>"
              for title, path in figures]
     body += ["<h2>Wall time per stage</h2>", time_table, "<h2>Provenance</h2>",

@@ -33,10 +33,9 @@ from .config import (
     VAEConfig,
     config_hash,
     from_dict,
-    parse_sampler,
     to_dict,
 )
-from .diffusion import NoiseSchedule, noise_predictor, sample
+from .diffusion import NoiseSchedule, VPDenoiser, sample, samplers
 from .diffusion.objective import sample_weight, target, timestep_probabilities
 from .errors import CheckpointError, UsageError
 from .metrics import Reference, evaluate_images, reference_from_images
@@ -236,6 +235,24 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
 # ---------------------------------------------------------------- generation
 
 
+def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
+                  ) -> tuple[VPDenoiser, dict[str, Any]]:
+    """The trained denoiser D(x, sigma) of the run, and its model header."""
+    unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
+    if header.get("vae_hash") != vae_hash:
+        raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
+                              "VAE; retrain it (ldm encode, ldm train diffusion)")
+    schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
+    objective = from_dict(ObjectiveConfig, header["objective"])
+    return VPDenoiser(unet, schedule, objective.prediction), header
+
+
+def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
+    """The NFE of one run of `sampler` ('ddpm-25', 'heun', ...) on the run's denoiser."""
+    vae_hash = checkpoint.load(run.model("vae"), kind="vae")[1]["sha256"]
+    return samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
+
+
 @torch.no_grad()
 def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
              sampler: str = "ddim-50", sampling: SamplingConfig | None = None,
@@ -246,14 +263,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
     sampling = sampling or SamplingConfig()
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     c, s = vae.config.latent_channels, vae.config.latent_size
-    name, num_steps = parse_sampler(sampler)
     if model == "diffusion":
-        unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
-        if header.get("vae_hash") != vae_header["sha256"]:
-            raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
-                                  "VAE; retrain it (ldm encode, ldm train diffusion)")
-        schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
-        denoiser = noise_predictor(unet, from_dict(ObjectiveConfig, header["objective"]), schedule)
+        denoiser, header = load_denoiser(run, vae_header["sha256"], device)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []
@@ -262,8 +273,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         generators = [generator(seed, i) for i in indices]
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
-            x0 = sample(denoiser, schedule, x_T, name, num_steps, variance=sampling.variance,
-                        eta=sampling.eta, generator=generators, progress=progress)
+            x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
+                        generator=generators, progress=progress)
             chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
         else:
             chunks.append(vae.decode(x_T).cpu())  # the VAE prior N(0, I)

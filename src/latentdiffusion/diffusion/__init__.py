@@ -1,7 +1,9 @@
-"""Diffusion math without weights: variance schedules, the forward process, samplers."""
+"""Diffusion math without weights: variance schedules, the forward process, the denoiser form
+and the samplers."""
 
-from .objective import noise_predictor
-from .samplers import ddim_sample, ddpm_sample, sample
+from .denoiser import Denoiser, VPDenoiser, noise_levels
+from .samplers import SAMPLERS, model_calls, parse_sampler, sample
 from .schedule import NoiseSchedule
 
-__all__ = ["NoiseSchedule", "ddim_sample", "ddpm_sample", "noise_predictor", "sample"]
+__all__ = ["SAMPLERS", "Denoiser", "NoiseSchedule", "VPDenoiser", "model_calls", "noise_levels",
+           "parse_sampler", "sample"]

@@ -1,101 +1,200 @@
-"""Samplers: plain functions of (model, schedule, noise, ..., generator) -> x_0.
+"""Samplers: plain functions `(denoiser, x, sigmas, *, generator, progress, **options) -> x_0`.
 
-Both walk a decreasing subsequence of timesteps t -> s and use the model's noise prediction.
-- DDPM (Ho et al. 2020), ancestral: eq. (6) of the post for the mean, sigma_t^2 = beta_tilde_t
-  (the post's choice) or beta_t. With fewer steps than T, the betas are respaced over the
-  subsequence (Nichol & Dhariwal 2021, sec. 4): beta'_t = 1 - alpha_bar_t / alpha_bar_s.
-- DDIM (Song et al. 2021), eq. (12), with eta in [0, 1]: eta = 0 is deterministic.
-The predicted x_0 is not clipped: latents are unbounded.
+Each walks the decreasing noise levels `sigmas` (K + 1,), ending at 0, from x at sigmas[0], and
+sees the model only as the denoiser D(x, sigma) (denoiser.py). With d = (x - D(x, sigma)) / sigma,
+the probability-flow ODE is dx/dsigma = d (Karras et al. 2022, eq. 3).
+- DDIM (Song et al. 2021), eta in [0, 1]: eta = 0 is Euler's method on that ODE (Karras et al.,
+  sec. 4); eta > 0 steps deterministically to sigma_down and adds fresh noise of sigma_up, with
+  sigma_up^2 = eta^2 sigma_next^2 (1 - sigma_next^2 / sigma^2), eq. (16) in VE units.
+- DDPM (Ho et al. 2020), ancestral: DDIM with eta = 1 draws sigma^2 = beta_tilde (the post's
+  choice); variance="beta" keeps that mean and draws beta of the respaced VP step instead.
+- Heun (Karras et al. 2022, Alg. 1 without churn): Euler, then the trapezoidal correction on every
+  step but the last (2K - 1 model calls).
+- DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in lambda = -log sigma from this and
+  the previous D; first order on the first and the last step. Its SDE form adds noise
+  (k-diffusion `sample_dpmpp_2m_sde`, midpoint).
+The predicted x_0 is not clipped: latents are unbounded. One table, SAMPLERS, maps a name to its
+function, default spacing of the levels, default steps and model calls per run; the CLI, the
+config and the report read it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SamplerName, VarianceName
+from ..config import VarianceName
+from ..errors import UsageError
 from ..rng import Generators, randn
-from .schedule import NoiseSchedule
+from .denoiser import Denoiser, Spacing, noise_levels
 
-NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> noise
-
-
-def timesteps(num_timesteps: int, num_steps: int | None) -> list[int]:
-    """Evenly spaced, decreasing, from T - 1 down to 0; all T of them when num_steps is None."""
-    if num_steps is None or num_steps >= num_timesteps:
-        return list(range(num_timesteps - 1, -1, -1))
-    if num_steps < 1:
-        raise ValueError("num_steps must be >= 1")
-    if num_steps == 1:  # linspace(0, T - 1, 1) is [0]: one step must start from pure noise
-        return [num_timesteps - 1]
-    grid = torch.linspace(0, num_timesteps - 1, num_steps).round().long()
-    return sorted(set(grid.tolist()), reverse=True)
+Sampler = Callable[..., torch.Tensor]
 
 
-def _walk(model: NoisePredictor, schedule: NoiseSchedule, noise: torch.Tensor,
-          num_steps: int | None, progress: bool, desc: str,
-          update: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
-          ) -> torch.Tensor:
-    alphas_cumprod = schedule.alphas_cumprod.tolist()
-    steps = timesteps(schedule.num_timesteps, num_steps)
-    x_t = noise
-    for i, t in enumerate(tqdm(steps, desc=desc, disable=not progress, leave=False)):
-        alpha_bar_s = alphas_cumprod[steps[i + 1]] if i + 1 < len(steps) else 1.0
-        t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        predicted_noise = model(x_t, t_batch)
-        x_t = update(x_t, predicted_noise, alphas_cumprod[t], alpha_bar_s)
-    return x_t
+def _levels(sigmas: torch.Tensor, progress: bool, desc: str) -> Any:
+    """(sigma, sigma_next) pairs as floats, with a progress bar."""
+    pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True))
+    return tqdm(pairs, desc=desc, disable=not progress, leave=False)
+
+
+def _noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 @torch.no_grad()
-def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, noise: torch.Tensor, *,
-                num_steps: int | None = None, variance: VarianceName = "beta_tilde",
+def ddim_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, eta: float = 0.0,
                 generator: Generators = None, progress: bool = False) -> torch.Tensor:
-    """Ancestral sampling from x_T = `noise` (B, C, H, W)."""
-
-    def update(x_t: torch.Tensor, predicted_noise: torch.Tensor, alpha_bar_t: float,
-               alpha_bar_s: float) -> torch.Tensor:
-        alpha = alpha_bar_t / alpha_bar_s  # alpha_t of the (respaced) step t -> s
-        beta = 1.0 - alpha
-        mean = (x_t - beta / (1.0 - alpha_bar_t) ** 0.5 * predicted_noise) / alpha**0.5  # eq. (6)
-        if alpha_bar_s == 1.0:  # last step: return the mean, as in DDPM
-            return mean
-        beta_tilde = (1.0 - alpha_bar_s) / (1.0 - alpha_bar_t) * beta
-        sigma = (beta_tilde if variance == "beta_tilde" else beta) ** 0.5
-        return mean + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
-
-    return _walk(model, schedule, noise, num_steps, progress, "ddpm", update)
+    """DDIM; Euler on the probability-flow ODE when eta = 0."""
+    if not 0.0 <= eta <= 1.0:
+        raise UsageError(f"eta must be in [0, 1], got {eta}")
+    for sigma, sigma_next in _levels(sigmas, progress, "ddim"):
+        denoised = denoiser(x, sigma)
+        d = (x - denoised) / sigma  # the predicted noise, dx/dsigma
+        if sigma_next == 0:
+            x = denoised
+            continue
+        ratio_squared = (sigma_next / sigma) ** 2
+        sigma_up = eta * sigma_next * (1 - ratio_squared) ** 0.5
+        sigma_down = sigma_next * (1 - eta**2 * (1 - ratio_squared)) ** 0.5
+        x = denoised + sigma_down * d  # Euler from sigma to sigma_down
+        if sigma_up > 0:
+            x = x + sigma_up * _noise_like(x, generator)
+    return x
 
 
 @torch.no_grad()
-def ddim_sample(model: NoisePredictor, schedule: NoiseSchedule, noise: torch.Tensor, *,
-                num_steps: int | None = 50, eta: float = 0.0, generator: Generators = None,
+def ddpm_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                variance: VarianceName = "beta_tilde", generator: Generators = None,
                 progress: bool = False) -> torch.Tensor:
-    """DDIM from x_T = `noise`; eta = 1 with all steps matches DDPM with beta_tilde."""
+    """Ancestral DDPM: the eq. (6) mean plus noise of beta_tilde (or beta) of each step."""
+    if variance == "beta_tilde":
+        return ddim_sample(denoiser, x, sigmas, eta=1.0, generator=generator, progress=progress)
+    for sigma, sigma_next in _levels(sigmas, progress, "ddpm"):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:  # last step: the mean, as in DDPM
+            x = denoised
+            continue
+        # The eq. (6) mean is DDIM's eta = 1 step: sigma_down = sigma_next^2 / sigma. The VP
+        # step's beta = 1 - alpha_bar_t / alpha_bar_s, over alpha_bar_s = 1 / (1 + sigma_next^2)
+        # in VE units (this option is defined on the VP path).
+        beta = (sigma**2 - sigma_next**2) / (1 + sigma**2)
+        x = denoised + sigma_next**2 / sigma * (x - denoised) / sigma
+        x = x + (beta * (1 + sigma_next**2)) ** 0.5 * _noise_like(x, generator)
+    return x
 
-    def update(x_t: torch.Tensor, predicted_noise: torch.Tensor, alpha_bar_t: float,
-               alpha_bar_s: float) -> torch.Tensor:
-        predicted_x0 = (x_t - (1.0 - alpha_bar_t) ** 0.5 * predicted_noise) / alpha_bar_t**0.5
-        # eq. (16): sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)
-        sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s))**0.5
-        direction = (1.0 - alpha_bar_s - sigma**2) ** 0.5 * predicted_noise
-        x_s = alpha_bar_s**0.5 * predicted_x0 + direction
-        if sigma > 0:
-            x_s = x_s + sigma * randn(x_t.shape, generator, x_t.device, x_t.dtype)
-        return x_s
 
-    return _walk(model, schedule, noise, num_steps, progress, "ddim", update)
+@torch.no_grad()
+def heun_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                generator: Generators = None, progress: bool = False) -> torch.Tensor:
+    """EDM's second-order sampler (deterministic: `generator` is unused)."""
+    for sigma, sigma_next in _levels(sigmas, progress, "heun"):
+        d = (x - denoiser(x, sigma)) / sigma
+        x_euler = x + (sigma_next - sigma) * d
+        if sigma_next == 0:  # the last step stays Euler: D at sigma = 0 is the identity
+            x = x_euler
+            continue
+        d_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
+        x = x + (sigma_next - sigma) * (d + d_next) / 2  # trapezoidal rule
+    return x
 
 
-def sample(model: NoisePredictor, schedule: NoiseSchedule, noise: torch.Tensor,
-           sampler: SamplerName, num_steps: int | None, *, variance: VarianceName = "beta_tilde",
-           eta: float = 0.0, generator: Generators = None, progress: bool = False
-           ) -> torch.Tensor:
-    """Dispatch on the sampler's name (a Literal, checked by the config)."""
-    if sampler == "ddpm":
-        return ddpm_sample(model, schedule, noise, num_steps=num_steps, variance=variance,
-                           generator=generator, progress=progress)
-    return ddim_sample(model, schedule, noise, num_steps=num_steps, eta=eta,
-                       generator=generator, progress=progress)
+@torch.no_grad()
+def dpmpp_2m_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                    generator: Generators = None, progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction (deterministic: `generator` is unused)."""
+    return dpmpp_2m_sde_sample(denoiser, x, sigmas, eta=0.0, progress=progress)
+
+
+@torch.no_grad()
+def dpmpp_2m_sde_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                        eta: float = 1.0, generator: Generators = None,
+                        progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE; eta = 0 is the ODE solver DPM-Solver++(2M).
+
+    With lambda = -log sigma and h = lambda_next - lambda (VE units, alpha = 1):
+        x_next = (sigma_next / sigma) e^(-eta h) x + (1 - e^(-(1 + eta) h)) D'
+                 + sigma_next sqrt(1 - e^(-2 eta h)) noise
+    where D' = D + (D - D_prev) / (2 r), r = h_prev / h, from the second step on.
+    """
+    denoised_prev: torch.Tensor | None = None
+    h_prev = 0.0
+    desc = "dpmpp-2m-sde" if eta else "dpmpp-2m"
+    for sigma, sigma_next in _levels(sigmas, progress, desc):
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:  # first order into sigma = 0 (lambda = inf): x_0 = D
+            x = denoised
+            continue
+        h = math.log(sigma / sigma_next)
+        data_weight = -math.expm1(-(1 + eta) * h)
+        estimate = denoised
+        if denoised_prev is not None:  # second order from the previous step's D
+            estimate = denoised + (denoised - denoised_prev) * (h / h_prev / 2)
+        x = (sigma_next / sigma) * math.exp(-eta * h) * x + data_weight * estimate
+        if eta:
+            x = x + sigma_next * (-math.expm1(-2 * eta * h)) ** 0.5 * _noise_like(x, generator)
+        denoised_prev, h_prev = denoised, h
+    return x
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    function: Sampler
+    spacing: Spacing  # default placement of the noise levels (denoiser.noise_levels)
+    default_steps: int | None  # None: every level of the model's training grid
+    second_order: bool = False  # two model calls per step but the last
+    options: tuple[str, ...] = ()  # the SamplingConfig fields it takes as keyword options
+
+    def model_calls(self, num_steps: int) -> int:
+        """Function evaluations (NFE) of one run of K steps."""
+        return 2 * num_steps - 1 if self.second_order else num_steps
+
+    def steps_for(self, model_calls: int) -> int:
+        """The most steps whose NFE is at most `model_calls` (at least one)."""
+        return max(1, (model_calls + 1) // 2 if self.second_order else model_calls)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(ddpm_sample, "timesteps", None, options=("variance",)),
+    "ddim": SamplerSpec(ddim_sample, "timesteps", 50, options=("eta",)),
+    "euler": SamplerSpec(ddim_sample, "karras", 20),  # DDIM with eta = 0 is Euler
+    "heun": SamplerSpec(heun_sample, "karras", 10, second_order=True),
+    "dpmpp-2m": SamplerSpec(dpmpp_2m_sample, "logsnr", 10),
+    "dpmpp-2m-sde": SamplerSpec(dpmpp_2m_sde_sample, "logsnr", 10),
+}
+
+
+def parse_sampler(spec: str) -> tuple[str, int | None]:
+    """'ddim-50' -> ('ddim', 50); 'dpmpp-2m' -> ('dpmpp-2m', None), meaning its default steps."""
+    name, _, steps = spec.rpartition("-")
+    if not (steps.isascii() and steps.isdigit()):
+        name, steps = spec, ""
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    if steps and int(steps) == 0:
+        raise UsageError(f"sampler {spec!r}: steps must be a positive integer")
+    return name, int(steps) if steps else SAMPLERS[name].default_steps
+
+
+def sample(denoiser: Denoiser, noise: torch.Tensor, spec: str, *, generator: Generators = None,
+           progress: bool = False, **options: Any) -> torch.Tensor:
+    """Run the sampler named by `spec` ('ddpm-25', 'heun', ...) from unit `noise` (B, C, H, W);
+    `options` beyond those the sampler takes are ignored."""
+    name, num_steps = parse_sampler(spec)
+    sampler = SAMPLERS[name]
+    sigmas = noise_levels(denoiser, sampler.spacing, num_steps)  # (K + 1,)
+    x = denoiser.prior(noise, float(sigmas[0]))
+    kwargs = {k: v for k, v in options.items() if k in sampler.options}
+    return sampler.function(denoiser, x, sigmas, generator=generator, progress=progress,
+                            **kwargs)
+
+
+def model_calls(spec: str, denoiser: Denoiser) -> int:
+    """The NFE of `spec` on this denoiser (its grid decides 'ddpm' with every step)."""
+    name, num_steps = parse_sampler(spec)
+    sampler = SAMPLERS[name]
+    return sampler.model_calls(len(noise_levels(denoiser, sampler.spacing, num_steps)) - 1)

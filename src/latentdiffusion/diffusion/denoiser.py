@@ -1,0 +1,131 @@
+"""The denoiser form every sampler sees: D(x, sigma) -> estimate of x_0 (Karras et al. 2022).
+
+x = x_0 + sigma * noise is the variance-exploding (VE) form of a noisy sample, whatever the model
+was trained on. A sampler only sees D and a decreasing sequence of noise levels ending at 0, so
+any trained objective that provides D works with every sampler.
+
+The VP models of this project (eq. (3) of the post: x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar)
+noise) are the same process up to scale:
+    sigma = sqrt((1 - alpha_bar) / alpha_bar),  x_t = x / sqrt(1 + sigma^2) = sqrt(alpha_bar) x
+and their network's output converts to x_0 as
+    noise prediction: x_0 = (x_t - sqrt(1 - alpha_bar) noise) / sqrt(alpha_bar) = x - sigma noise
+    v prediction:     x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+(k-diffusion `external.py`, EDM `generate.py`; anchors.md). The network was trained on integer
+timesteps; a level between two of them is given the log-sigma interpolation of t.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from .schedule import NoiseSchedule
+
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction
+Prediction = Literal["noise", "v"]
+Spacing = Literal["timesteps", "karras", "logsnr"]
+
+
+class Denoiser(Protocol):
+    """What a sampler needs of a trained model."""
+
+    sigma_min: float  # the smallest and largest noise levels the model was trained on
+    sigma_max: float
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) noisy x at level sigma (a float or (B,)) -> (B, C, H, W) x_0 estimate."""
+        ...
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """A sample of x at level sigma once the data is forgotten, from unit `noise`."""
+        ...
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        """(K,) decreasing levels of the model's own training grid; all of them for None."""
+        ...
+
+
+def timesteps(num_timesteps: int, num_steps: int | None) -> list[int]:
+    """Evenly spaced, decreasing, from T - 1 down to 0; all T of them when num_steps is None."""
+    if num_steps is None or num_steps >= num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if num_steps == 1:  # linspace(0, T - 1, 1) is [0]: one step must start from pure noise
+        return [num_timesteps - 1]
+    grid = torch.linspace(0, num_timesteps - 1, num_steps).round().long()
+    return sorted(set(grid.tolist()), reverse=True)
+
+
+@dataclass
+class VPDenoiser:
+    """D(x, sigma) of a network trained on the discrete VP process of `schedule`."""
+
+    network: Network
+    schedule: NoiseSchedule
+    prediction: Prediction = "noise"
+
+    def __post_init__(self) -> None:
+        alphas_cumprod = self.schedule.alphas_cumprod  # (T,) float64
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # (T,) increasing
+        self.log_sigmas = self.sigmas.log()
+        self.sigma_min = float(self.sigmas[0])
+        self.sigma_max = float(self.sigmas[-1])
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 sigma -> (B,) fractional t, linear in log sigma between grid points;
+        exactly the integer t on the grid."""
+        log_sigma = sigma.log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        high = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.sigmas) - 1)
+        low_value, high_value = self.log_sigmas[high - 1], self.log_sigmas[high]
+        fraction = (log_sigma - low_value) / (high_value - low_value)
+        return (high - 1) + fraction
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])  # (B,)
+        alpha = (1 + sigma.square()).rsqrt()  # sqrt(alpha_bar)
+        alpha_, sigma_ = alpha.to(x).view(-1, 1, 1, 1), sigma.to(x).view(-1, 1, 1, 1)
+        x_t = alpha_ * x  # (B, C, H, W) the network's own input scale
+        output = self.network(x_t, self.timestep(sigma).to(device=x.device, dtype=torch.float32))
+        if self.prediction == "noise":
+            return x - sigma_ * output
+        # sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v with sqrt(1 - alpha_bar) = sigma alpha
+        return alpha_ * (x_t - sigma_ * output)
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x_t = noise (eq. (3) with the data forgotten), i.e. x = noise sqrt(1 + sigma^2)."""
+        return noise * (1 + sigma**2) ** 0.5
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        return self.sigmas[timesteps(len(self.sigmas), num_steps)]
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,
+                  rho: float = 7.0) -> torch.Tensor:
+    """(K,) EDM's levels: sigma_i = (max^(1/rho) + i / (K - 1) (min^(1/rho) - max^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def logsnr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """(K,) levels evenly spaced in lambda = -log sigma, half the log-SNR (DPM-Solver's choice)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps,
+                          dtype=torch.float64).exp()
+
+
+def noise_levels(denoiser: Denoiser, spacing: Spacing, num_steps: int | None) -> torch.Tensor:
+    """(K + 1,) float64 decreasing noise levels for K steps, ending at 0."""
+    if spacing == "timesteps":
+        levels = denoiser.timestep_sigmas(num_steps)
+    elif num_steps is None:
+        raise ValueError(f"spacing {spacing!r} needs a number of steps")
+    elif spacing == "karras":
+        levels = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
+    else:
+        levels = logsnr_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
+    return torch.cat([levels.double(), levels.new_zeros(1, dtype=torch.float64)])
