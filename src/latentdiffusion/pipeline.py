@@ -183,16 +183,20 @@ def _sample_all(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig,
         sets[spec] = (stages.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
                                       sampling=s, device=device, batch_size=s.batch_size,
                                       progress=progress), None)
-        timings[spec] = time.perf_counter() - start
+        timings[spec] = {"seconds": time.perf_counter() - start,
+                         "nfe": stages.model_calls(run, spec, device)}
     if dist.is_main():
         for name, (images, labels) in sets.items():
             arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+            if name in timings:  # which sampler made the set and its model calls
+                arrays.update(sampler=np.asarray(name), nfe=np.asarray(timings[name]["nfe"]))
             write_npz(run.samples(name), **arrays)
             plots.save_grid(images, run.samples(name).with_suffix(".png"))
         write_json(run.root / "samples" / "timings.json",
-                   {k: {"seconds": v, "samples_per_second": s.num_samples / v}
+                   {k: {**v, "samples_per_second": s.num_samples / v["seconds"]}
                     for k, v in timings.items()})
-    return ", ".join(f"{k}: {s.num_samples / v:.0f} samples/s" for k, v in timings.items())
+    return ", ".join(f"{k}: {s.num_samples / v['seconds']:.0f} samples/s (NFE {v['nfe']})"
+                     for k, v in timings.items())
 
 
 def _evaluate_all(run: stages.RunDir, data_dir: str | Path | None, sets: list[str],
