@@ -10,7 +10,12 @@ import torch
 
 from latentdiffusion.config import ScheduleConfig, UNetConfig
 from latentdiffusion.diffusion import SAMPLERS, NoiseSchedule, VPDenoiser, parse_sampler, sample
-from latentdiffusion.diffusion.denoiser import karras_sigmas, noise_levels, timesteps
+from latentdiffusion.diffusion.denoiser import (
+    FlowDenoiser,
+    karras_sigmas,
+    noise_levels,
+    timesteps,
+)
 from latentdiffusion.diffusion.samplers import dpmpp_2m_sample, heun_sample
 from latentdiffusion.errors import UsageError
 from latentdiffusion.models import UNet
@@ -271,3 +276,46 @@ def test_timesteps_all_and_invalid() -> None:
     assert timesteps(10, 4) == [9, 6, 3, 0]
     with pytest.raises(ValueError):
         timesteps(1000, 0)
+
+
+def flow_oracle(x0: torch.Tensor):
+    """The exact velocity (x_t, 1000 t) -> noise - x_0 of the straight path for one point x0."""
+
+    def predict(x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        t = (time.double() / 1000).view(-1, 1, 1, 1)
+        return ((x_t - x0) / t).to(x_t.dtype)  # noise = (x_t - (1 - t) x0) / t
+
+    return predict
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("num_steps", [1, 3, 10])
+def test_every_sampler_recovers_the_single_point_on_the_straight_path(name: str,
+                                                                      num_steps: int) -> None:
+    x0 = sample(FlowDenoiser(flow_oracle(X0)), _noise(3), f"{name}-{num_steps}",
+                generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(x0, X0.expand(3, -1, -1, -1), atol=1e-6)
+
+
+def test_ddim_on_a_flow_model_is_iadb() -> None:
+    """Heitz et al. 2023, Alg. 2: x_alpha = (1 - alpha) noise + alpha x_0, the network gives
+    D = x_0 - noise at (x_alpha, alpha), and x <- x + (alpha_{k+1} - alpha_k) D with
+    alpha_k = k / K. Our flow network predicts v = noise - x_0 = -D at t = 1 - alpha."""
+    weight = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(5),
+                         dtype=torch.float64)
+
+    def velocity(x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:  # any smooth network
+        return torch.tanh(weight * x_t) + (time.double() / 1000).view(-1, 1, 1, 1) * x_t / 2
+
+    noise, num_steps = _noise(4), 12
+    x = noise.clone()
+    for k in range(num_steps):
+        alpha, alpha_next = k / num_steps, (k + 1) / num_steps
+        t = torch.full((len(x),), 1000 * (1 - alpha), dtype=torch.float64)
+        x = x + (alpha_next - alpha) * -velocity(x, t)
+    ours = sample(FlowDenoiser(velocity), noise, f"ddim-{num_steps}")
+    assert torch.allclose(ours, x, rtol=1e-6, atol=1e-9)  # the network sees float32 time
+    assert (ours - noise).abs().max() > 0.1
+    sigmas = FlowDenoiser(velocity).timestep_sigmas(4)
+    assert torch.isinf(sigmas[0]) and torch.allclose(sigmas[1:], torch.tensor([3.0, 1.0, 1 / 3],
+                                                                               dtype=torch.float64))

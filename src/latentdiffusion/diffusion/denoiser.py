@@ -12,6 +12,12 @@ and their network's output converts to x_0 as
     v prediction:     x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
 (k-diffusion `external.py`, EDM `generate.py`; anchors.md). The network was trained on integer
 timesteps; a level between two of them is given the log-sigma interpolation of t.
+
+Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023) and IADB (Heitz et al. 2023)
+take the straight path x_t = (1 - t) x_0 + t noise, t in [0, 1], and predict the velocity
+v = noise - x_0. In this form sigma = t / (1 - t), x_t = x / (1 + sigma) and x_0 = x_t - t v.
+Its noisiest level, t = 1, is sigma = inf: there a sampler's state holds the limit of x / sigma,
+the unit noise itself (`prior`), and the samplers step out of it in the limit form.
 """
 
 from __future__ import annotations
@@ -102,6 +108,37 @@ class VPDenoiser:
 
     def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
         return self.sigmas[timesteps(len(self.sigmas), num_steps)]
+
+
+@dataclass
+class FlowDenoiser:
+    """D(x, sigma) of a network trained on the straight path, conditioned on time_scale * t."""
+
+    network: Network
+    time_scale: float = 1000.0  # t in [0, 1] reaches the network on the VP models' 0..T scale
+    # The ladders of `karras` and `logsnr` spacing (t = 1 is sigma = inf, which they cannot
+    # place): EDM's sigma_max = 80, t = 0.988, where the data's share of x_t is ~1%.
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])  # (B,)
+        t = 1 / (1 + 1 / sigma)  # sigma / (1 + sigma), 1 at sigma = inf
+        scale = torch.where(sigma.isinf(), 1.0, 1 / (1 + sigma))  # x_t = x / (1 + sigma)
+        x_t = scale.to(x).view(-1, 1, 1, 1) * x  # (B, C, H, W)
+        velocity = self.network(x_t, (self.time_scale * t).to(device=x.device,
+                                                                dtype=torch.float32))
+        return x_t - t.to(x).view(-1, 1, 1, 1) * velocity
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x_t = noise at t = 1, i.e. x = noise (1 + sigma); the noise itself at sigma = inf."""
+        return noise if math.isinf(sigma) else noise * (1 + sigma)
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        """IADB's levels: t_k = k / K for k = K .. 1 (K = 1000 for None), from sigma = inf."""
+        count = num_steps or 1000
+        t = torch.arange(count, 0, -1, dtype=torch.float64) / count
+        return t / (1 - t)  # inf at t = 1
 
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float,

@@ -13,7 +13,9 @@ the probability-flow ODE is dx/dsigma = d (Karras et al. 2022, eq. 3).
 - DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in lambda = -log sigma from this and
   the previous D; first order on the first and the last step. Its SDE form adds noise
   (k-diffusion `sample_dpmpp_2m_sde`, midpoint).
-The predicted x_0 is not clipped: latents are unbounded. One table, SAMPLERS, maps a name to its
+IADB (Heitz et al. 2023), the post's suggestion, is `ddim` on a flow model: Euler on uniform t,
+starting from pure noise at sigma = inf (denoiser.py's limit form). The predicted x_0 is not
+clipped: latents are unbounded. One table, SAMPLERS, maps a name to its
 function, default spacing of the levels, default steps and model calls per run; the CLI, the
 config and the report read it.
 """
@@ -42,6 +44,12 @@ def _levels(sigmas: torch.Tensor, progress: bool, desc: str) -> Any:
     return tqdm(pairs, desc=desc, disable=not progress, leave=False)
 
 
+def _unit_noise(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    """d = (x - D) / sigma, the predicted noise and dx/dsigma; at sigma = inf the state is the
+    limit of x / sigma, the noise itself."""
+    return x if math.isinf(sigma) else (x - denoised) / sigma
+
+
 def _noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
 
@@ -54,7 +62,7 @@ def ddim_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, et
         raise UsageError(f"eta must be in [0, 1], got {eta}")
     for sigma, sigma_next in _levels(sigmas, progress, "ddim"):
         denoised = denoiser(x, sigma)
-        d = (x - denoised) / sigma  # the predicted noise, dx/dsigma
+        d = _unit_noise(x, denoised, sigma)
         if sigma_next == 0:
             x = denoised
             continue
@@ -80,10 +88,11 @@ def ddpm_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
             x = denoised
             continue
         # The eq. (6) mean is DDIM's eta = 1 step: sigma_down = sigma_next^2 / sigma. The VP
-        # step's beta = 1 - alpha_bar_t / alpha_bar_s, over alpha_bar_s = 1 / (1 + sigma_next^2)
-        # in VE units (this option is defined on the VP path).
-        beta = (sigma**2 - sigma_next**2) / (1 + sigma**2)
-        x = denoised + sigma_next**2 / sigma * (x - denoised) / sigma
+        # step's beta = 1 - alpha_bar_t / alpha_bar_s = (sigma^2 - sigma_next^2) / (1 + sigma^2),
+        # over alpha_bar_s = 1 / (1 + sigma_next^2) in VE units (defined on the VP path).
+        ratio = sigma_next / sigma
+        beta = (1 - ratio**2) / (1 / sigma**2 + 1)
+        x = denoised + sigma_next * ratio * _unit_noise(x, denoised, sigma)
         x = x + (beta * (1 + sigma_next**2)) ** 0.5 * _noise_like(x, generator)
     return x
 
@@ -92,6 +101,8 @@ def ddpm_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
 def heun_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
                 generator: Generators = None, progress: bool = False) -> torch.Tensor:
     """EDM's second-order sampler (deterministic: `generator` is unused)."""
+    if math.isinf(sigmas[0]):
+        raise ValueError("heun needs finite noise levels (use its karras spacing)")
     for sigma, sigma_next in _levels(sigmas, progress, "heun"):
         d = (x - denoiser(x, sigma)) / sigma
         x_euler = x + (sigma_next - sigma) * d
@@ -129,12 +140,14 @@ def dpmpp_2m_sde_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         if sigma_next == 0:  # first order into sigma = 0 (lambda = inf): x_0 = D
             x = denoised
             continue
-        h = math.log(sigma / sigma_next)
+        h = math.log(sigma / sigma_next)  # inf from sigma = inf: a first-order step
         data_weight = -math.expm1(-(1 + eta) * h)
         estimate = denoised
         if denoised_prev is not None:  # second order from the previous step's D
             estimate = denoised + (denoised - denoised_prev) * (h / h_prev / 2)
-        x = (sigma_next / sigma) * math.exp(-eta * h) * x + data_weight * estimate
+        decay = math.exp(-eta * h) if eta else 1.0  # (0 * inf is nan)
+        scaled = x if math.isinf(sigma) else x / sigma  # x / sigma: the noise at sigma = inf
+        x = sigma_next * decay * scaled + data_weight * estimate
         if eta:
             x = x + sigma_next * (-math.expm1(-2 * eta * h)) ** 0.5 * _noise_like(x, generator)
         denoised_prev, h_prev = denoised, h
