@@ -1,19 +1,29 @@
-"""The training objective: targets, min-SNR weights, and the denoiser built from the network."""
+"""The training objectives: targets, min-SNR weights, the straight path, the one loss, and the
+denoiser built from the network."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from latentdiffusion.config import ObjectiveConfig, ScheduleConfig
+from conftest import TINY_UNET
+from latentdiffusion.config import ObjectiveConfig, ScheduleConfig, TrainConfig
 from latentdiffusion.diffusion import NoiseSchedule, VPDenoiser, sample
 from latentdiffusion.diffusion.objective import (
+    FlowObjective,
+    diffusion_loss,
     loss_weight,
+    make_objective,
     sample_weight,
     target,
     timestep_probabilities,
 )
 from latentdiffusion.errors import UsageError
+from latentdiffusion.models import UNet
+from latentdiffusion.training import Batch, fit, init_model
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
 NOISE, V = ObjectiveConfig("noise"), ObjectiveConfig("v")
@@ -120,3 +130,87 @@ def test_bad_objective_values() -> None:
         ObjectiveConfig("v", -1.0)
     with pytest.raises(UsageError, match="timestep_sampling"):
         ObjectiveConfig("v", 5.0, timestep_sampling="stratified")  # type: ignore[arg-type]
+
+
+FLOW = ObjectiveConfig(kind="flow")
+
+
+def _batch(x0: torch.Tensor, seed: int = 0) -> Batch:
+    return Batch((x0,), len(x0), slice(None), torch.Generator().manual_seed(seed),
+                 torch.device("cpu"))
+
+
+def test_vp_loss_is_the_written_out_formula() -> None:
+    """The VP objective keeps the loss it had: t drawn by importance, then the noise, then
+    E w_t ||v - network(x_t, t)||^2."""
+    objective = ObjectiveConfig("v", 2.0, timestep_sampling="importance")
+    x0 = _example(2)[0].float()
+
+    def network(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x_t) * (t.float() / 1000).view(-1, 1, 1, 1)
+
+    ours = diffusion_loss(make_objective(objective, SCHEDULE))(network, _batch(x0))
+    batch = _batch(x0)
+    probabilities = timestep_probabilities(objective, SCHEDULE)
+    t = batch.choice(probabilities)
+    noise = batch.randn(*x0.shape[1:])
+    alpha_bar = SCHEDULE.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    weight = sample_weight(objective, SCHEDULE, t, probabilities)
+    expected = (weight * (network(x_t, t) - v).square().mean((1, 2, 3))).mean()
+    torch.testing.assert_close(ours, expected)
+
+
+def test_flow_path_and_target() -> None:
+    objective = make_objective(FLOW, SCHEDULE)
+    x0, noise, _ = _example(3)
+    ones = torch.ones(len(x0), dtype=torch.float64)
+    torch.testing.assert_close(objective.corrupt(x0, noise, 0 * ones), x0)
+    torch.testing.assert_close(objective.corrupt(x0, noise, ones), noise)
+    t, step = torch.full((len(x0),), 0.3, dtype=torch.float64), 1e-6
+    velocity = (objective.corrupt(x0, noise, t + step) - objective.corrupt(x0, noise, t)) / step
+    torch.testing.assert_close(objective.target(x0, noise, t), velocity, rtol=1e-5, atol=1e-5)
+    # The oracle velocity gives the true x_0 through the denoiser, at any level.
+    x_t = objective.corrupt(x0, noise, t)
+    denoiser = objective.denoiser(lambda x, time: noise - x0)
+    sigma = t / (1 - t)
+    torch.testing.assert_close(denoiser(x_t * (1 + sigma.view(-1, 1, 1, 1)), sigma), x0)
+
+
+@pytest.mark.parametrize("density", ["uniform", "logit-normal"])
+def test_flow_time_densities(density: str) -> None:
+    objective = FlowObjective(ObjectiveConfig(kind="flow", time_density=density))  # type: ignore[arg-type]
+    t, weight = objective.draw(_batch(torch.zeros(20_000, 1, 1, 1)))
+    assert t.shape == (20_000,) and torch.equal(weight, torch.ones(20_000))
+    assert 0 < float(t.min()) and float(t.max()) < 1
+    assert abs(float(t.median()) - 0.5) < 0.02
+    spread = float(((t > 0.25) & (t < 0.75)).float().mean())
+    assert abs(spread - (0.5 if density == "uniform" else 0.728)) < 0.02  # 2 Phi(logit 0.75) - 1
+    assert torch.equal(objective.network_time(t), 1000 * t)
+
+
+def test_training_a_tiny_flow_model_lowers_its_loss(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(4, 2, 8, 8, generator=g)
+    x = patterns[torch.arange(32) % 4] + 0.1 * torch.randn(32, 2, 8, 8, generator=g)
+    data = (x / x.std(),)
+    loss_fn = diffusion_loss(make_objective(FLOW, SCHEDULE))
+    config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
+                         checkpoint_every=100)
+    model = init_model(UNet, TINY_UNET, 0)
+    result = fit(model, loss_fn, data, data, config, state_dir=tmp_path, kind="unet",
+                 model_config=TINY_UNET, device=torch.device("cpu"), progress=False)
+    history = result.history
+    assert history[0]["train_loss"] == pytest.approx(2.0, rel=0.3)  # E|noise - x_0|^2 at init
+    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < 0.85 * history[0]["train_loss"]
+
+
+def test_bad_flow_values() -> None:
+    with pytest.raises(UsageError, match="kind"):
+        ObjectiveConfig(kind="edm")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="logit_std"):
+        dataclasses.replace(FLOW, logit_std=0.0)
+    with pytest.raises(UsageError, match="time_density"):
+        dataclasses.replace(FLOW, time_density="cosine")  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ LatentNorm = Literal["global", "channel"]
 LrDecay = Literal["constant", "cosine"]
 PredictionName = Literal["noise", "v"]
 TimestepSampling = Literal["uniform", "importance"]
+ObjectiveKind = Literal["vp", "flow"]
+TimeDensity = Literal["uniform", "logit-normal"]
 
 
 def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
@@ -147,21 +149,27 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The denoiser's training target and loss weights (see diffusion/objective.py).
+    """The denoiser's process, training target and loss weights (see diffusion/objective.py).
 
-    The post: prediction="noise", min_snr_gamma=0, t drawn uniformly. The presets use "v" with
-    min-SNR-2 and t drawn in proportion to its weight, which reach a given FID in far fewer
-    CPU-minutes (README, ablation).
+    kind="vp" is the post's process: prediction="noise", min_snr_gamma=0, t drawn uniformly in
+    the post; the VP presets use "v" with min-SNR-2 and t drawn in proportion to its weight,
+    which reach a given FID in far fewer CPU-minutes (README, ablation). kind="flow" is flow
+    matching on the straight path (IADB, rectified flow), which reads only the time density
+    fields below.
     """
 
-    prediction: PredictionName = "noise"
-    min_snr_gamma: float = 0.0  # 0 = uniform weights over t
-    # "importance": draw t with probability proportional to its loss weight and divide the
+    prediction: PredictionName = "noise"  # vp
+    min_snr_gamma: float = 0.0  # vp: 0 = uniform weights over t
+    # vp: "importance" draws t with probability proportional to its loss weight and divides the
     # weight back out; the same expected loss with less gradient noise (objective.py).
     timestep_sampling: TimestepSampling = "uniform"
+    kind: ObjectiveKind = "vp"
+    time_density: TimeDensity = "logit-normal"  # flow: t = sigmoid(logit_mean + logit_std z)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
-        _validate(self)
+        _validate(self, positive=("logit_std",))
         if self.min_snr_gamma < 0:
             raise UsageError("ObjectiveConfig.min_snr_gamma must be >= 0, "
                              f"got {self.min_snr_gamma}")

@@ -35,8 +35,8 @@ from .config import (
     from_dict,
     to_dict,
 )
-from .diffusion import NoiseSchedule, VPDenoiser, sample, samplers
-from .diffusion.objective import sample_weight, target, timestep_probabilities
+from .diffusion import Denoiser, NoiseSchedule, sample, samplers
+from .diffusion.objective import diffusion_loss, make_objective
 from .errors import CheckpointError, UsageError
 from .metrics import Reference, evaluate_images, reference_from_images
 from .models import VAE, Classifier, UNet
@@ -192,25 +192,6 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: Lat
 # ---------------------------------------------------------------- diffusion
 
 
-def diffusion_loss(schedule: NoiseSchedule, objective: ObjectiveConfig
-                   ) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """E_t w_t ||target - model(x_t, t)||^2 over a uniform t, estimated with t drawn from
-    `timestep_probabilities`; the post's eq. (5) when the target is the noise, w_t = 1 and t is
-    drawn uniformly."""
-    probabilities = timestep_probabilities(objective, schedule)  # (T,)
-
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        x0 = batch.tensors[0]  # (B, C, S, S) normalised latents
-        t = batch.choice(probabilities)  # (B,)
-        noise = batch.randn(*x0.shape[1:])
-        prediction = model(schedule.add_noise(x0, noise, t), t)
-        squared_error = (prediction - target(objective, schedule, x0, noise, t)).square()
-        weight = sample_weight(objective, schedule, t, probabilities)  # (B,)
-        return (weight * squared_error.mean((1, 2, 3))).mean()
-
-    return loss_fn
-
-
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
                     device: torch.device, resume: bool = False,
@@ -225,7 +206,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
     key = config_hash(model_config, schedule_config, objective, train_config,
                       latent_header["sha256"])
     return _train(run, "diffusion", UNet, model_config, train_config,
-                  diffusion_loss(schedule, objective),
+                  diffusion_loss(make_objective(objective, schedule)),
                   (latent_set.normalised("train"),), (latent_set.normalised("test"),), key, device,
                   resume, progress, schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
@@ -236,15 +217,15 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
 
 
 def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
-                  ) -> tuple[VPDenoiser, dict[str, Any]]:
+                  ) -> tuple[Denoiser, dict[str, Any]]:
     """The trained denoiser D(x, sigma) of the run, and its model header."""
     unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
     if header.get("vae_hash") != vae_hash:
         raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
                               "VAE; retrain it (ldm encode, ldm train diffusion)")
     schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
-    objective = from_dict(ObjectiveConfig, header["objective"])
-    return VPDenoiser(unet, schedule, objective.prediction), header
+    objective = make_objective(from_dict(ObjectiveConfig, header["objective"]), schedule)
+    return objective.denoiser(unet), header
 
 
 def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
