@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
+    p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--force", action="store_true", help="start over, replacing the model")
 
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
     p.add_argument("--seed", type=int, help="seed every stage (default: the preset's)")
+    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
+                                       "(flow matching; default: the preset's)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
     return parser
@@ -148,8 +151,16 @@ def _with_seed(config: RunConfig, seed: int | None) -> RunConfig:
              sampling=r(config.sampling, seed=seed + 1))
 
 
+def _with_objective(config: RunConfig, kind: str | None) -> RunConfig:
+    if kind is None:
+        return config
+    # The config checks the value, with the same one-line error as every other.
+    objective = dataclasses.replace(config.objective, kind=kind)  # type: ignore[arg-type]
+    return dataclasses.replace(config, objective=objective)
+
+
 def _train(args: argparse.Namespace, device: Any) -> str:
-    config = _with_seed(preset(args.preset), args.seed)
+    config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
@@ -251,7 +262,7 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
 def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
-    config = _with_seed(preset(args.preset), args.seed)
+    config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
     root = data.resolve_data_dir(args.data_dir)
     if not args.data_dir and not all((root / f).exists() for f in data.DATASETS["mnist"].md5):
         print(f"MNIST not found in {root}; downloading it there (use --data-dir DIR to point at "
