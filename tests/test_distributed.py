@@ -30,7 +30,7 @@ from latentdiffusion.cli import main
 from latentdiffusion.config import TrainConfig
 from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
-from latentdiffusion.stages import diffusion_loss
+from latentdiffusion.stages import denoiser_loss
 from latentdiffusion.training import Batch, fit, init_model, latest_checkpoint, list_checkpoints
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
@@ -55,7 +55,7 @@ def _fit(state_dir: Path, resume: bool = False, sleep: float = 0.0
     count = 1000 per training step this process ran (validation passes are not counted) plus
     the number of training rows it saw.
     """
-    inner = diffusion_loss(SCHEDULE, OBJECTIVE)
+    inner = denoiser_loss(SCHEDULE, OBJECTIVE)
     calls = [0]
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -25,7 +25,7 @@ from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
 from latentdiffusion.config import ObjectiveConfig, TrainConfig
 from latentdiffusion.errors import CheckpointError, LdmError, UsageError
 from latentdiffusion.models import UNet
-from latentdiffusion.stages import diffusion_loss
+from latentdiffusion.stages import denoiser_loss
 from latentdiffusion.training import (
     Batch,
     FitResult,
@@ -61,14 +61,14 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 def _fit(state_dir: Path, *, config: TrainConfig = CONFIG, resume: bool = False,
          loss_fn: LossFn | None = None, val: bool = False) -> tuple[nn.Module, FitResult]:
     model = init_model(UNet, UNET, config.seed)
-    result = fit(model, loss_fn or diffusion_loss(SCHEDULE, OBJECTIVE), _data(),
+    result = fit(model, loss_fn or denoiser_loss(SCHEDULE, OBJECTIVE), _data(),
                  _data(16, 1) if val else None, config, state_dir=state_dir, kind="unet",
                  model_config=UNET, device=CPU, resume=resume, progress=False)
     return model, result
 
 
 def _counting(calls: list[int], sleep: float = 0.0) -> LossFn:
-    inner = diffusion_loss(SCHEDULE, OBJECTIVE)
+    inner = denoiser_loss(SCHEDULE, OBJECTIVE)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         calls.append(1)
@@ -89,7 +89,7 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_fit_lowers_the_loss(tmp_path: Path) -> None:
     config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
                          checkpoint_every=100, seed=0)
-    loss_fn = diffusion_loss(SCHEDULE, ObjectiveConfig())  # the post's: noise, uniform
+    loss_fn = denoiser_loss(SCHEDULE, ObjectiveConfig())  # the post's: noise, uniform
     initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(16, 1), 8, 0, CPU)
     assert initial == pytest.approx(1.0, abs=0.2)  # the zero predictor: E |noise|^2
     _, result = _fit(tmp_path, config=config, val=True, loss_fn=loss_fn)
@@ -105,7 +105,7 @@ def test_fit_lowers_the_presets_v_min_snr_loss_on_the_training_patterns(tmp_path
     # where x_0 of an unseen pattern cannot be guessed; so score the training patterns.
     config = TrainConfig(epochs=30, batch_size=8, lr=1e-2, lr_decay="constant",
                          checkpoint_every=100, seed=0)
-    loss_fn = diffusion_loss(SCHEDULE, OBJECTIVE)
+    loss_fn = denoiser_loss(SCHEDULE, OBJECTIVE)
     initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(), 8, 0, CPU)
     model, _ = _fit(tmp_path, config=config, loss_fn=loss_fn)
     final = evaluate_loss(model, loss_fn, _data(), 8, 0, CPU)
@@ -242,7 +242,7 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
-    inner = diffusion_loss(SCHEDULE, OBJECTIVE)
+    inner = denoiser_loss(SCHEDULE, OBJECTIVE)
     calls: list[int] = []
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:

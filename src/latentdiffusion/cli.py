@@ -13,11 +13,12 @@ from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
-from . import data, stages
+from . import data, evaluation, generation, stages
 from . import distributed as dist
 from .config import PRESETS, RunConfig, SamplingConfig, preset
 from .errors import LdmError, UsageError
-from .fileio import run_dir_lock, write_json, write_npz
+from .fileio import run_dir_lock, write_json
+from .rundir import RunDir
 
 EPILOG = """examples:
   ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
@@ -143,7 +144,7 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     schedule = config.schedule
     if args.schedule:
         schedule = dataclasses.replace(schedule, kind=args.schedule)
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
     if not (args.resume or args.force) and (run.model(name).exists() or has_state):
@@ -165,47 +166,44 @@ def _train(args: argparse.Namespace, device: Any) -> str:
 
 
 def _sample(args: argparse.Namespace, device: Any) -> str | None:
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     labels = None
     if args.reconstruct:
         if args.model != "vae":
             raise UsageError("--reconstruct works with --model vae")
-        images, labels = stages.reconstruct(args.data_dir, run, args.reconstruct, device=device)
+        images, labels = generation.reconstruct(args.data_dir, run, args.reconstruct, device=device)
     else:
         spec = args.sampler + (f"-{args.steps}" if args.steps else "")
         if args.sampler == "ddim" and not args.steps:
             spec = "ddim-50"
         sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
-        images = stages.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
+        images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
                                  sampling=sampling, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
     if not dist.is_main():
         return None
-    from .plots import save_grid
-
-    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-    write_npz(args.out, **arrays)
-    save_grid(images, args.out.with_suffix(".png"))
+    generation.save_samples(args.out, images, labels)
     return json.dumps({"out": str(args.out), "n": len(images)})
 
 
 def _evaluate(args: argparse.Namespace, device: Any) -> str:
     from .metrics import load_samples, random_images
 
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     if args.baselines:
         test_images, test_labels = data.load_split(args.data_dir, "test")
         train_images = data.load_split(args.data_dir, "train")[0]
         result: dict[str, Any] = {
-            "validation": stages.evaluate(args.data_dir, run, test_images, test_labels,
-                                          device=device, seed=args.seed),
-            "random": stages.evaluate(args.data_dir, run,
-                                      random_images(train_images, len(test_images), args.seed),
-                                      None, device=device, seed=args.seed)}
+            "validation": evaluation.evaluate(args.data_dir, run, test_images, test_labels,
+                                              device=device, seed=args.seed),
+            "random": evaluation.evaluate(args.data_dir, run,
+                                          random_images(train_images, len(test_images),
+                                                        args.seed),
+                                          None, device=device, seed=args.seed)}
     else:
         images, labels = load_samples(args.samples)
-        result = stages.evaluate(args.data_dir, run, images, labels, device=device,
-                                 seed=args.seed)
+        result = evaluation.evaluate(args.data_dir, run, images, labels, device=device,
+                                     seed=args.seed)
     if args.out and dist.is_main():
         write_json(args.out, result)
     return json.dumps(result)
@@ -288,7 +286,7 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
     if args.command == "encode":
         # The config checks both choices, with the same one-line error as every other value.
         options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
-        header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), options.latent_mode,
+        header = stages.encode(args.data_dir, RunDir(args.run_dir), options.latent_mode,
                                options.latent_norm, device=device, seed=args.seed)
         return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],

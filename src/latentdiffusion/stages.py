@@ -1,4 +1,5 @@
-"""The experiment's stages as library functions over a run directory.
+"""The experiment's training stages as library functions over a run directory: the classifier,
+the VAE, the latents (encode) and the denoiser.
 
 Each stage reads the outputs of the stages before it and writes one file; the file's header
 records the config and upstream hashes it was made from (its `key`), which `pipeline` compares
@@ -10,11 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,54 +25,23 @@ from .config import (
     LatentMode,
     LatentNorm,
     ObjectiveConfig,
-    SamplingConfig,
     ScheduleConfig,
     TrainConfig,
     UNetConfig,
     VAEConfig,
     config_hash,
-    from_dict,
-    parse_sampler,
     to_dict,
 )
-from .diffusion import NoiseSchedule, noise_predictor, sample
-from .diffusion.objective import sample_weight, target, timestep_probabilities
-from .errors import CheckpointError, UsageError
-from .metrics import Reference, evaluate_images, reference_from_images
+from .diffusion import NoiseSchedule
+from .diffusion.objective import diffusion_loss, timestep_probabilities
+from .errors import UsageError
 from .models import VAE, Classifier, UNet
+from .models.classifier import accuracy, random_shift
 from .models.vae import vae_loss
-from .rng import generator, randn
-from .training import Batch, fit, init_model, latest_checkpoint, list_checkpoints
+from .rundir import RunDir
+from .training import Batch, LossFn, fit, init_model, latest_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
-ModelName = Literal["vae", "diffusion"]
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """Where each stage of one run keeps its output."""
-
-    root: Path
-
-    def model(self, name: str) -> Path:  # classifier | vae | diffusion
-        return self.root / f"{name}.safetensors"
-
-    @property
-    def latents(self) -> Path:
-        return self.root / "latents.safetensors"
-
-    def state_dir(self, name: str) -> Path:
-        return self.root / "checkpoints" / name
-
-    def samples(self, name: str) -> Path:
-        return self.root / "samples" / f"{name}.npz"
-
-    def reference(self, classifier_hash: str) -> Path:
-        return self.root / "cache" / f"reference-{classifier_hash[:16]}.npz"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
 
 
 def clear_checkpoints(state_dir: Path) -> None:
@@ -113,25 +81,6 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
 
 
 # ---------------------------------------------------------------- classifier
-
-
-def random_shift(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
-                 max_shift: int) -> torch.Tensor:
-    """Translate each (1, H, W) image by (dx, dy) - max_shift pixels, filling with black."""
-    b, _, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, 0, rows, cols].unsqueeze(1)  # (B, 1, H, W)
-
-
-@torch.no_grad()
-def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> float:
-    correct = sum(int((classifier(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size])
-                      .sum()) for i in range(0, len(images), batch_size))
-    return correct / max(len(images), 1)
 
 
 def train_classifier(data_dir: str | Path | None, run: RunDir, model_config: ClassifierConfig,
@@ -193,21 +142,16 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: Lat
 # ---------------------------------------------------------------- diffusion
 
 
-def diffusion_loss(schedule: NoiseSchedule, objective: ObjectiveConfig
-                   ) -> Callable[[nn.Module, Batch], torch.Tensor]:
-    """E_t w_t ||target - model(x_t, t)||^2 over a uniform t, estimated with t drawn from
-    `timestep_probabilities`; the post's eq. (5) when the target is the noise, w_t = 1 and t is
-    drawn uniformly."""
+def denoiser_loss(schedule: NoiseSchedule, objective: ObjectiveConfig) -> LossFn:
+    """The training loss of the denoiser: t drawn from `timestep_probabilities`, then the noise,
+    both for the whole global batch (training.Batch)."""
     probabilities = timestep_probabilities(objective, schedule)  # (T,)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         x0 = batch.tensors[0]  # (B, C, S, S) normalised latents
         t = batch.choice(probabilities)  # (B,)
         noise = batch.randn(*x0.shape[1:])
-        prediction = model(schedule.add_noise(x0, noise, t), t)
-        squared_error = (prediction - target(objective, schedule, x0, noise, t)).square()
-        weight = sample_weight(objective, schedule, t, probabilities)  # (B,)
-        return (weight * squared_error.mean((1, 2, 3))).mean()
+        return diffusion_loss(objective, schedule, model, x0, noise, t, probabilities)
 
     return loss_fn
 
@@ -226,87 +170,8 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
     key = config_hash(model_config, schedule_config, objective, train_config,
                       latent_header["sha256"])
     return _train(run, "diffusion", UNet, model_config, train_config,
-                  diffusion_loss(schedule, objective),
+                  denoiser_loss(schedule, objective),
                   (latent_set.normalised("train"),), (latent_set.normalised("test"),), key, device,
                   resume, progress, schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
                   latents_hash=latent_header["sha256"], vae_hash=latent_set.vae_hash)
-
-
-# ---------------------------------------------------------------- generation
-
-
-@torch.no_grad()
-def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
-             sampler: str = "ddim-50", sampling: SamplingConfig | None = None,
-             device: torch.device, batch_size: int = 500, progress: bool = True) -> np.ndarray:
-    """uint8 (N, 28, 28) digits; sample i depends only on (seed, i), not on batch or world size."""
-    if num_samples <= 0 or batch_size <= 0:
-        raise UsageError("the number of samples and the batch size must be > 0")
-    sampling = sampling or SamplingConfig()
-    vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
-    c, s = vae.config.latent_channels, vae.config.latent_size
-    name, num_steps = parse_sampler(sampler)
-    if model == "diffusion":
-        unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
-        if header.get("vae_hash") != vae_header["sha256"]:
-            raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
-                                  "VAE; retrain it (ldm encode, ldm train diffusion)")
-        schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
-        denoiser = noise_predictor(unet, from_dict(ObjectiveConfig, header["objective"]), schedule)
-        shift, scale = tuple(header["shift"]), tuple(header["scale"])
-    mine = list(range(dist.rank(), num_samples, dist.world_size()))
-    chunks = []
-    for start in range(0, len(mine), batch_size):
-        indices = mine[start:start + batch_size]
-        generators = [generator(seed, i) for i in indices]
-        x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
-        if model == "diffusion":
-            x0 = sample(denoiser, schedule, x_T, name, num_steps, variance=sampling.variance,
-                        eta=sampling.eta, generator=generators, progress=progress)
-            chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
-        else:
-            chunks.append(vae.decode(x_T).cpu())  # the VAE prior N(0, I)
-    images = torch.cat(chunks) if chunks else torch.empty(0, 1, 28, 28)
-    gathered = dist.all_gather_rows(images.to(device)).cpu()
-    order = np.concatenate([np.arange(r, num_samples, dist.world_size())
-                            for r in range(dist.world_size())])
-    result = torch.empty_like(gathered)
-    result[torch.from_numpy(order)] = gathered
-    return data.to_uint8(result)
-
-
-@torch.no_grad()
-def reconstruct(data_dir: str | Path | None, run: RunDir, split: data.Split, *,
-                device: torch.device, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """VAE reconstructions (decoded posterior means) of a split, with its true labels."""
-    vae, _ = checkpoint.load_model(run.model("vae"), VAE, device)
-    images, labels = data.load_split(data_dir, split)
-    out = []
-    for start in range(0, len(images), batch_size):
-        mean, _ = vae.encode(data.to_unit_tensor(images[start:start + batch_size]).to(device))
-        out.append(vae.decode(mean).cpu())
-    return data.to_uint8(torch.cat(out)), labels
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def reference(data_dir: str | Path | None, run: RunDir, device: torch.device
-              ) -> tuple[Classifier, Reference]:
-    """The run's classifier and the training-set statistics, cached by classifier hash."""
-    classifier, header = checkpoint.load_model(run.model("classifier"), Classifier, device)
-    digest = header["sha256"]
-    cached = Reference.load(run.reference(digest), digest)
-    if cached is None:
-        cached = reference_from_images(classifier, data.load_split(data_dir, "train")[0], digest,
-                                       device)
-        if dist.is_main():
-            cached.save(run.reference(digest))
-    return classifier, cached
-
-
-def evaluate(data_dir: str | Path | None, run: RunDir, images: np.ndarray,
-             labels: np.ndarray | None, *, device: torch.device, seed: int = 0) -> dict:
-    classifier, ref = reference(data_dir, run, device)
-    return evaluate_images(classifier, images, ref, labels, device, seed=seed)

@@ -68,6 +68,18 @@ def sample_weight(objective: ObjectiveConfig, schedule: NoiseSchedule, t: torch.
     return loss_weight(objective, schedule, t) / (schedule.num_timesteps * p_t)
 
 
+def diffusion_loss(objective: ObjectiveConfig, schedule: NoiseSchedule, network: Network,
+                   x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   probabilities: torch.Tensor) -> torch.Tensor:
+    """E_t w_t ||target - network(x_t, t)||^2 over a uniform t, estimated from t (B,) drawn from
+    `probabilities` (T,) and noise like x0 (B, C, S, S); the post's eq. (5) when the target is
+    the noise, w_t = 1 and t is drawn uniformly."""
+    prediction = network(schedule.add_noise(x0, noise, t), t)
+    squared_error = (prediction - target(objective, schedule, x0, noise, t)).square()
+    weight = sample_weight(objective, schedule, t, probabilities)  # (B,)
+    return (weight * squared_error.mean((1, 2, 3))).mean()
+
+
 def noise_predictor(network: Network, objective: ObjectiveConfig,
                     schedule: NoiseSchedule) -> Network:
     """The network as a noise predictor: noise = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t."""
