@@ -20,7 +20,8 @@ def main() -> None:
     config = preset(args.preset)
     start = time.perf_counter()
     header = stages.train_classifier(args.data_dir, RunDir(args.run_dir), config.classifier,
-                                     config.classifier_train, device=device, progress=False)
+                                     config.classifier_train, device=device,
+                                     progress=False).header
     seconds = time.perf_counter() - start
     emit({"benchmark": "classifier", "preset": args.preset, "seconds": seconds,
           "train_seconds": header["train_seconds"],

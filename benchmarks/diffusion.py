@@ -56,7 +56,7 @@ def main() -> None:
         result["encode_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         header = stages.train_diffusion(run, config.unet, config.schedule, config.objective,
-                                        train_config, device=device, progress=False)
+                                        train_config, device=device, progress=False).header
         result["train_seconds"] = time.perf_counter() - start
         result["history"] = header["history"]
     test_images, test_labels = data.load_split(args.data_dir, "test")

@@ -28,10 +28,12 @@ from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion import distributed as dist
 from latentdiffusion.cli import main
 from latentdiffusion.config import TrainConfig
+from latentdiffusion.identity import StageKey
 from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
 from latentdiffusion.stages import denoiser_loss
-from latentdiffusion.training import Batch, fit, init_model, latest_checkpoint, list_checkpoints
+from latentdiffusion.statedir import latest_checkpoint, list_checkpoints
+from latentdiffusion.training import Batch, fit, init_model
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
 # 32 examples, global batch 8 (4 per rank): 4 steps per epoch, 8 in all.
@@ -67,7 +69,8 @@ def _fit(state_dir: Path, resume: bool = False, sleep: float = 0.0
 
     model = init_model(UNet, UNET, CONFIG.seed)
     result = fit(model, loss_fn, _data(), _data(), CONFIG, state_dir=state_dir, kind="unet",
-                 model_config=UNET, device=CPU, resume=resume, progress=False)
+                 key=StageKey.of(model=UNET, train=CONFIG), model_config=UNET, device=CPU,
+                 resume="strict" if resume else "off", progress=False)
     return model, result.model, calls[0], result.history
 
 

@@ -19,6 +19,7 @@ from .config import PRESETS, RunConfig, SamplingConfig, preset
 from .errors import LdmError, UsageError
 from .fileio import run_dir_lock, write_json
 from .rundir import RunDir
+from .statedir import Resume
 
 EPILOG = """examples:
   ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
@@ -79,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--force", action="store_true", help="start over, replacing the model")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the newest checkpoint made with the same config")
+    again.add_argument("--force", action="store_true",
+                       help="start over (the old model and checkpoints stay until replaced)")
 
     p = sub.add_parser("encode", help="cache the VAE latents of train and test",
                        formatter_class=fmt)
@@ -151,15 +155,18 @@ def _train(args: argparse.Namespace, device: Any) -> str:
         raise UsageError(f"{run.root} already has a {name} model or checkpoints; pass --resume "
                          "to continue or --force to start over")
     progress = not args.quiet
-    common = dict(device=device, resume=args.resume, progress=progress)
+    resume: Resume = "strict" if args.resume else "off"  # --force: "off" as well
     if name == "classifier":
-        header = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
-                                         **common)
+        trained = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
+                                          device=device, resume=resume, progress=progress)
     elif name == "vae":
-        header = stages.train_vae(args.data_dir, run, config.vae, train_config, **common)
+        trained = stages.train_vae(args.data_dir, run, config.vae, train_config, device=device,
+                                   resume=resume, progress=progress)
     else:
-        header = stages.train_diffusion(run, config.unet, schedule, config.objective,
-                                        train_config, **common)
+        trained = stages.train_diffusion(run, config.unet, schedule, config.objective,
+                                         train_config, device=device, resume=resume,
+                                         progress=progress)
+    header = trained.header
     last = header["history"][-1] if header["history"] else {}
     return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
                        **last})

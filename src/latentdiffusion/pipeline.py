@@ -1,5 +1,6 @@
-"""`ldm run`: every stage in order, each skipped when its output was made from the same config
-and upstream hashes, so a second run is a no-op and an interrupted one continues."""
+"""`ldm run`: every stage in order, each skipped when its output was made under the same stage
+key (identity.py: configs and upstream hashes), so a second run is a no-op and an interrupted
+one continues. A stage whose key changed starts over; a forced one too."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluation, generation, plots, report, stages
+from . import checkpoint, data, evaluation, generation, identity, plots, report, stages
 from . import distributed as dist
-from .config import RunConfig, ScheduleConfig, config_hash, to_dict
+from .config import RunConfig, ScheduleConfig, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images, load_samples, random_images
 from .rundir import RunDir
+from .statedir import Resume
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report")
@@ -82,6 +84,10 @@ class _Run:
     on_stage: Callable[[StageEvent], None] | None
     records: dict[str, Any]
 
+    def resume(self, name: str) -> Resume:
+        """A forced stage starts over; any other continues a checkpoint with its key."""
+        return "off" if name in self.forced else "auto"
+
     def step(self, name: str, key: str, done: bool, work: Callable[[], str]) -> None:
         skip = done and name not in self.forced
         start = time.perf_counter()
@@ -109,15 +115,14 @@ class _Run:
 
     def classifier(self) -> str:
         c = self.config
-        return _history_summary(stages.train_classifier(
+        return stages.train_classifier(
             self.data_dir, self.run, c.classifier, c.classifier_train, device=self.device,
-            resume=True, progress=self.progress)["history"])
+            resume=self.resume("classifier"), progress=self.progress).summary()
 
     def vae(self) -> str:
         c = self.config
-        return _history_summary(stages.train_vae(
-            self.data_dir, self.run, c.vae, c.vae_train, device=self.device, resume=True,
-            progress=self.progress)["history"])
+        return stages.train_vae(self.data_dir, self.run, c.vae, c.vae_train, device=self.device,
+                                resume=self.resume("vae"), progress=self.progress).summary()
 
     def encode(self) -> str:
         c = self.config
@@ -127,9 +132,9 @@ class _Run:
 
     def diffusion(self) -> str:
         c = self.config
-        return _history_summary(stages.train_diffusion(
+        return stages.train_diffusion(
             self.run, c.unet, c.schedule, c.objective, c.diffusion_train, device=self.device,
-            resume=True, progress=self.progress)["history"])
+            resume=self.resume("diffusion"), progress=self.progress).summary()
 
     def sample(self) -> str:
         return _sample_all(self.run, self.data_dir, self.config, self.device, self.progress)
@@ -156,39 +161,34 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
              on_stage=on_stage, records=_manifest(run)["stages"])
     c = config
 
-    key = config_hash(c.classifier, c.classifier_train)
+    key = identity.model_key(c.classifier, c.classifier_train).digest
     r.step("classifier", key, _made_with(run.model("classifier"), "classifier", key),
            r.classifier)
-    key = config_hash(c.vae, c.vae_train)
+    key = identity.model_key(c.vae, c.vae_train).digest
     r.step("vae", key, _made_with(run.model("vae"), "vae", key), r.vae)
 
     vae_hash = _model_hash(run.model("vae"), "vae")
-    key = config_hash(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed)
+    key = identity.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
     r.step("encode", key, _made_with(run.latents, "latents", key), r.encode)
 
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
-    key = config_hash(c.unet, c.schedule, c.objective, c.diffusion_train, latents_hash)
+    key = identity.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
+                                 latents_hash).digest
     r.step("diffusion", key, _made_with(run.model("diffusion"), "unet", key), r.diffusion)
 
     diffusion_hash = _model_hash(run.model("diffusion"), "unet")
-    sample_key = config_hash(vae_hash, diffusion_hash, c.sampling, c.eval_samples)
+    sample_key = identity.samples_key(vae_hash, diffusion_hash, c.sampling,
+                                      c.eval_samples).digest
     r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
            r.sample)
 
     classifier_hash = _model_hash(run.model("classifier"), "classifier")
-    key = config_hash(sample_key, classifier_hash)
+    key = identity.evaluation_key(sample_key, classifier_hash).digest
     metrics_path = run.root / "metrics.json"
     r.step("evaluate", key, r.recorded("evaluate", key, metrics_path), r.evaluate)
     r.step("report", key, r.recorded("report", key, run.root / "report.md",
                                      run.root / "report.html"), r.report)
     return json.loads(metrics_path.read_text())
-
-
-def _history_summary(history: list[dict[str, float]]) -> str:
-    if not history:
-        return "trained"
-    last = history[-1]
-    return ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
 
 
 def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,

@@ -1,9 +1,9 @@
 """The experiment's training stages as library functions over a run directory: the classifier,
 the VAE, the latents (encode) and the denoiser.
 
-Each stage reads the outputs of the stages before it and writes one file; the file's header
-records the config and upstream hashes it was made from (its `key`), which `pipeline` compares
-to decide what to skip.
+Each stage reads what the stages before it wrote and writes one file whose header holds its
+stage key (identity.py): everything its output depends on. `fit` continues only checkpoints
+with the same key, and `pipeline` compares it to decide what to skip.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, data, latents
+from . import checkpoint, data, identity, latents
 from . import distributed as dist
 from .config import (
     ClassifierConfig,
@@ -29,7 +30,6 @@ from .config import (
     TrainConfig,
     UNetConfig,
     VAEConfig,
-    config_hash,
     to_dict,
 )
 from .diffusion import NoiseSchedule
@@ -39,53 +39,58 @@ from .models import VAE, Classifier, UNet
 from .models.classifier import accuracy, random_shift
 from .models.vae import vae_loss
 from .rundir import RunDir
-from .training import Batch, LossFn, fit, init_model, latest_checkpoint, list_checkpoints
+from .statedir import Resume
+from .training import Batch, LossFn, fit, init_model
 
 log = logging.getLogger(__name__)
 
 
-def clear_checkpoints(state_dir: Path) -> None:
-    for path in list_checkpoints(state_dir):
-        path.unlink(missing_ok=True)
+@dataclass(frozen=True)
+class Trained:
+    """What one call of a training stage did."""
+
+    header: dict[str, Any]  # the written model file's verified header
+    resumed_from: str | None  # the checkpoint it continued, if any
+
+    def summary(self) -> str:
+        """One line for `ldm run`: how the stage ran and its last epoch's numbers."""
+        how = [f"resumed from {self.resumed_from}"] if self.resumed_from else []
+        history = self.header["history"]
+        last = ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"
+                         ) if history else "trained"
+        return "; ".join([*how, last])
 
 
 def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
-           train_config: TrainConfig, loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
-           train_data: tuple[torch.Tensor, ...], val_data: tuple[torch.Tensor, ...], key: str,
-           device: torch.device, resume: bool, progress: bool,
+           train_config: TrainConfig, loss_fn: LossFn, train_data: tuple[torch.Tensor, ...],
+           val_data: tuple[torch.Tensor, ...], key: identity.StageKey, device: torch.device,
+           resume: Resume, progress: bool,
            val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
-           **meta: Any) -> dict[str, Any]:
+           **meta: Any) -> Trained:
     """Shared by every model: fit, then export the (EMA) weights with their key and history."""
-    state_dir = run.state_dir(name)
-    if resume:
-        found = latest_checkpoint(state_dir, f"train-state/{cls.kind}")  # type: ignore[attr-defined]
-        if found and found[2]["key"] != config_hash(model_config, train_config):
-            log.info("%s: config changed since the last checkpoint; starting over", name)
-            resume = False
-    if not resume and dist.is_main():
-        clear_checkpoints(state_dir)
-    dist.barrier()
+    path = run.model(name)
     model = init_model(cls, model_config, train_config.seed)
     start = time.perf_counter()
-    result = fit(model, loss_fn, train_data, val_data, train_config, state_dir=state_dir,
-                 kind=cls.kind, model_config=model_config, device=device,  # type: ignore[attr-defined]
-                 resume=resume, progress=progress, val_metrics=val_metrics)
+    result = fit(model, loss_fn, train_data, val_data, train_config, state_dir=run.state_dir(name),
+                 kind=cls.kind, key=key, model_config=model_config,  # type: ignore[attr-defined]
+                 device=device, resume=resume, progress=progress, val_metrics=val_metrics)
     seconds = time.perf_counter() - start
-    header = dict(key=key, history=result.history, train_seconds=seconds,
-                  train_config=to_dict(train_config), **meta)
     if dist.is_main():
-        header["sha256"] = checkpoint.save_model(run.model(name), result.model, model_config,
-                                                 **header)
+        checkpoint.save_model(path, result.model, model_config, key=key.digest,
+                              key_fields=key.fields, history=result.history,
+                              train_seconds=seconds, train_config=to_dict(train_config), **meta)
     dist.barrier()
-    return checkpoint.load(run.model(name), kind=cls.kind)[1]  # type: ignore[attr-defined]
+    header = checkpoint.load(path, kind=cls.kind)[1]  # type: ignore[attr-defined]
+    resumed_from = result.resumed_from.name if result.resumed_from else None
+    return Trained(header, resumed_from)
 
 
 # ---------------------------------------------------------------- classifier
 
 
 def train_classifier(data_dir: str | Path | None, run: RunDir, model_config: ClassifierConfig,
-                     train_config: TrainConfig, *, device: torch.device, resume: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
+                     train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
+                     progress: bool = True) -> Trained:
     train_images, train_labels = data.load_split(data_dir, "train")
     test_images, test_labels = data.load_split(data_dir, "test")
     train_set = (data.to_unit_tensor(train_images), torch.from_numpy(train_labels))
@@ -102,7 +107,7 @@ def train_classifier(data_dir: str | Path | None, run: RunDir, model_config: Cla
 
     return _train(run, "classifier", Classifier, model_config, train_config, loss_fn, train_set,
                   (test_set[0].cpu(), test_set[1].cpu()),
-                  config_hash(model_config, train_config), device, resume, progress,
+                  identity.model_key(model_config, train_config), device, resume, progress,
                   val_metrics=lambda m: {"val_accuracy": accuracy(m, *test_set)})
 
 
@@ -110,8 +115,8 @@ def train_classifier(data_dir: str | Path | None, run: RunDir, model_config: Cla
 
 
 def train_vae(data_dir: str | Path | None, run: RunDir, model_config: VAEConfig,
-              train_config: TrainConfig, *, device: torch.device, resume: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
+              progress: bool = True) -> Trained:
     train_images = data.to_unit_tensor(data.load_split(data_dir, "train")[0])
     test_images = data.to_unit_tensor(data.load_split(data_dir, "test")[0])
     latent_shape = (model_config.latent_channels, model_config.latent_size,
@@ -122,19 +127,20 @@ def train_vae(data_dir: str | Path | None, run: RunDir, model_config: VAEConfig,
                         model_config.kl_weight)
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
-                  (test_images,), config_hash(model_config, train_config), device, resume,
-                  progress)
+                  (test_images,), identity.model_key(model_config, train_config), device,
+                  resume, progress)
 
 
 def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
            device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
-    key = config_hash(vae_header["sha256"], mode, norm, seed)
-    latent_set = latents.build(vae, vae_header["sha256"], data.load_split(data_dir, "train")[0],
+    vae_hash = vae_header["sha256"]
+    key = identity.latents_key(vae_hash, mode, norm, seed)
+    latent_set = latents.build(vae, vae_hash, data.load_split(data_dir, "train")[0],
                                data.load_split(data_dir, "test")[0], mode, norm, seed, device)
     if dist.is_main():
-        latents.save(run.latents, latent_set, key=key)
+        latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields)
     dist.barrier()
     return checkpoint.load(run.latents, kind=latents.KIND)[1]
 
@@ -158,8 +164,8 @@ def denoiser_loss(schedule: NoiseSchedule, objective: ObjectiveConfig) -> LossFn
 
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
-                    device: torch.device, resume: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+                    device: torch.device, resume: Resume = "off",
+                    progress: bool = True) -> Trained:
     latent_set, latent_header = latents.load(run.latents)  # one read of the cache
     shape = tuple(latent_set.train.shape[1:])
     expected = (model_config.in_channels, model_config.latent_size, model_config.latent_size)
@@ -167,8 +173,8 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
         raise UsageError(f"the latents are {shape} but the UNet config expects {expected}; "
                          "match unet.in_channels / latent_size to the VAE")
     schedule = NoiseSchedule.from_config(schedule_config)
-    key = config_hash(model_config, schedule_config, objective, train_config,
-                      latent_header["sha256"])
+    key = identity.diffusion_key(model_config, schedule_config, objective, train_config,
+                                 latent_header["sha256"])
     return _train(run, "diffusion", UNet, model_config, train_config,
                   denoiser_loss(schedule, objective),
                   (latent_set.normalised("train"),), (latent_set.normalised("test"),), key, device,
