@@ -1,10 +1,11 @@
 """Resume and start-over on a finished tiny run: a checkpoint is continued only under its own
-stage key, a refusal or a failed command loses nothing, and rotation counts only valid
-checkpoints."""
+stage key, a refusal or a failed command loses nothing, rotation counts only valid
+checkpoints, and a resume or a repair is invisible downstream."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -217,4 +218,38 @@ def test_rotation_keeps_two_valid_checkpoints_and_leaves_junk_alone(
         "step-000000004.safetensors", "step-000000006.safetensors", junk.name]
     assert junk.read_bytes() == b"not a checkpoint"
     assert_same_weights(run, finished[1])  # the resume was exact
+
+
+def test_a_resumed_stage_reruns_nothing_downstream(finished: tuple[Path, Path], run: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "classifier.safetensors").unlink()  # killed after step 4 of 6
+    (run / "checkpoints" / "classifier" / "step-000000006.safetensors").unlink()
+    code, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", finished[0], "--run-dir",
+                    run, *CPU)
+    assert code == 0, err
+    assert "resumed classifier from step-000000004" in err
+    ran = events(err)
+    assert [s for s in STAGES if ran[s] == "ran"] == ["classifier"]
+    old, new = (checkpoint.load(r / "classifier.safetensors")[1] for r in (finished[1], run))
+    assert new["model_hash"] == old["model_hash"]  # not the file checksum: its wall time differs
+    assert_same_weights(run, finished[1], "classifier")
+    for name in ("metrics.json", "report.md"):
+        assert (run / name).read_bytes() == (finished[1] / name).read_bytes(), name
+
+
+def test_a_corrupt_model_is_rebuilt_from_its_checkpoint_and_says_so(
+        finished: tuple[Path, Path], run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = run / "diffusion.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    code, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", finished[0], "--run-dir",
+                    run, *CPU)
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("[diffusion]"))
+    assert "model file was corrupt, rebuilt; resumed from step-000000006" in line, line
+    assert f"{path} is corrupt" in err
+    ran = events(err)
+    assert [s for s in STAGES if ran[s] == "ran"] == ["diffusion"]  # same weights, same hash
+    assert json.loads((run / "run.json").read_text())["stages"]["diffusion"]["summary"] in line
 

@@ -19,7 +19,7 @@ def reference(data_dir: str | Path | None, run: RunDir, device: torch.device
               ) -> tuple[Classifier, Reference]:
     """The run's classifier and the training-set statistics, cached by classifier hash."""
     classifier, header = checkpoint.load_model(run.model("classifier"), Classifier, device)
-    digest = header["sha256"]
+    digest = checkpoint.model_hash_of(header)
     cached = Reference.load(run.reference(digest), digest)
     if cached is None:
         cached = reference_from_images(classifier, data.load_split(data_dir, "train")[0], digest,

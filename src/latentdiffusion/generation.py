@@ -35,7 +35,7 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
     name, num_steps = parse_sampler(sampler)
     if model == "diffusion":
         unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
-        if header.get("vae_hash") != vae_header["sha256"]:
+        if header.get("vae_hash") != checkpoint.model_hash_of(vae_header):
             raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
                                   "VAE; retrain it (ldm encode, ldm train diffusion)")
         schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))

@@ -67,7 +67,7 @@ def _made_with(path: Path, kind: str, key: str) -> bool:
 
 
 def _model_hash(path: Path, kind: str) -> str:
-    return str(checkpoint.load(path, kind=kind)[1]["sha256"])
+    return checkpoint.model_hash_of(checkpoint.load(path, kind=kind)[1])
 
 
 @dataclass

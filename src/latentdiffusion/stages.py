@@ -51,10 +51,13 @@ class Trained:
 
     header: dict[str, Any]  # the written model file's verified header
     resumed_from: str | None  # the checkpoint it continued, if any
+    repaired: bool  # the model file was there but unreadable, and was rebuilt
 
     def summary(self) -> str:
         """One line for `ldm run`: how the stage ran and its last epoch's numbers."""
         how = [f"resumed from {self.resumed_from}"] if self.resumed_from else []
+        if self.repaired:
+            how.insert(0, "model file was corrupt, rebuilt")
         history = self.header["history"]
         last = ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"
                          ) if history else "trained"
@@ -69,6 +72,10 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
            **meta: Any) -> Trained:
     """Shared by every model: fit, then export the (EMA) weights with their key and history."""
     path = run.model(name)
+    corrupt = resume != "off" and path.exists() and checkpoint.peek(path) is None
+    if corrupt:
+        log.warning("%s is corrupt or unreadable; rebuilding it from %s", path,
+                    run.state_dir(name))
     model = init_model(cls, model_config, train_config.seed)
     start = time.perf_counter()
     result = fit(model, loss_fn, train_data, val_data, train_config, state_dir=run.state_dir(name),
@@ -82,7 +89,7 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
     dist.barrier()
     header = checkpoint.load(path, kind=cls.kind)[1]  # type: ignore[attr-defined]
     resumed_from = result.resumed_from.name if result.resumed_from else None
-    return Trained(header, resumed_from)
+    return Trained(header, resumed_from, corrupt)
 
 
 # ---------------------------------------------------------------- classifier
@@ -135,7 +142,7 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: Lat
            device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
-    vae_hash = vae_header["sha256"]
+    vae_hash = checkpoint.model_hash_of(vae_header)
     key = identity.latents_key(vae_hash, mode, norm, seed)
     latent_set = latents.build(vae, vae_hash, data.load_split(data_dir, "train")[0],
                                data.load_split(data_dir, "test")[0], mode, norm, seed, device)
