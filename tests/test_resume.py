@@ -253,3 +253,20 @@ def test_a_corrupt_model_is_rebuilt_from_its_checkpoint_and_says_so(
     assert [s for s in STAGES if ran[s] == "ran"] == ["diffusion"]  # same weights, same hash
     assert json.loads((run / "run.json").read_text())["stages"]["diffusion"]["summary"] in line
 
+
+def test_time_based_checkpoints_change_no_number(finished: tuple[Path, Path], run: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert {preset(name).diffusion_train.checkpoint_seconds for name in PRESETS} == {60.0}
+    code, err = ldm(capsys, "train", "diffusion", "--preset", "tiny", "--force",
+                    "--checkpoint-every", "1000", "--checkpoint-seconds", "1e-9",
+                    "--run-dir", run, *CPU, "--quiet")
+    assert code == 0, err
+    states = run / "checkpoints" / "diffusion"
+    # Saved after every step by time (step 5), not only at the end (6) as the steps say.
+    assert sorted(p.name for p in states.iterdir()) == ["step-000000005.safetensors",
+                                                        "step-000000006.safetensors"]
+    tensors, meta = checkpoint.load(states / "step-000000006.safetensors")
+    assert "rng.numpy" not in tensors and "rng" not in meta  # only torch's RNG is used
+    assert_same_weights(run, finished[1])
+    # The cadence is not part of the stage key: `ldm run` keeps the model.
+    assert _diffusion_header(run)["key"] == _diffusion_header(finished[1])["key"]

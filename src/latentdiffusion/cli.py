@@ -45,6 +45,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
         p.add_argument("--data-dir", metavar="DIR",
@@ -79,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
+    p.add_argument("--checkpoint-seconds", type=_positive_float, metavar="SECONDS",
+                   help="also checkpoint after this much wall time (preset: 60)")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -142,7 +154,8 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every))
+                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
+                                   ("checkpoint_seconds", args.checkpoint_seconds))
                  if v is not None}
     train_config = dataclasses.replace(getattr(config, field), **overrides)
     schedule = config.schedule

@@ -6,8 +6,8 @@ here and nowhere else: `fit` stores it in each checkpoint and continues only a c
 the same digest, the stage stores it in its output file, `ldm run` compares it to decide what
 to skip, and the named parts let a refusal say what changed.
 
-How often a run saves (`checkpoint_every`) is not part of a key: saving changes no trained
-number, so a run may resume with another cadence.
+How often a run saves (`checkpoint_every`, `checkpoint_seconds`) is not part of a key: saving
+changes no trained number, so a run may resume with another cadence.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .config import (
     to_dict,
 )
 
-NOT_IN_KEY = frozenset({"checkpoint_every"})
+NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 

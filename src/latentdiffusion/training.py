@@ -12,6 +12,7 @@ import copy
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     bar = tqdm(total=total_steps, initial=step, desc=kind, leave=False,
                disable=not (progress and dist.is_main()))
     order: torch.Tensor | None = None
+    last_save = time.monotonic()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order is None or position == 0:
@@ -273,10 +275,15 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
                                       val_data, config, device, val_metrics))
             log.info("%s epoch %d: %s", kind, epoch + 1, history[-1])
             loss_sum, loss_count = 0.0, 0
-        if step % config.checkpoint_every == 0 or step == total_steps:
+        save_now = step % config.checkpoint_every == 0 or step == total_steps
+        if not save_now:  # by time as well: rank 0's clock decides for every rank
+            save_now = dist.main_decides(
+                time.monotonic() - last_save >= config.checkpoint_seconds, device)
+        if save_now:
             if dist.is_main():
                 last_good = save_state()
             dist.barrier()
+            last_save = time.monotonic()
     bar.close()
     return FitResult(model=(ema or model).eval(), history=history,
                      resumed_from=checkpoints.resume_from[0] if checkpoints.resume_from else None)
