@@ -270,3 +270,21 @@ def test_time_based_checkpoints_change_no_number(finished: tuple[Path, Path], ru
     assert_same_weights(run, finished[1])
     # The cadence is not part of the stage key: `ldm run` keeps the model.
     assert _diffusion_header(run)["key"] == _diffusion_header(finished[1])["key"]
+
+
+def test_sampling_accepts_a_resumed_vae_and_refuses_another(
+        finished: tuple[Path, Path], run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data-dir", finished[0], "--run-dir", run, *CPU, "--quiet"]
+    sample = ["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "2", "-n", "2",
+              "--out", run / "s.npz", *common]
+    (run / "vae.safetensors").unlink()  # killed after step 4 of 6
+    (run / "checkpoints" / "vae" / "step-000000006.safetensors").unlink()
+    code, err = ldm(capsys, "train", "vae", "--preset", "tiny", "--resume", *common)
+    assert code == 0, err
+    code, err = ldm(capsys, *sample)  # the same weights: the denoiser's VAE
+    assert code == 0, err
+    code, err = ldm(capsys, "train", "vae", "--preset", "tiny", "--force", "--lr", "1e-3",
+                    *common)
+    assert code == 0, err
+    code, err = ldm(capsys, *sample)
+    assert code == 1 and "was trained on latents of another VAE" in err, err
