@@ -55,15 +55,10 @@ def _manifest(run: RunDir) -> dict[str, Any]:
         return {"stages": {}}
 
 
-def _header(path: Path, kind: str) -> dict[str, Any] | None:
-    """The verified header of a stage's output file of `kind`, or None."""
-    header = checkpoint.peek(path)
-    return header if header and header.get("kind") == kind else None
-
-
 def _made_with(path: Path, kind: str, key: str) -> bool:
-    header = _header(path, kind)
-    return header is not None and header.get("key") == key
+    """Whether `path` verifies, holds a file of `kind` and was made under the stage key."""
+    header = checkpoint.peek(path)
+    return header is not None and header.get("kind") == kind and header.get("key") == key
 
 
 def _model_hash(path: Path, kind: str) -> str:

@@ -73,7 +73,7 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
     """Shared by every model: fit, then export the (EMA) weights with their key and history."""
     path = run.model(name)
     corrupt = resume != "off" and path.exists() and checkpoint.peek(path) is None
-    if corrupt:
+    if corrupt and dist.is_main():
         log.warning("%s is corrupt or unreadable; rebuilding it from %s", path,
                     run.state_dir(name))
     model = init_model(cls, model_config, train_config.seed)
