@@ -55,7 +55,7 @@ class StateDir:
     def __init__(self, root: Path, kind: str, key: StageKey, resume: Resume) -> None:
         self.root, self.kind, self.key = root, kind, key
         self.ours: list[Path] = []  # valid, this key, oldest first
-        self.stale: list[Path] = []
+        self.stale: list[Path] = []  # valid, another key (or all, when starting over)
         self.resume_from: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None = None
         other: dict[str, Any] | None = None  # the header of the newest stale checkpoint
         for path in list_checkpoints(root):
@@ -68,11 +68,10 @@ class StateDir:
             if resume == "off" or meta.get("key") != key.digest:
                 self.stale.append(path)
                 other = other or meta
-            elif self.resume_from is None:
+                continue
+            if self.resume_from is None:  # the newest of this key
                 self.resume_from = (path, tensors, meta)
-                self.ours.insert(0, path)
-            else:
-                self.ours.insert(0, path)
+            self.ours.insert(0, path)
         if self.resume_from is None and other is not None and resume != "off":
             changes = key.changes_from(other.get("key_fields"))
             if resume == "strict":
