@@ -21,6 +21,9 @@ import time
 from common import emit, parser, setup
 from latentdiffusion import data, stages
 from latentdiffusion.config import ObjectiveConfig, RunConfig, SamplingConfig, preset
+from latentdiffusion.evaluation import evaluate
+from latentdiffusion.generation import generate
+from latentdiffusion.rundir import RunDir
 
 
 def main() -> None:
@@ -59,13 +62,13 @@ def main() -> None:
         if "variance_beta" in chosen and "baseline" not in chosen:
             p.error("variance_beta samples the baseline's denoiser: add baseline")
         variants = {name: variants[name] for name in variants if name in chosen}
-    base = stages.RunDir(args.run_dir)
+    base = RunDir(args.run_dir)
     test_images, test_labels = data.load_split(args.data_dir, "test")
-    validation = stages.evaluate(args.data_dir, base, test_images, test_labels, device=device)
+    validation = evaluate(args.data_dir, base, test_images, test_labels, device=device)
     result: dict = {"benchmark": "ablation", "epochs": args.epochs, "n": args.num_samples,
                     "sampler": args.sampler, "validation_fid": validation["fid"]}
     for name, (v, variance) in variants.items():
-        run = stages.RunDir(args.run_dir / "ablation" / name)
+        run = RunDir(args.run_dir / "ablation" / name)
         run.root.mkdir(parents=True, exist_ok=True)
         for f in ("classifier", "vae"):
             shutil.copy(base.model(f), run.model(f))
@@ -82,10 +85,10 @@ def main() -> None:
             shutil.copy(args.run_dir / "ablation" / "baseline" / "diffusion.safetensors",
                         run.model("diffusion"))
         seconds = time.perf_counter() - start
-        images = stages.generate(run, "diffusion", args.num_samples, seed=1,
+        images = generate(run, "diffusion", args.num_samples, seed=1,
                                  sampler=args.sampler, sampling=SamplingConfig(variance=variance),
                                  device=device, progress=False)
-        m = stages.evaluate(args.data_dir, base, images, None, device=device)
+        m = evaluate(args.data_dir, base, images, None, device=device)
         result[name] = {"fid": m["fid"], "fid_over_validation": m["fid"] / validation["fid"],
                         "class_entropy_bits": m["class_entropy_bits"],
                         "precision": m["precision"], "recall": m["recall"],

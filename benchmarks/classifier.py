@@ -11,6 +11,7 @@ import time
 from common import emit, parser, setup
 from latentdiffusion import stages
 from latentdiffusion.config import preset
+from latentdiffusion.rundir import RunDir
 
 
 def main() -> None:
@@ -18,8 +19,9 @@ def main() -> None:
     device = setup(args)
     config = preset(args.preset)
     start = time.perf_counter()
-    header = stages.train_classifier(args.data_dir, stages.RunDir(args.run_dir), config.classifier,
-                                     config.classifier_train, device=device, progress=False)
+    header = stages.train_classifier(args.data_dir, RunDir(args.run_dir), config.classifier,
+                                     config.classifier_train, device=device,
+                                     progress=False).header
     seconds = time.perf_counter() - start
     emit({"benchmark": "classifier", "preset": args.preset, "seconds": seconds,
           "train_seconds": header["train_seconds"],

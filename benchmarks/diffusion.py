@@ -18,7 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import emit, parser, setup
 from latentdiffusion import data, stages
 from latentdiffusion.config import SamplingConfig, preset
+from latentdiffusion.evaluation import evaluate
+from latentdiffusion.generation import generate
 from latentdiffusion.models import UNet
+from latentdiffusion.rundir import RunDir
 
 
 def unet_flops(config) -> int:  # type: ignore[no-untyped-def]
@@ -42,7 +45,7 @@ def main() -> None:
     train_config = config.diffusion_train
     if args.epochs:
         train_config = dataclasses.replace(train_config, epochs=args.epochs)
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     result: dict = {"benchmark": "diffusion", "preset": args.preset,
                     "unet_parameters": sum(p.numel() for p in UNet(config.unet).parameters()),
                     "unet_flops_per_sample_step": unet_flops(config.unet)}
@@ -53,18 +56,18 @@ def main() -> None:
         result["encode_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         header = stages.train_diffusion(run, config.unet, config.schedule, config.objective,
-                                        train_config, device=device, progress=False)
+                                        train_config, device=device, progress=False).header
         result["train_seconds"] = time.perf_counter() - start
         result["history"] = header["history"]
     test_images, test_labels = data.load_split(args.data_dir, "test")
-    validation = stages.evaluate(args.data_dir, run, test_images, test_labels, device=device)
+    validation = evaluate(args.data_dir, run, test_images, test_labels, device=device)
     result["validation_fid"] = validation["fid"]
     for spec in args.samplers.split(","):
         start = time.perf_counter()
-        images = stages.generate(run, "diffusion", args.num_samples, seed=1, sampler=spec,
+        images = generate(run, "diffusion", args.num_samples, seed=1, sampler=spec,
                                  sampling=SamplingConfig(), device=device, progress=False)
         seconds = time.perf_counter() - start
-        m = stages.evaluate(args.data_dir, run, images, None, device=device)
+        m = evaluate(args.data_dir, run, images, None, device=device)
         result[spec] = {"n": m["n"], "fid": m["fid"], "fid_over_validation":
                         m["fid"] / validation["fid"], "kid_mean": m["kid_mean"],
                         "precision": m["precision"], "recall": m["recall"],

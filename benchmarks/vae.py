@@ -13,7 +13,10 @@ import time
 from common import emit, parser, setup
 from latentdiffusion import data, stages
 from latentdiffusion.config import preset
+from latentdiffusion.evaluation import evaluate
+from latentdiffusion.generation import generate, reconstruct
 from latentdiffusion.metrics import random_images
+from latentdiffusion.rundir import RunDir
 
 
 def main() -> None:
@@ -22,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args)
     config = preset(args.preset)
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     start = time.perf_counter()
     if not args.skip_train:
         stages.train_vae(args.data_dir, run, config.vae, config.vae_train, device=device,
@@ -30,11 +33,11 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     test_images, test_labels = data.load_split(args.data_dir, "test")
     train_images = data.load_split(args.data_dir, "train")[0]
-    recon, labels = stages.reconstruct(args.data_dir, run, "test", device=device)
-    prior = stages.generate(run, "vae", 10_000, seed=1, device=device, progress=False)
+    recon, labels = reconstruct(args.data_dir, run, "test", device=device)
+    prior = generate(run, "vae", 10_000, seed=1, device=device, progress=False)
 
     def score(images, labels=None):  # type: ignore[no-untyped-def]
-        m = stages.evaluate(args.data_dir, run, images, labels, device=device)
+        m = evaluate(args.data_dir, run, images, labels, device=device)
         return {k: m[k] for k in ("n", "fid", "kid_mean", "precision", "recall", "accuracy",
                                   "class_entropy_bits") if k in m}
 

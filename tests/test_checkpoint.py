@@ -187,11 +187,26 @@ def test_load_model_round_trip(tmp_path: Path) -> None:
     digest = checkpoint.save_model(path, model, TINY_VAE, key="k")
     loaded, header = checkpoint.load_model(path, VAE)
     assert loaded.config == TINY_VAE and not loaded.training
-    assert header["sha256"] == digest and header["key"] == "k"
+    assert header["model_hash"] == digest == checkpoint.model_hash_of(header)
+    assert header["key"] == "k"
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     with pytest.raises(CheckpointError, match="holds a 'vae' checkpoint, expected 'classifier'"):
         checkpoint.load_model(path, Classifier)
+
+
+def test_model_hash_is_weights_and_key_not_wall_time(tmp_path: Path) -> None:
+    model = VAE(TINY_VAE)
+    hashes = [checkpoint.save_model(tmp_path / f"{i}.safetensors", model, TINY_VAE, key=key,
+                                    train_seconds=seconds)
+              for i, (key, seconds) in enumerate((("k", 1.0), ("k", 2.5), ("other", 1.0)))]
+    headers = [checkpoint.load(tmp_path / f"{i}.safetensors")[1] for i in range(3)]
+    assert hashes[0] == hashes[1] != hashes[2]  # a resumed run's time does not change it
+    assert headers[0]["sha256"] != headers[1]["sha256"]  # the file checksum covers everything
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert checkpoint.save_model(tmp_path / "w.safetensors", model, TINY_VAE, key="k") \
+        != hashes[0]
 
 
 @pytest.mark.parametrize("config", [

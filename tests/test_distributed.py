@@ -7,12 +7,14 @@ check run under `torchrun --standalone --nproc_per_node=2 -m latentdiffusion`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,15 @@ from torch import nn
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion import distributed as dist
+from latentdiffusion import training
 from latentdiffusion.cli import main
 from latentdiffusion.config import TrainConfig
 from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
+from latentdiffusion.identity import StageKey
 from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
-from latentdiffusion.training import Batch, fit, init_model, latest_checkpoint, list_checkpoints
+from latentdiffusion.statedir import latest_checkpoint, list_checkpoints
+from latentdiffusion.training import Batch, fit, init_model
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
 # 32 examples, global batch 8 (4 per rank): 4 steps per epoch, 8 in all.
@@ -67,7 +72,8 @@ def _fit(state_dir: Path, resume: bool = False, sleep: float = 0.0
 
     model = init_model(UNet, UNET, CONFIG.seed)
     result = fit(model, loss_fn, _data(), _data(), CONFIG, state_dir=state_dir, kind="unet",
-                 model_config=UNET, device=CPU, resume=resume, progress=False)
+                 key=StageKey.of(model=UNET, train=CONFIG), model_config=UNET, device=CPU,
+                 resume="strict" if resume else "off", progress=False)
     return model, result.model, calls[0], result.history
 
 
@@ -109,6 +115,18 @@ def _fit_job(state_dir: Path, out: Path, resume: bool, sleep: float) -> None:
     tensors = _weights(model, ema)
     tensors["calls"] = torch.tensor(calls)
     save_file(tensors, str(out / f"rank{dist.rank()}.safetensors"))
+
+
+def _time_checkpoint_job(state_dir: Path, out: Path) -> None:
+    """Rank 0's clock says a checkpoint is due after every step, rank 1's says never."""
+    if dist.rank() == 1:
+        training.time = types.SimpleNamespace(monotonic=lambda: 0.0)  # type: ignore[attr-defined]
+    config = dataclasses.replace(CONFIG, checkpoint_every=1000, checkpoint_seconds=1e-9)
+    model = init_model(UNet, UNET, config.seed)
+    result = fit(model, diffusion_loss(make_objective(OBJECTIVE, SCHEDULE)), _data(), None, config,
+                 state_dir=state_dir, kind="unet", key=StageKey.of(model=UNET, train=config),
+                 model_config=UNET, device=CPU, progress=False)
+    save_file(_weights(model, result.model), str(out / f"rank{dist.rank()}.safetensors"))
 
 
 def _weights(model: nn.Module, ema: nn.Module) -> dict[str, torch.Tensor]:
@@ -216,6 +234,22 @@ def test_two_process_sigkill_then_resume(two_process_run: tuple[Path, Path],
     assert resumed["calls"].item() == (TOTAL_STEPS - done) * (1000 + CONFIG.batch_size // 2)
     reference = load_file(str(two_process_run[1] / "rank0.safetensors"))
     _assert_close(_without_calls(resumed), _without_calls(reference), atol=0.0)
+
+
+def test_rank_zero_decides_when_to_save_by_time(two_process_run: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    # Were each rank to follow its own clock, only rank 0 would reach the checkpoint's barrier
+    # and the ranks would deadlock or mix up their collectives.
+    state_dir, out = tmp_path / "state", tmp_path / "out"
+    out.mkdir()
+    _spawn(_time_checkpoint_job, state_dir, out)
+    assert [p.name for p in list_checkpoints(state_dir)] == [
+        f"step-{TOTAL_STEPS:09d}.safetensors", f"step-{TOTAL_STEPS - 1:09d}.safetensors"]
+    rank0 = load_file(str(out / "rank0.safetensors"))
+    reference = _without_calls(load_file(str(two_process_run[1] / "rank0.safetensors")))
+    _assert_close(rank0, reference, atol=0.0)  # saving by time changed no number
+    assert all(torch.equal(rank0[k], v) for k, v in load_file(str(out / "rank1.safetensors")
+                                                               ).items())
 
 
 # ---------------------------------------------------------------- the CLI under torchrun

@@ -64,7 +64,7 @@ def test_a_model_file_is_not_a_latent_cache(tmp_path: Path) -> None:
     from latentdiffusion import checkpoint
 
     path = tmp_path / "vae.safetensors"
-    checkpoint.save_model(path, VAE(VAEConfig(channels=(4,))), VAEConfig(channels=(4,)))
+    checkpoint.save_model(path, VAE(VAEConfig(channels=(4,))), VAEConfig(channels=(4,)), key="k")
     with pytest.raises(CheckpointError, match="expected 'latents'"):
         latents.load(path)
 

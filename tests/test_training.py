@@ -24,8 +24,10 @@ from torch import nn
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
 from latentdiffusion.config import ObjectiveConfig, TrainConfig
 from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
-from latentdiffusion.errors import CheckpointError, LdmError, UsageError
+from latentdiffusion.errors import LdmError, UsageError
+from latentdiffusion.identity import StageKey
 from latentdiffusion.models import UNet
+from latentdiffusion.statedir import Resume, latest_checkpoint, list_checkpoints
 from latentdiffusion.training import (
     Batch,
     FitResult,
@@ -34,8 +36,6 @@ from latentdiffusion.training import (
     evaluate_loss,
     fit,
     init_model,
-    latest_checkpoint,
-    list_checkpoints,
     module_tensors,
 )
 
@@ -58,12 +58,17 @@ def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor]:
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
-def _fit(state_dir: Path, *, config: TrainConfig = CONFIG, resume: bool = False,
+def _key(config: TrainConfig) -> StageKey:
+    return StageKey.of(model=UNET, train=config, objective=OBJECTIVE)
+
+
+def _fit(state_dir: Path, *, config: TrainConfig = CONFIG, resume: Resume = "off",
          loss_fn: LossFn | None = None, val: bool = False) -> tuple[nn.Module, FitResult]:
     model = init_model(UNet, UNET, config.seed)
     result = fit(model, loss_fn or diffusion_loss(make_objective(OBJECTIVE, SCHEDULE)), _data(),
                  _data(16, 1) if val else None, config, state_dir=state_dir, kind="unet",
-                 model_config=UNET, device=CPU, resume=resume, progress=False)
+                 key=_key(config), model_config=UNET, device=CPU, resume=resume,
+                 progress=False)
     return model, result
 
 
@@ -213,7 +218,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert 2 <= done < TOTAL_STEPS
 
     calls: list[int] = []
-    model, result = _fit(state_dir, resume=True, loss_fn=_counting(calls))
+    model, result = _fit(state_dir, resume="strict", loss_fn=_counting(calls))
     assert len(calls) == TOTAL_STEPS - done  # it resumed, it did not start over
     _assert_same_weights(model, reference_model)
     _assert_same_weights(result.model, reference.model)
@@ -222,23 +227,26 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 def test_resume_without_checkpoints_starts_over(tmp_path: Path) -> None:
     calls: list[int] = []
-    _fit(tmp_path, resume=True, loss_fn=_counting(calls))
+    _fit(tmp_path, resume="strict", loss_fn=_counting(calls))
     assert len(calls) == TOTAL_STEPS
 
 
 def test_resume_of_a_finished_run_does_nothing(tmp_path: Path) -> None:
     model_a, _ = _fit(tmp_path)
     calls: list[int] = []
-    model_b, _ = _fit(tmp_path, resume=True, loss_fn=_counting(calls))
+    model_b, _ = _fit(tmp_path, resume="strict", loss_fn=_counting(calls))
     assert calls == []
     _assert_same_weights(model_a, model_b)
 
 
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     _fit(tmp_path)
-    other = CONFIG.__class__(**{**CONFIG.__dict__, "lr": 1e-3})
-    with pytest.raises(CheckpointError, match="different config"):
-        _fit(tmp_path, config=other, resume=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = dataclasses.replace(CONFIG, lr=1e-3)
+    with pytest.raises(UsageError, match=r"was made with another config \(train.lr: 0.003 -> "
+                                         r"0.001\); pass --force to start over"):
+        _fit(tmp_path, config=other, resume="strict")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path: Path) -> None:
@@ -281,7 +289,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path: Path,
 
     calls: list[int] = []
     with caplog.at_level(logging.WARNING, logger="latentdiffusion.training"):
-        model, result = _fit(state_dir, config=config, resume=True, loss_fn=_counting(calls))
+        model, result = _fit(state_dir, config=config, resume="strict", loss_fn=_counting(calls))
     assert len(calls) == 2  # resumed from step 6
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step-000000008.safetensors" in r.getMessage() for r in warnings)

@@ -95,13 +95,28 @@ def peek(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def save_model(path: str | os.PathLike[str], model: torch.nn.Module, config: Any,
+def model_hash(tensors: dict[str, torch.Tensor], key: str) -> str:
+    """What identifies a trained model to the stages after it: its weights and its stage key.
+    Not the file's checksum, which also covers how long training took: a resumed run must have
+    the hash of an uninterrupted one, or every later stage would rerun."""
+    return content_hash(tensors, {"key": key})
+
+
+def model_hash_of(header: dict[str, Any]) -> str:
+    """The model hash in a model file's header (the checksum for files written before it)."""
+    return str(header.get("model_hash") or header["sha256"])
+
+
+def save_model(path: str | os.PathLike[str], model: torch.nn.Module, config: Any, *, key: str,
                **meta: Any) -> str:
-    """Weights + config of a finished stage; returns the content hash later stages record."""
+    """Weights + config + stage key of a finished stage; returns its model hash."""
     from .config import to_dict
 
-    return save(path, model.state_dict(), kind=model.kind,  # type: ignore[arg-type]
-                config=to_dict(config), **meta)
+    tensors = model.state_dict()
+    digest = model_hash(tensors, key)
+    save(path, tensors, kind=model.kind,  # type: ignore[arg-type]
+         config=to_dict(config), key=key, model_hash=digest, **meta)
+    return digest
 
 
 M = TypeVar("M", bound=torch.nn.Module)

@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from . import data, stages
+from . import data, evaluation, generation, stages
 from . import distributed as dist
 from .config import PRESETS, RunConfig, SamplingConfig, preset
 from .diffusion import SAMPLERS
 from .errors import LdmError, UsageError
-from .fileio import run_dir_lock, write_json, write_npz
+from .fileio import run_dir_lock, write_json
+from .rundir import RunDir
+from .statedir import Resume
 
 EPILOG = """examples:
   ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
@@ -44,6 +45,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -81,10 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
+    p.add_argument("--checkpoint-seconds", type=_positive_float, metavar="SECONDS",
+                   help="also checkpoint after this much wall time (preset: 60)")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--force", action="store_true", help="start over, replacing the model")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the newest checkpoint made with the same config")
+    again.add_argument("--force", action="store_true",
+                       help="start over (the old model and checkpoints stay until replaced)")
 
     p = sub.add_parser("encode", help="cache the VAE latents of train and test",
                        formatter_class=fmt)
@@ -164,77 +180,78 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every))
+                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
+                                   ("checkpoint_seconds", args.checkpoint_seconds))
                  if v is not None}
     train_config = dataclasses.replace(getattr(config, field), **overrides)
     schedule = config.schedule
     if args.schedule:
         schedule = dataclasses.replace(schedule, kind=args.schedule)
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
     if not (args.resume or args.force) and (run.model(name).exists() or has_state):
         raise UsageError(f"{run.root} already has a {name} model or checkpoints; pass --resume "
                          "to continue or --force to start over")
     progress = not args.quiet
-    common = dict(device=device, resume=args.resume, progress=progress)
+    resume: Resume = "strict" if args.resume else "off"  # --force: "off" as well
     if name == "classifier":
-        header = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
-                                         **common)
+        trained = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
+                                          device=device, resume=resume, progress=progress)
     elif name == "vae":
-        header = stages.train_vae(args.data_dir, run, config.vae, train_config, **common)
+        trained = stages.train_vae(args.data_dir, run, config.vae, train_config, device=device,
+                                   resume=resume, progress=progress)
     else:
-        header = stages.train_diffusion(run, config.unet, schedule, config.objective,
-                                        train_config, **common)
+        trained = stages.train_diffusion(run, config.unet, schedule, config.objective,
+                                         train_config, device=device, resume=resume,
+                                         progress=progress)
+    header = trained.header
     last = header["history"][-1] if header["history"] else {}
     return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
                        **last})
 
 
 def _sample(args: argparse.Namespace, device: Any) -> str | None:
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     labels = None
     meta: dict[str, Any] = {}  # which sampler made the set and its model calls (NFE)
     if args.reconstruct:
         if args.model != "vae":
             raise UsageError("--reconstruct works with --model vae")
-        images, labels = stages.reconstruct(args.data_dir, run, args.reconstruct, device=device)
+        images, labels = generation.reconstruct(args.data_dir, run, args.reconstruct, device=device)
     else:
         spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
         # The config checks the sampler's name, steps, variance and eta before any work.
         sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
         if args.model == "diffusion":
-            meta = {"sampler": spec, "nfe": stages.model_calls(run, spec, device)}
-        images = stages.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
+            meta = {"sampler": spec, "nfe": generation.model_calls(run, spec, device)}
+        images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
                                  sampling=sampling, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
     if not dist.is_main():
         return None
-    from .plots import save_grid
-
-    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-    write_npz(args.out, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
-    save_grid(images, args.out.with_suffix(".png"))
+    generation.save_samples(args.out, images, labels, **meta)
     return json.dumps({"out": str(args.out), "n": len(images), **meta})
 
 
 def _evaluate(args: argparse.Namespace, device: Any) -> str:
     from .metrics import load_samples, random_images
 
-    run = stages.RunDir(args.run_dir)
+    run = RunDir(args.run_dir)
     if args.baselines:
         test_images, test_labels = data.load_split(args.data_dir, "test")
         train_images = data.load_split(args.data_dir, "train")[0]
         result: dict[str, Any] = {
-            "validation": stages.evaluate(args.data_dir, run, test_images, test_labels,
-                                          device=device, seed=args.seed),
-            "random": stages.evaluate(args.data_dir, run,
-                                      random_images(train_images, len(test_images), args.seed),
-                                      None, device=device, seed=args.seed)}
+            "validation": evaluation.evaluate(args.data_dir, run, test_images, test_labels,
+                                              device=device, seed=args.seed),
+            "random": evaluation.evaluate(args.data_dir, run,
+                                          random_images(train_images, len(test_images),
+                                                        args.seed),
+                                          None, device=device, seed=args.seed)}
     else:
         images, labels = load_samples(args.samples)
-        result = stages.evaluate(args.data_dir, run, images, labels, device=device,
-                                 seed=args.seed)
+        result = evaluation.evaluate(args.data_dir, run, images, labels, device=device,
+                                     seed=args.seed)
     if args.out and dist.is_main():
         write_json(args.out, result)
     return json.dumps(result)
@@ -251,7 +268,7 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import refresh_report
     from .sweep import run_sweep, summary
 
-    result = run_sweep(stages.RunDir(args.run_dir), args.data_dir, args.samplers.split(","),
+    result = run_sweep(RunDir(args.run_dir), args.data_dir, args.samplers.split(","),
                        _integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
                        device=device, batch_size=args.batch_size, progress=not args.quiet)
     refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
@@ -336,7 +353,7 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
     if args.command == "encode":
         # The config checks both choices, with the same one-line error as every other value.
         options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
-        header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), options.latent_mode,
+        header = stages.encode(args.data_dir, RunDir(args.run_dir), options.latent_mode,
                                options.latent_norm, device=device, seed=args.seed)
         return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],

@@ -65,11 +65,16 @@ class TrainConfig:
     # min(ema_decay, (1 + n) / (10 + n)): an average over roughly the last 10% of the steps
     # until the cap binds (0.999 binds from step ~9,000 on).
     ema_decay: float = 0.0
-    checkpoint_every: int = 500  # optimizer steps between crash-safe checkpoints
+    # A crash-safe checkpoint is saved after `checkpoint_every` optimizer steps or
+    # `checkpoint_seconds` of wall time, whichever comes first (and at the end). Saving changes
+    # no trained number, so neither is part of the stage key.
+    checkpoint_every: int = 500
+    checkpoint_seconds: float = 60.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _validate(self, positive=("epochs", "batch_size", "lr", "checkpoint_every"),
+        _validate(self, positive=("epochs", "batch_size", "lr", "checkpoint_every",
+                                  "checkpoint_seconds"),
                   unit=("ema_decay", "adam_beta2"))
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise UsageError("TrainConfig: weight_decay, warmup_steps, grad_clip must be >= 0")

@@ -74,6 +74,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def main_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank: for decisions that depend on its clock, such as when to
+    save, which every rank must take alike."""
+    if not dist.is_initialized():
+        return flag
+    decision = torch.tensor([int(flag)], device=device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's (n_r, ...) rows in rank order (n_r may differ by one)."""
     if not dist.is_initialized():

@@ -1,5 +1,6 @@
-"""`ldm run`: every stage in order, each skipped when its output was made from the same config
-and upstream hashes, so a second run is a no-op and an interrupted one continues."""
+"""`ldm run`: every stage in order, each skipped when its output was made under the same stage
+key (identity.py: configs and upstream hashes), so a second run is a no-op and an interrupted
+one continues. A stage whose key changed starts over; a forced one too."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, plots, report, stages
+from . import checkpoint, data, evaluation, generation, identity, plots, report, stages
 from . import distributed as dist
-from .config import RunConfig, ScheduleConfig, config_hash, from_dict, to_dict
+from .config import RunConfig, ScheduleConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
-from .fileio import write_json, write_npz
+from .fileio import write_json
 from .metrics import evaluate_images, load_samples, random_images
+from .rundir import RunDir
+from .statedir import Resume
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report")
@@ -45,16 +48,98 @@ class StageEvent:
     summary: str
 
 
-def _manifest(run: stages.RunDir) -> dict[str, Any]:
+def _manifest(run: RunDir) -> dict[str, Any]:
     try:
         return json.loads((run.root / "run.json").read_text())
     except (OSError, ValueError):
         return {"stages": {}}
 
 
-def _stored_key(path: Path, kind: str) -> str | None:
+def _made_with(path: Path, kind: str, key: str) -> bool:
+    """Whether `path` verifies, holds a file of `kind` and was made under the stage key."""
     header = checkpoint.peek(path)
-    return header.get("key") if header and header.get("kind") == kind else None
+    return header is not None and header.get("kind") == kind and header.get("key") == key
+
+
+def _model_hash(path: Path, kind: str) -> str:
+    return checkpoint.model_hash_of(checkpoint.load(path, kind=kind)[1])
+
+
+@dataclass
+class _Run:
+    """One `ldm run`: what it runs on, which stages are forced, and what run.json records."""
+
+    config: RunConfig
+    run: RunDir
+    data_dir: str | Path | None
+    device: torch.device
+    progress: bool
+    forced: set[str]
+    preset_name: str
+    on_stage: Callable[[StageEvent], None] | None
+    records: dict[str, Any]
+
+    def resume(self, name: str) -> Resume:
+        """A forced stage starts over; any other continues a checkpoint with its key."""
+        return "off" if name in self.forced else "auto"
+
+    def step(self, name: str, key: str, done: bool, work: Callable[[], str]) -> None:
+        skip = done and name not in self.forced
+        start = time.perf_counter()
+        summary = self.records.get(name, {}).get("summary", "") if skip else work()
+        seconds = 0.0 if skip else time.perf_counter() - start
+        if not skip:
+            self.records[name] = {"key": key, "seconds": seconds, "summary": summary}
+            if dist.is_main():
+                write_json(self.run.root / "run.json", {
+                    "stages": self.records, "preset": self.preset_name,
+                    "config": to_dict(self.config)})
+        dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
+        if self.on_stage and dist.is_main():
+            self.on_stage(StageEvent(name, skip, seconds, summary))
+
+    def recorded(self, name: str, key: str, *paths: Path) -> bool:
+        return self.records.get(name, {}).get("key") == key and all(p.exists() for p in paths)
+
+    @property
+    def sets(self) -> list[str]:
+        """Random, VAE prior, VAE reconstructions of test, each diffusion sampler."""
+        return ["random", "vae-prior", "vae-reconstruction", *self.config.sampling.samplers]
+
+    # ------------------------------------------------------------ each stage's work
+
+    def classifier(self) -> str:
+        c = self.config
+        return stages.train_classifier(
+            self.data_dir, self.run, c.classifier, c.classifier_train, device=self.device,
+            resume=self.resume("classifier"), progress=self.progress).summary()
+
+    def vae(self) -> str:
+        c = self.config
+        return stages.train_vae(self.data_dir, self.run, c.vae, c.vae_train, device=self.device,
+                                resume=self.resume("vae"), progress=self.progress).summary()
+
+    def encode(self) -> str:
+        c = self.config
+        stages.encode(self.data_dir, self.run, c.latent_mode, c.latent_norm, device=self.device,
+                      seed=c.vae_train.seed)
+        return "latents cached"
+
+    def diffusion(self) -> str:
+        c = self.config
+        return stages.train_diffusion(
+            self.run, c.unet, c.schedule, c.objective, c.diffusion_train, device=self.device,
+            resume=self.resume("diffusion"), progress=self.progress).summary()
+
+    def sample(self) -> str:
+        return _sample_all(self.run, self.data_dir, self.config, self.device, self.progress)
+
+    def evaluate(self) -> str:
+        return _evaluate_all(self.run, self.data_dir, self.sets, self.config.eval_samples,
+                             self.device)
+
+    def report(self) -> str:
+        return _report(self.run, self.data_dir, self.config, self.preset_name, self.records)
 
 
 def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None, *,
@@ -65,82 +150,45 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
     for name in force:
         if name not in STAGES:
             raise UsageError(f"--force: unknown stage {name!r} (choose from {', '.join(STAGES)})")
-    forced = {s for name in force for s in DOWNSTREAM[name]}
-    run = stages.RunDir(run_root)
-    manifest = _manifest(run)
-    records = manifest["stages"]
-
-    def step(name: str, key: str, done: bool, work: Callable[[], str]) -> None:
-        skip = done and name not in forced
-        start = time.perf_counter()
-        summary = records.get(name, {}).get("summary", "") if skip else work()
-        seconds = 0.0 if skip else time.perf_counter() - start
-        if not skip:
-            records[name] = {"key": key, "seconds": seconds, "summary": summary}
-            if dist.is_main():
-                write_json(run.root / "run.json", {"stages": records, "preset": preset_name,
-                                                   "config": to_dict(config)})
-        dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
-        if on_stage and dist.is_main():
-            on_stage(StageEvent(name, skip, seconds, summary))
-
-    def recorded(name: str, key: str, *paths: Path) -> bool:
-        return records.get(name, {}).get("key") == key and all(p.exists() for p in paths)
-
+    run = RunDir(run_root)
+    r = _Run(config, run, data_dir, device, progress,
+             forced={s for name in force for s in DOWNSTREAM[name]}, preset_name=preset_name,
+             on_stage=on_stage, records=_manifest(run)["stages"])
     c = config
-    # 1-2. classifier and VAE
-    for name, train_fn, model_cfg, train_cfg in (
-            ("classifier", stages.train_classifier, c.classifier, c.classifier_train),
-            ("vae", stages.train_vae, c.vae, c.vae_train)):
-        key = config_hash(model_cfg, train_cfg)
 
-        def work(fn: Any = train_fn, m: Any = model_cfg, t: Any = train_cfg) -> str:
-            header = fn(data_dir, run, m, t, device=device, resume=True, progress=progress)
-            return _history_summary(header["history"])
+    key = identity.model_key(c.classifier, c.classifier_train).digest
+    r.step("classifier", key, _made_with(run.model("classifier"), "classifier", key),
+           r.classifier)
+    key = identity.model_key(c.vae, c.vae_train).digest
+    r.step("vae", key, _made_with(run.model("vae"), "vae", key), r.vae)
 
-        step(name, key, _stored_key(run.model(name), name) == key, work)  # kind == name
+    vae_hash = _model_hash(run.model("vae"), "vae")
+    key = identity.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
+    r.step("encode", key, _made_with(run.latents, "latents", key), r.encode)
 
-    # 3. latents
-    vae_hash = checkpoint.load(run.model("vae"), kind="vae")[1]["sha256"]
-    latent_key = config_hash(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed)
-    step("encode", latent_key, _stored_key(run.latents, "latents") == latent_key,
-         lambda: (stages.encode(data_dir, run, c.latent_mode, c.latent_norm, device=device,
-                                seed=c.vae_train.seed), "latents cached")[1])
-
-    # 4. diffusion
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
-    diffusion_key = config_hash(c.unet, c.schedule, c.objective, c.diffusion_train,
-                                latents_hash)
-    step("diffusion", diffusion_key,
-         _stored_key(run.model("diffusion"), "unet") == diffusion_key,
-         lambda: _history_summary(stages.train_diffusion(
-             run, c.unet, c.schedule, c.objective, c.diffusion_train, device=device, resume=True,
-             progress=progress)["history"]))
+    key = identity.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
+                                 latents_hash).digest
+    r.step("diffusion", key, _made_with(run.model("diffusion"), "unet", key), r.diffusion)
 
-    # 5. samples: Random, VAE prior, VAE reconstructions of test, each diffusion sampler
-    diffusion_hash = checkpoint.load(run.model("diffusion"), kind="unet")[1]["sha256"]
-    sets = ["random", "vae-prior", "vae-reconstruction", *c.sampling.samplers]
-    sample_key = config_hash(vae_hash, diffusion_hash, c.sampling, c.eval_samples)
-    paths = [run.samples(s) for s in sets]
-    step("sample", sample_key, recorded("sample", sample_key, *paths),
-         lambda: _sample_all(run, data_dir, c, device, progress))
+    diffusion_hash = _model_hash(run.model("diffusion"), "unet")
+    sample_key = identity.samples_key(vae_hash, diffusion_hash, c.sampling,
+                                      c.eval_samples).digest
+    r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
+           r.sample)
 
-    # 6. evaluation
-    classifier_hash = checkpoint.load(run.model("classifier"), kind="classifier")[1]["sha256"]
-    eval_key = config_hash(sample_key, classifier_hash)
+    classifier_hash = _model_hash(run.model("classifier"), "classifier")
+    key = identity.evaluation_key(sample_key, classifier_hash).digest
     metrics_path = run.root / "metrics.json"
-    step("evaluate", eval_key, recorded("evaluate", eval_key, metrics_path),
-         lambda: _evaluate_all(run, data_dir, sets, c.eval_samples, device))
-
-    # 7. report (with the sweep of `ldm sweep`, when there is one)
-    report_key = config_hash(eval_key, _sweep_results(run))
-    report_paths = (run.root / "report.md", run.root / "report.html")
-    step("report", report_key, recorded("report", report_key, *report_paths),
-         lambda: _report(run, data_dir, c, preset_name, records))
+    r.step("evaluate", key, r.recorded("evaluate", key, metrics_path), r.evaluate)
+    key = identity.report_key(key, _sweep_results(run)).digest
+    r.step("report", key, r.recorded("report", key, run.root / "report.md",
+                                     run.root / "report.html"), r.report)
     return json.loads(metrics_path.read_text())
 
 
-def _sweep_results(run: stages.RunDir) -> dict[str, Any] | None:
+def _sweep_results(run: RunDir) -> dict[str, Any] | None:
+    """R/sweep.json of `ldm sweep`, when there is one."""
     try:
         found = json.loads((run.root / "sweep.json").read_text())
     except (OSError, ValueError):
@@ -150,7 +198,7 @@ def _sweep_results(run: stages.RunDir) -> dict[str, Any] | None:
 
 def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:
     """Write the report of a finished run again (after a sweep); False when there is none."""
-    run = stages.RunDir(run_root)
+    run = RunDir(run_root)
     manifest = _manifest(run)
     if "report" not in manifest.get("stages", {}):
         return False
@@ -159,39 +207,31 @@ def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:
     return True
 
 
-def _history_summary(history: list[dict[str, float]]) -> str:
-    if not history:
-        return "trained"
-    last = history[-1]
-    return ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
-
-
-def _sample_all(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig,
+def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,
                 device: torch.device, progress: bool) -> str:
     s = c.sampling
     sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     train_images = data.load_split(data_dir, "train")[0]
     sets["random"] = (random_images(train_images, c.eval_samples, s.seed), None)
-    sets["vae-prior"] = (stages.generate(run, "vae", c.eval_samples, s.seed, device=device,
-                                         batch_size=s.batch_size, progress=progress), None)
-    reconstructions, test_labels = stages.reconstruct(data_dir, run, "test", device=device)
+    sets["vae-prior"] = (generation.generate(run, "vae", c.eval_samples, s.seed, device=device,
+                                             batch_size=s.batch_size, progress=progress), None)
+    reconstructions, test_labels = generation.reconstruct(data_dir, run, "test", device=device)
     n = c.eval_samples
     sets["vae-reconstruction"] = (reconstructions[:n], test_labels[:n])
-    timings = {}
+    timings: dict[str, dict[str, float]] = {}
     for spec in s.samplers:
         start = time.perf_counter()
-        sets[spec] = (stages.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
-                                      sampling=s, device=device, batch_size=s.batch_size,
-                                      progress=progress), None)
+        sets[spec] = (generation.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
+                                          sampling=s, device=device, batch_size=s.batch_size,
+                                          progress=progress), None)
         timings[spec] = {"seconds": time.perf_counter() - start,
-                         "nfe": stages.model_calls(run, spec, device)}
+                         "nfe": generation.model_calls(run, spec, device)}
     if dist.is_main():
         for name, (images, labels) in sets.items():
-            arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-            if name in timings:  # which sampler made the set and its model calls
-                arrays.update(sampler=np.asarray(name), nfe=np.asarray(timings[name]["nfe"]))
-            write_npz(run.samples(name), **arrays)
-            plots.save_grid(images, run.samples(name).with_suffix(".png"))
+            made_by = timings.get(name)  # which sampler and its model calls, for diffusion sets
+            meta: dict[str, str | int] = ({"sampler": name, "nfe": int(made_by["nfe"])}
+                                          if made_by else {})
+            generation.save_samples(run.samples(name), images, labels, **meta)
         write_json(run.root / "samples" / "timings.json",
                    {k: {**v, "samples_per_second": s.num_samples / v["seconds"]}
                     for k, v in timings.items()})
@@ -199,9 +239,9 @@ def _sample_all(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig,
                      for k, v in timings.items())
 
 
-def _evaluate_all(run: stages.RunDir, data_dir: str | Path | None, sets: list[str],
+def _evaluate_all(run: RunDir, data_dir: str | Path | None, sets: list[str],
                   eval_samples: int, device: torch.device) -> str:
-    classifier, reference = stages.reference(data_dir, run, device)  # loaded once for all sets
+    classifier, reference = evaluation.reference(data_dir, run, device)  # loaded once for all sets
     results: dict[str, Any] = {}
     for name in sets:
         images, labels = load_samples(run.samples(name))
@@ -220,7 +260,7 @@ def _evaluate_all(run: stages.RunDir, data_dir: str | Path | None, sets: list[st
     return ", ".join(f"{k} FID {v['fid']:.3g}" for k, v in results.items())
 
 
-def _report(run: stages.RunDir, data_dir: str | Path | None, c: RunConfig, preset_name: str,
+def _report(run: RunDir, data_dir: str | Path | None, c: RunConfig, preset_name: str,
             records: dict) -> str:
     if not dist.is_main():
         return "written by rank 0"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .checkpoint import model_hash_of
 from .config import RunConfig, to_dict
 from .fileio import atomic_write
 from .sweep import table
@@ -90,7 +91,7 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     times = [(name, r["seconds"], r["summary"]) for name, r in records.items()]
     seeds = {"classifier": config.classifier_train.seed, "vae": config.vae_train.seed,
              "diffusion": config.diffusion_train.seed, "sampling": config.sampling.seed}
-    hashes = {name: h["sha256"][:16] for name, h in headers.items()}
+    hashes = {name: model_hash_of(h)[:16] for name, h in headers.items()}
     figures = _figures(root, metrics)
     intro = (f"Preset `{preset_name}`. FID is the Fréchet distance between the run's classifier "
              "features (128-d penultimate layer) of each set and of the 60,000 training digits; "

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data, plots, stages
+from . import checkpoint, data, evaluation, generation, plots
 from . import distributed as dist
 from .config import SamplingConfig, config_hash
 from .diffusion import SAMPLERS
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 SCORES = ("fid", "kid_mean", "kid_std", "precision", "recall")
@@ -47,7 +48,7 @@ def _load(path: Path, key: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and found.get("key") == key else None
 
 
-def run_sweep(run: stages.RunDir, data_dir: str | Path | None, samplers: Sequence[str],
+def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
               nfes: Sequence[int], num_samples: int, *, seed: int, device: torch.device,
               batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
     """Score every pair (resuming a sweep of the same models, N and seed); returns sweep.json."""
@@ -57,10 +58,10 @@ def run_sweep(run: stages.RunDir, data_dir: str | Path | None, samplers: Sequenc
     headers = {name: checkpoint.load(run.model(name), kind=kind)[1]
                for name, kind in (("classifier", "classifier"), ("vae", "vae"),
                                   ("diffusion", "unet"))}
-    key = config_hash(*(h["sha256"] for h in headers.values()), num_samples, seed)
+    key = config_hash(*map(checkpoint.model_hash_of, headers.values()), num_samples, seed)
     path = run.root / "sweep.json"
     sweep = _load(path, key) or {"key": key, "n": num_samples, "seed": seed, "results": {}}
-    classifier, reference = stages.reference(data_dir, run, device)
+    classifier, reference = evaluation.reference(data_dir, run, device)
     if "validation" not in sweep:
         test_images, test_labels = data.load_split(data_dir, "test")
         sweep["validation"] = _scores(evaluate_images(
@@ -69,12 +70,12 @@ def run_sweep(run: stages.RunDir, data_dir: str | Path | None, samplers: Sequenc
         if spec in sweep["results"]:
             continue
         start = time.perf_counter()
-        images = stages.generate(run, "diffusion", num_samples, seed, sampler=spec,
+        images = generation.generate(run, "diffusion", num_samples, seed, sampler=spec,
                                  sampling=SamplingConfig(samplers=(spec,)), device=device,
                                  batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
         scores = _scores(evaluate_images(classifier, images, reference, None, device))
-        nfe = stages.model_calls(run, spec, device)
+        nfe = generation.model_calls(run, spec, device)
         sweep["results"][spec] = {"sampler": spec.rpartition("-")[0], "nfe": nfe,
                                   "seconds": seconds, "samples_per_second": num_samples / seconds,
                                   **scores}

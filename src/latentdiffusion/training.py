@@ -12,26 +12,25 @@ import copy
 import functools
 import logging
 import math
-import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
 from . import distributed as dist
-from .config import TrainConfig, config_hash, to_dict
-from .errors import CheckpointError, LdmError
+from .config import TrainConfig, to_dict
+from .errors import LdmError
+from .identity import StageKey
 from .models import to_device
 from .rng import derive_seed, generator, randn
+from .statedir import Resume, StateDir
 
 log = logging.getLogger(__name__)
-KEEP_CHECKPOINTS = 2
 # Validation is forward-only, and a larger batch is cheaper per sample (the UNet on 8x8 latents:
 # 1.8 s per 10k at 1024 against 3.1 s at 64, 2 cores).
 VAL_BATCH_SIZE = 1024
@@ -71,6 +70,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class FitResult:
     model: nn.Module  # the EMA weights when the EMA is on, else the trained weights
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: Path | None = None  # the checkpoint this run continued
 
 
 def init_model(cls: Callable[[Any], nn.Module], config: Any, seed: int) -> nn.Module:
@@ -180,31 +180,17 @@ def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
-def list_checkpoints(state_dir: Path) -> list[Path]:
-    """Training checkpoints, newest first."""
-    return sorted(state_dir.glob("step-*.safetensors"), reverse=True)
-
-
-def latest_checkpoint(state_dir: Path, kind: str) -> tuple[Path, dict, dict] | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-    for path in list_checkpoints(state_dir):
-        try:
-            tensors, meta = checkpoint.load(path, kind=kind)
-        except CheckpointError as err:
-            log.warning("skipping %s", err)
-            continue
-        return path, tensors, meta
-    return None
-
-
 def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         val_data: Sequence[torch.Tensor] | None, config: TrainConfig, *, state_dir: Path,
-        kind: str, model_config: Any, device: torch.device, resume: bool = False,
-        progress: bool = True, val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
-        ) -> FitResult:
-    """Train `model` on in-memory tensors; `state_dir` holds the crash-safe checkpoints."""
-    state_kind = f"train-state/{kind}"
-    key = config_hash(model_config, config)
+        kind: str, key: StageKey, model_config: Any, device: torch.device,
+        resume: Resume = "off", progress: bool = True,
+        val_metrics: Callable[[nn.Module], dict[str, float]] | None = None) -> FitResult:
+    """Train `model` on in-memory tensors; `state_dir` holds the crash-safe checkpoints.
+
+    `key` is the stage's identity (identity.py): only a checkpoint with the same key is
+    resumed. Everything is checked before anything is written, and old checkpoints are removed
+    only once this run has saved its first one (statedir.py).
+    """
     n = len(train_data[0])
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch == 0:
@@ -213,6 +199,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         raise LdmError(f"batch size {config.batch_size} is not divisible by the "
                        f"{dist.world_size()} processes")
     total_steps = config.epochs * steps_per_epoch
+    checkpoints = StateDir(state_dir, f"train-state/{kind}", key, resume)
 
     to_device(model, device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
@@ -220,20 +207,16 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     history: list[dict[str, float]] = []
     step, loss_sum, loss_count = 0, 0.0, 0
     torch.manual_seed(derive_seed(config.seed, dist.rank()))  # dropout: torch's global RNG
-    found = latest_checkpoint(state_dir, state_kind) if resume else None
     last_good: Path | None = None
-    if found:
-        last_good, tensors, meta = found
-        if meta["key"] != key:
-            raise CheckpointError(f"{last_good} was made with a different config; start over "
-                                  "with --force (or use another --run-dir)")
+    if checkpoints.resume_from:
+        last_good, tensors, meta = checkpoints.resume_from
         model.load_state_dict(_prefixed("model.", tensors))
         if ema is not None:
             ema.load_state_dict(_prefixed("ema.", tensors))
         _load_optimizer(optimizer, tensors, meta["optimizer"])
         step, history = meta["step"], meta["history"]
         loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
-        _restore_rng(tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])  # dropout's stream
         log.info("resumed %s from %s (step %d of %d)", kind, last_good.name, step, total_steps)
 
     wrapped: nn.Module = model
@@ -247,21 +230,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
             tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         optim_tensors, optim_meta = _optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
-        rng_tensors, rng_meta = _rng_state()
-        tensors.update(rng_tensors)
-        path = state_dir / f"step-{step:09d}.safetensors"
-        checkpoint.save(path, tensors, state_kind, key=key, step=step, history=history,
-                        loss_sum=loss_sum, loss_count=loss_count, optimizer=optim_meta,
-                        rng=rng_meta, config=to_dict(config), model_config=to_dict(model_config))
-        for old in list_checkpoints(state_dir)[KEEP_CHECKPOINTS:]:
-            old.unlink(missing_ok=True)
-        return path
+        # The torch RNG drives dropout; nothing draws from numpy's or Python's global RNG.
+        tensors["rng.torch"] = torch.get_rng_state()
+        return checkpoints.save(step, tensors, history=history, loss_sum=loss_sum,
+                                loss_count=loss_count, optimizer=optim_meta,
+                                config=to_dict(config), model_config=to_dict(model_config))
 
     model_tensors = module_tensors(model)
     ema_tensors = module_tensors(ema) if ema is not None else None
     bar = tqdm(total=total_steps, initial=step, desc=kind, leave=False,
                disable=not (progress and dist.is_main()))
     order: torch.Tensor | None = None
+    last_save = time.monotonic()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         if order is None or position == 0:
@@ -295,12 +275,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
                                       val_data, config, device, val_metrics))
             log.info("%s epoch %d: %s", kind, epoch + 1, history[-1])
             loss_sum, loss_count = 0.0, 0
-        if step % config.checkpoint_every == 0 or step == total_steps:
+        save_now = step % config.checkpoint_every == 0 or step == total_steps
+        if not save_now:  # by time as well: rank 0's clock decides for every rank
+            save_now = dist.main_decides(
+                time.monotonic() - last_save >= config.checkpoint_seconds, device)
+        if save_now:
             if dist.is_main():
                 last_good = save_state()
             dist.barrier()
+            last_save = time.monotonic()
     bar.close()
-    return FitResult(model=(ema or model).eval(), history=history)
+    return FitResult(model=(ema or model).eval(), history=history,
+                     resumed_from=checkpoints.resume_from[0] if checkpoints.resume_from else None)
 
 
 def _end_epoch(epoch: int, train_loss: float, model: nn.Module, loss_fn: LossFn,
@@ -317,21 +303,3 @@ def _end_epoch(epoch: int, train_loss: float, model: nn.Module, loss_fn: LossFn,
         record.update(val_metrics(model))
     model.train(was_training)
     return record
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    version, py_state, gauss = random.getstate()
-    tensors = {"rng.torch": torch.get_rng_state(),
-               "rng.numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
-    meta = {"numpy": [kind, pos, has_gauss, cached], "python": [version, list(py_state), gauss]}
-    return tensors, meta
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    kind, pos, has_gauss, cached = meta["rng"]["numpy"]
-    keys = tensors["rng.numpy"].numpy().astype(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, cached))
-    version, py_state, gauss = meta["rng"]["python"]
-    random.setstate((version, tuple(py_state), gauss))

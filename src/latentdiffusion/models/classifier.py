@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ClassifierConfig
@@ -39,3 +40,24 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))  # (B, 10) logits
+
+
+def random_shift(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                 max_shift: int) -> torch.Tensor:
+    """Training augmentation: translate each (1, H, W) image by (dx, dy) - max_shift pixels,
+    filling with black."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, 0, rows, cols].unsqueeze(1)  # (B, 1, H, W)
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 1000) -> float:
+    """Fraction of (N, 1, 28, 28) images whose predicted class is their label (N,)."""
+    correct = sum(int((classifier(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size])
+                      .sum()) for i in range(0, len(images), batch_size))
+    return correct / max(len(images), 1)

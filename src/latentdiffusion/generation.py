@@ -1,0 +1,99 @@
+"""Digits from a run's models: VAE prior samples, diffusion samples decoded by the VAE, VAE
+reconstructions, and the samples file every generator writes (`.npz` plus a `.png` grid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import checkpoint, data, latents
+from . import distributed as dist
+from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
+from .diffusion import Denoiser, NoiseSchedule, sample, samplers
+from .diffusion.objective import make_objective
+from .errors import CheckpointError, UsageError
+from .fileio import write_npz
+from .models import VAE, UNet
+from .rng import generator, randn
+from .rundir import RunDir
+
+ModelName = Literal["vae", "diffusion"]
+
+
+def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
+                  ) -> tuple[Denoiser, dict[str, Any]]:
+    """The run's trained denoiser D(x, sigma), whatever its objective, and its model header."""
+    unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
+    if header.get("vae_hash") != vae_hash:
+        raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
+                              "VAE; retrain it (ldm encode, ldm train diffusion)")
+    schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
+    objective = make_objective(from_dict(ObjectiveConfig, header["objective"]), schedule)
+    return objective.denoiser(unet), header
+
+
+def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
+    """The NFE of one run of `sampler` ('ddpm-25', 'heun', ...) on the run's denoiser."""
+    vae_hash = checkpoint.model_hash_of(checkpoint.load(run.model("vae"), kind="vae")[1])
+    return samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
+
+
+@torch.no_grad()
+def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
+             sampler: str = "ddim-50", sampling: SamplingConfig | None = None,
+             device: torch.device, batch_size: int = 500, progress: bool = True) -> np.ndarray:
+    """uint8 (N, 28, 28) digits; sample i depends only on (seed, i), not on batch or world size."""
+    if num_samples <= 0 or batch_size <= 0:
+        raise UsageError("the number of samples and the batch size must be > 0")
+    sampling = sampling or SamplingConfig()
+    vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
+    c, s = vae.config.latent_channels, vae.config.latent_size
+    if model == "diffusion":
+        denoiser, header = load_denoiser(run, checkpoint.model_hash_of(vae_header), device)
+        shift, scale = tuple(header["shift"]), tuple(header["scale"])
+    mine = list(range(dist.rank(), num_samples, dist.world_size()))
+    chunks = []
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        generators = [generator(seed, i) for i in indices]
+        x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
+        if model == "diffusion":
+            x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
+                        generator=generators, progress=progress)
+            chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
+        else:
+            chunks.append(vae.decode(x_T).cpu())  # the VAE prior N(0, I)
+    images = torch.cat(chunks) if chunks else torch.empty(0, 1, 28, 28)
+    gathered = dist.all_gather_rows(images.to(device)).cpu()
+    order = np.concatenate([np.arange(r, num_samples, dist.world_size())
+                            for r in range(dist.world_size())])
+    result = torch.empty_like(gathered)
+    result[torch.from_numpy(order)] = gathered
+    return data.to_uint8(result)
+
+
+@torch.no_grad()
+def reconstruct(data_dir: str | Path | None, run: RunDir, split: data.Split, *,
+                device: torch.device, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """VAE reconstructions (decoded posterior means) of a split, with its true labels."""
+    vae, _ = checkpoint.load_model(run.model("vae"), VAE, device)
+    images, labels = data.load_split(data_dir, split)
+    out = []
+    for start in range(0, len(images), batch_size):
+        mean, _ = vae.encode(data.to_unit_tensor(images[start:start + batch_size]).to(device))
+        out.append(vae.decode(mean).cpu())
+    return data.to_uint8(torch.cat(out)), labels
+
+
+def save_samples(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
+                 **meta: str | int) -> None:
+    """The samples file (`images` uint8 (N, 28, 28), optional `labels` (N,), and `meta` such as
+    the `sampler` and its `nfe` as 0-d arrays) and a .png grid."""
+    from .plots import save_grid  # matplotlib: only when writing
+
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    write_npz(path, **arrays, **{k: np.asarray(v) for k, v in meta.items()})
+    save_grid(images, path.with_suffix(".png"))

@@ -1,0 +1,101 @@
+"""Stage keys: everything a stage's output depends on, as named parts and one digest.
+
+A key is a flat dict of JSON values, e.g. {"schedule.kind": "cosine", "train.lr": 0.008,
+"latents": "<sha256 of the latents file>"}, and the digest of that dict. Every key is built
+here and nowhere else: `fit` stores it in each checkpoint and continues only a checkpoint with
+the same digest, the stage stores it in its output file, `ldm run` compares it to decide what
+to skip, and the named parts let a refusal say what changed.
+
+How often a run saves (`checkpoint_every`, `checkpoint_seconds`) is not part of a key: saving
+changes no trained number, so a run may resume with another cadence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .config import (
+    LatentMode,
+    LatentNorm,
+    ObjectiveConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    TrainConfig,
+    UNetConfig,
+    config_hash,
+    to_dict,
+)
+
+NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
+_HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
+
+
+@dataclass(frozen=True)
+class StageKey:
+    fields: dict[str, Any]  # flat: "<part>.<config field>" or "<part>" -> JSON value
+
+    @classmethod
+    def of(cls, **parts: Any) -> StageKey:
+        """Configs (dataclasses) become "<part>.<field>" entries; other values stay as they are."""
+        fields: dict[str, Any] = {}
+        for name, part in parts.items():
+            if dataclasses.is_dataclass(part):
+                fields.update({f"{name}.{k}": v for k, v in to_dict(part).items()
+                               if k not in NOT_IN_KEY})
+            else:
+                fields[name] = part
+        return cls(json.loads(json.dumps(fields)))  # tuples -> lists, as a JSON header holds them
+
+    @property
+    def digest(self) -> str:
+        return config_hash(self.fields)
+
+    def changes_from(self, old_fields: dict[str, Any] | None) -> str:
+        """'schedule.kind: cosine -> linear, ...': what differs from an older key's fields."""
+        if not isinstance(old_fields, dict):
+            return "made by an older latentdiffusion"
+        names = sorted(set(old_fields) | set(self.fields))
+        changed = [f"{name}: {_show(old_fields.get(name))} -> {_show(self.fields.get(name))}"
+                   for name in names if old_fields.get(name) != self.fields.get(name)]
+        return ", ".join(changed) or "same fields, another digest"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, str):
+        return value[:12] if len(value) == _HASH_LENGTH else value
+    return json.dumps(value)
+
+
+def model_key(model: Any, train: TrainConfig) -> StageKey:
+    """The classifier and the VAE: their configs (the data set is fixed)."""
+    return StageKey.of(model=model, train=train)
+
+
+def latents_key(vae_hash: str, mode: LatentMode, norm: LatentNorm, seed: int) -> StageKey:
+    return StageKey.of(vae=vae_hash, mode=mode, norm=norm, seed=seed)
+
+
+def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: ObjectiveConfig,
+                  train: TrainConfig, latents_hash: str) -> StageKey:
+    return StageKey.of(model=unet, schedule=schedule, objective=objective, train=train,
+                       latents=latents_hash)
+
+
+def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,
+                eval_samples: int) -> StageKey:
+    return StageKey.of(vae=vae_hash, diffusion=diffusion_hash, sampling=sampling,
+                       eval_samples=eval_samples)
+
+
+def evaluation_key(samples_digest: str, classifier_hash: str) -> StageKey:
+    return StageKey.of(samples=samples_digest, classifier=classifier_hash)
+
+
+def report_key(evaluation_digest: str, sweep: dict[str, Any] | None) -> StageKey:
+    """The report shows the evaluation and, when `ldm sweep` wrote one, the sweep."""
+    return StageKey.of(evaluation=evaluation_digest, sweep=config_hash(sweep))
