@@ -43,6 +43,19 @@ def _positive(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63  # torch and numpy generators take 64-bit seeds; signed keeps every API happy
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
         p.add_argument("--data-dir", metavar="DIR",
@@ -75,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive)
     p.add_argument("--batch-size", type=_positive, help="global batch size")
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -89,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean (posterior mean) or sample")
     p.add_argument("--latent-norm", default=latents_default.latent_norm,
                    help="global (one 1/std factor) or channel (standardise each channel)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
     _common(p)
@@ -99,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
     p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity")
     p.add_argument("-n", "--num-samples", type=_positive, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
     p.add_argument("--out", type=Path, required=True, help="output .npz (a .png grid beside it)")
@@ -111,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--samples", type=Path, metavar="FILE.npz")
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
     p.add_argument("--out", type=Path, help="also write the JSON here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
-    p.add_argument("--seed", type=int, help="seed every stage (default: the preset's)")
+    p.add_argument("--seed", type=_seed, help="seed every stage (default: the preset's)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
     return parser

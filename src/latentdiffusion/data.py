@@ -88,6 +88,8 @@ def _find(data_dir: Path, stem: str) -> Path:
     for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
         if candidate.is_file():
             return candidate
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is not a directory; pass --data-dir DIR")
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR or run "
                         f"`ldm data download --data-dir {data_dir}`")
@@ -192,7 +194,13 @@ def download(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist",
     """Fetch missing files from the registry's mirrors, verify MD5, write atomically."""
     info = dataset_info(dataset)
     root = resolve_data_dir(data_dir, dataset)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a regular file (or one on the way) where the directory goes
+        raise DataError(f"cannot download into {root}: it exists and is not a directory; pass "
+                        "another --data-dir") from None
+    except OSError as err:
+        raise DataError(f"cannot create data directory {root}: {err.strerror}") from None
     for name, md5 in info.md5.items():
         target = root / name
         if target.is_file() and md5sum(target) == md5:
