@@ -3,11 +3,15 @@ and a rebuilt file, never a traceback, and leaves what the user had in place."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from test_cli_errors import CPU, assert_fails
+from conftest import write_dataset
+from latentdiffusion.cli import main
+from test_cli_errors import CPU, assert_fails, ldm
 
 # ---------------------------------------------------------------- arguments
 
@@ -46,3 +50,44 @@ def test_lock_that_is_a_directory(capsys: pytest.CaptureFixture[str], data_dir: 
     assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir", data_dir,
                  "--run-dir", run, *CPU, match=f"{run / '.lock'} is a directory")
     assert (run / ".lock").is_dir()
+
+
+# ---------------------------------------------------------------- damaged state files
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data dir, run dir of a finished `ldm run --preset tiny`), made once for this module."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = write_dataset(root / "data", n_train=48, n_test=24)
+    run = root / "run"
+    assert main(["run", "--preset", "tiny", "--data-dir", str(data), "--run-dir", str(run),
+                 *CPU, "--quiet"]) == 0
+    return data, run
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("run.json", "{}"), ("run.json", "[]"), ("run.json", "null"),
+    ("run.json", '{"stages": []}'), ("run.json", '{"stages": {"vae": 3}}'),
+    ("run.json", "\x00garbled"), ("metrics.json", "{garbled"), ("metrics.json", "[]"),
+    ("metrics.json", '{"validation": {"n": 1}}')])
+def test_damaged_state_file_is_reported_and_rebuilt(
+        capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, Path], tmp_path: Path,
+        name: str, content: str) -> None:
+    data, finished = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / name).write_text(content)
+    model = (run / "diffusion.safetensors").read_bytes()
+    code, out, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", data, "--run-dir", run,
+                         *CPU, "--quiet")
+    assert code == 0, err
+    reported = [line for line in err.splitlines() if "damaged" in line]
+    assert len(reported) == 1 and reported[0].startswith(f"{run / name} is damaged ("), err
+    assert reported[0].endswith("; rebuilding it") and "Traceback" not in err
+    assert json.loads(out)["fid"]["validation"]["n"] == 24
+    # Rebuilt: the stages that reran are recorded (trained ones were found by their hashes).
+    assert {"sample", "evaluate"} <= json.loads((run / "run.json").read_text())["stages"].keys()
+    assert json.loads((run / "metrics.json").read_text()).keys() == json.loads(
+        (finished / "metrics.json").read_text()).keys()
+    assert (run / "diffusion.safetensors").read_bytes() == model  # not retrained

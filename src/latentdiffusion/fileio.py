@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,53 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str], valid: Callable[[Any], bool]) -> Any | None:
+    """A state file this program wrote: its JSON if `valid(it)`, else None. Missing is quiet;
+    unreadable, garbled or of the wrong shape is logged as a warning, for the caller rebuilds
+    it (a damaged state file must never stop a run)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        log.warning("%s is damaged (%s); rebuilding it", path, str(err)[:80])
+        return None
+    if not valid(value):
+        log.warning("%s is damaged (not the layout this version writes); rebuilding it", path)
+        return None
+    return value
+
+
+def _is_manifest(value: Any) -> bool:
+    stages = value.get("stages") if isinstance(value, dict) else None
+    return isinstance(stages, dict) and all(isinstance(r, dict) for r in stages.values())
+
+
+# The fields of each set that `ldm run`'s summary and the report read.
+_METRIC_FIELDS = ("n", "fid", "fid_over_validation", "kid_mean", "kid_std", "precision",
+                  "recall", "class_entropy_bits", "class_histogram")
+
+
+def _is_metrics(value: Any) -> bool:
+    return (isinstance(value, dict) and "validation" in value
+            and all(isinstance(m, dict) and all(k in m for k in _METRIC_FIELDS)
+                    and isinstance(m["fid"], (int, float)) for m in value.values()))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """R/run.json (which config and upstream hashes made each stage); empty when missing or
+    damaged, so every stage is checked again against its outputs."""
+    manifest = read_json(path, _is_manifest)
+    return manifest if manifest is not None else {"stages": {}}
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """R/metrics.json; None when missing or damaged, so the evaluation is redone."""
+    metrics: dict[str, Any] | None = read_json(path, _is_metrics)
+    return metrics
 
 
 def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from . import distributed as dist
 from .config import RunConfig, ScheduleConfig, config_hash, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
-from .fileio import write_json, write_npz
+from .fileio import read_manifest, read_metrics, write_json, write_npz
 from .metrics import evaluate_images, load_samples, random_images
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,7 @@ class StageEvent:
 
 
 def _manifest(run: stages.RunDir) -> dict[str, Any]:
-    try:
-        return json.loads((run.root / "run.json").read_text())
-    except (OSError, ValueError):
-        return {"stages": {}}
+    return read_manifest(run.root / "run.json")
 
 
 def _stored_key(path: Path, kind: str) -> str | None:
@@ -129,14 +126,15 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
     classifier_hash = checkpoint.load(run.model("classifier"), kind="classifier")[1]["sha256"]
     eval_key = config_hash(sample_key, classifier_hash)
     metrics_path = run.root / "metrics.json"
-    step("evaluate", eval_key, recorded("evaluate", eval_key, metrics_path),
+    step("evaluate", eval_key,
+         recorded("evaluate", eval_key) and read_metrics(metrics_path) is not None,
          lambda: _evaluate_all(run, data_dir, sets, c.eval_samples, device))
 
     # 7. report
     report_paths = (run.root / "report.md", run.root / "report.html")
     step("report", eval_key, recorded("report", eval_key, *report_paths),
          lambda: _report(run, data_dir, c, preset_name, records))
-    return json.loads(metrics_path.read_text())
+    return read_metrics(metrics_path) or {}  # rank 0 wrote a valid one in the step above
 
 
 def _history_summary(history: list[dict[str, float]]) -> str:
