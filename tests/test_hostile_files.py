@@ -1,0 +1,104 @@
+"""Files whose headers lie: IDX dimensions past 2**64 or past the data, gzip bombs, samples
+.npz declaring a billion images, a model that is /dev/zero. Each is refused in one line after
+reading its header, without allocating what the header claims (memory measured in a child)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+
+from latentdiffusion.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
+from latentdiffusion.errors import DataError
+from test_cli_errors import assert_fails
+
+MiB = 1 << 20
+
+
+def _gzip_with_zeros(path: Path, head: bytes, zeros: int) -> None:
+    """`head` then `zeros` zero bytes, gzipped in blocks (a small file that expands a lot)."""
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    with open(path, "wb") as f:
+        f.write(packer.compress(head))
+        block = bytes(MiB)
+        for start in range(0, zeros, MiB):
+            f.write(packer.compress(block[:min(MiB, zeros - start)]))
+        f.write(packer.flush())
+
+
+def _peak_growth_mib(code: str) -> float:
+    """Growth of the peak resident memory (MiB) of a fresh interpreter while running `code`,
+    after the imports. `code` must not raise."""
+    script = textwrap.dedent("""
+        import resource, sys
+        from latentdiffusion import data, metrics, checkpoint
+        from latentdiffusion.errors import LdmError
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            {code}
+        except LdmError as err:
+            print(str(err)[:60], file=sys.stderr)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) / 1024)
+    """).format(code=code)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.strip())
+
+
+# ---------------------------------------------------------------- IDX
+
+
+def test_idx_dimensions_past_2_to_the_64(capsys: pytest.CaptureFixture[str],
+                                         data_dir: Path) -> None:
+    path = data_dir / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">4I", IMAGE_MAGIC, 2**22, 2**22, 2**20)))
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", data_dir,
+                 match=f"{path}: images are 4194304x1048576, expected 28x28")
+
+
+def test_idx_declaring_more_items_than_any_mnist_file(tmp_path: Path) -> None:
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(struct.pack(">2I", LABEL_MAGIC, 2**32 - 1)))
+    with pytest.raises(DataError, match="declares 4294967295 items, more than the 1000000"):
+        read_idx(path, LABEL_MAGIC)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_with_data_past_its_header(tmp_path: Path, gz: bool) -> None:
+    path = tmp_path / ("images.gz" if gz else "images")
+    head = struct.pack(">4I", IMAGE_MAGIC, 2, 28, 28)
+    if gz:
+        _gzip_with_zeros(path, head, 2 * 784 + 5)
+    else:
+        path.write_bytes(head + bytes(2 * 784 + 5))
+    with pytest.raises(DataError, match="does not match its header 2x28x28 .* it holds data "
+                                        "past what its header declares") as err:
+        read_idx(path, IMAGE_MAGIC)
+    assert ("more than 1584" if gz else "size 1589 bytes") in str(err.value)
+
+
+def test_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path: Path) -> None:
+    # 10 images declared, 64 MiB inside (a 65 kB file): the reader stops one byte past the 10.
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _gzip_with_zeros(path, struct.pack(">4I", IMAGE_MAGIC, 10, 28, 28), 64 * MiB)
+    growth = _peak_growth_mib(f"data.read_idx(data.Path({str(path)!r}), data.IMAGE_MAGIC)")
+    assert growth < 16, growth
+
+
+def test_idx_header_promising_far_more_than_the_file_holds(tmp_path: Path) -> None:
+    # 999,999 images declared (784 MB), 100 present: only what is there is ever touched.
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _gzip_with_zeros(path, struct.pack(">4I", IMAGE_MAGIC, 999_999, 28, 28), 100 * 784)
+    with pytest.raises(DataError, match="the file is truncated"):
+        read_idx(path, IMAGE_MAGIC)
+    growth = _peak_growth_mib(f"data.read_idx(data.Path({str(path)!r}), data.IMAGE_MAGIC)")
+    assert growth < 16, growth
+
