@@ -5,18 +5,23 @@ reading its header, without allocating what the header claims (memory measured i
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from latentdiffusion import metrics
 from latentdiffusion.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from latentdiffusion.errors import DataError
-from test_cli_errors import assert_fails
+from latentdiffusion.metrics import load_samples
+from test_cli_errors import CPU, assert_fails
 
 MiB = 1 << 20
 
@@ -34,18 +39,26 @@ def _gzip_with_zeros(path: Path, head: bytes, zeros: int) -> None:
 
 def _peak_growth_mib(code: str) -> float:
     """Growth of the peak resident memory (MiB) of a fresh interpreter while running `code`,
-    after the imports. `code` must not raise."""
+    after the imports; an LdmError from `code` is expected and printed."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak memory")
     script = textwrap.dedent("""
-        import resource, sys
+        import sys
         from latentdiffusion import data, metrics, checkpoint
         from latentdiffusion.errors import LdmError
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def peak_kib():
+            status = open("/proc/self/status").read()
+            return int(status.split("VmHWM:")[1].split()[0])
+
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak to the current size: the imports' peak is not ours
+        before = peak_kib()
         try:
             {code}
         except LdmError as err:
             print(str(err)[:60], file=sys.stderr)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) / 1024)
+        print((peak_kib() - before) / 1024)
     """).format(code=code)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
@@ -102,3 +115,51 @@ def test_idx_header_promising_far_more_than_the_file_holds(tmp_path: Path) -> No
     growth = _peak_growth_mib(f"data.read_idx(data.Path({str(path)!r}), data.IMAGE_MAGIC)")
     assert growth < 16, growth
 
+
+
+# ---------------------------------------------------------------- samples .npz
+
+
+def _npz_declaring(path: Path, shape: tuple[int, ...], data: bytes, descr: str = "|u1") -> None:
+    """An .npz whose images.npy header declares `shape` but holds `data`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False,
+                                                  "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("images.npy", header.getvalue() + data)
+
+
+def test_npz_declaring_a_billion_images(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    path = tmp_path / "huge.npz"
+    _npz_declaring(path, (10**9, 28, 28), bytes(2 * 784))
+    line = assert_fails(capsys, 1, "evaluate", "--samples", path, "--run-dir", tmp_path / "run",
+                        *CPU, match=f"{path}: images.npy declares (1000000000, 28, 28)")
+    assert "holds 1696 bytes; the file is corrupt" in line
+
+
+def test_npz_with_more_images_than_one_evaluation_holds(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "MAX_SAMPLES", 10)
+    path = tmp_path / "many.npz"
+    np.savez(path, images=np.zeros((11, 28, 28), np.uint8))
+    with pytest.raises(DataError, match="11 images, more than the 10 one evaluation holds"):
+        load_samples(path)
+
+
+def test_npz_of_the_wrong_shape_is_refused_before_loading(tmp_path: Path) -> None:
+    # 64 MiB of (N, 32, 32) images in a 65 kB file: refused from its header alone.
+    path = tmp_path / "wrong.npz"
+    np.savez_compressed(path, images=np.zeros((65536, 32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"shape \(N, 28, 28\) with N > 0, got \(65536, 32, 32\)"):
+        load_samples(path)
+    growth = _peak_growth_mib(f"metrics.load_samples({str(path)!r})")
+    assert growth < 16, growth
+
+
+@pytest.mark.parametrize("descr", ["<f4", "|O"])
+def test_npz_of_the_wrong_dtype_is_refused_from_its_header(tmp_path: Path, descr: str) -> None:
+    path = tmp_path / "wrong.npz"
+    _npz_declaring(path, (2, 28, 28), bytes(2 * 784 * (4 if descr == "<f4" else 8)), descr)
+    with pytest.raises(DataError, match="images must be uint8"):
+        load_samples(path)

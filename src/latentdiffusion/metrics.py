@@ -27,8 +27,11 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
-# What np.load raises for a truncated or garbled .npz besides OSError / ValueError.
-_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError)
+# Images one samples file may hold: evaluation keeps them and their features in memory.
+MAX_SAMPLES = 1_000_000
+# What np.load raises for a truncated or garbled .npz besides OSError / ValueError (zipfile:
+# RuntimeError for an encrypted member, NotImplementedError for an unknown compression).
+_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -213,33 +216,72 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     return result
 
 
+def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
+
+    Each header is checked against the size the zip records for its member, so a header
+    that declares a billion images is refused before numpy allocates them.
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:  # FileNotFoundError / IsADirectoryError: the caller's
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise DataError(f"{path} is a single .npy array; save samples with "
+                            "np.savez(path, images=...)")
+        raise DataError(f"{path} is not a readable .npz samples file (not a zip archive)")
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{member.filename}: .npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                declared = f.tell() + math.prod(shape) * dtype.itemsize
+            if declared != member.file_size:
+                raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
+                                f"({declared} bytes) but holds {member.file_size} bytes; the "
+                                "file is corrupt")
+            arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
+    return arrays
+
+
+def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """The declared dtypes and shapes of a samples file, before anything is loaded."""
+    if "images" not in arrays:
+        raise DataError(f"{path}: no 'images' array (found: {', '.join(arrays)})")
+    shape, dtype = arrays["images"]
+    if dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8 in 0..255, got {dtype} (convert "
+                        "with (x * 255).round().clip(0, 255).astype(np.uint8))")
+    if len(shape) != 3 or shape[1:] != (28, 28) or shape[0] == 0:
+        raise DataError(f"{path}: images must have shape (N, 28, 28) with N > 0, got {shape}")
+    if shape[0] > MAX_SAMPLES:
+        raise DataError(f"{path}: {shape[0]} images, more than the {MAX_SAMPLES} one "
+                        "evaluation holds in memory; score a subset")
+    if "labels" in arrays:
+        labels_shape, labels_dtype = arrays["labels"]
+        if labels_shape != shape[:1] or labels_dtype.kind not in "iu":
+            raise DataError(f"{path}: labels must be integers of shape ({shape[0]},), got "
+                            f"{labels_dtype} {labels_shape}")
+
+
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a samples .npz: `images` uint8 (N, 28, 28), optional `labels` (N,) in 0..9."""
     path = Path(path)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            raise DataError(f"{path} is a single .npy array; save samples with "
-                            "np.savez(path, images=...)")
-        with loaded as f:
-            if "images" not in f:
-                raise DataError(f"{path}: no 'images' array (found: {', '.join(f.files)})")
+        arrays = _npz_arrays(path)
+        _check_samples(path, arrays)
+        with np.load(path, allow_pickle=False) as f:
             images = f["images"]
-            labels = f["labels"] if "labels" in f else None
+            labels = f["labels"] if "labels" in arrays else None
     except FileNotFoundError:
         raise DataError(f"samples file {path} does not exist") from None
     except (OSError, ValueError, *_BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 in 0..255, got {images.dtype} (convert "
-                        "with (x * 255).round().clip(0, 255).astype(np.uint8))")
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
-        raise DataError(f"{path}: images must have shape (N, 28, 28) with N > 0, "
-                        f"got {images.shape}")
     if labels is not None:
-        if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
-            raise DataError(f"{path}: labels must be integers of shape ({len(images)},), got "
-                            f"{labels.dtype} {labels.shape}")
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
             raise DataError(f"{path}: labels must be in 0..9")
         labels = labels.astype(np.int64)
