@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from latentdiffusion import metrics
+from latentdiffusion import checkpoint, metrics
 from latentdiffusion.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
-from latentdiffusion.errors import DataError
+from latentdiffusion.errors import CheckpointError, DataError
 from latentdiffusion.metrics import load_samples
 from test_cli_errors import CPU, assert_fails
 
@@ -163,3 +164,37 @@ def test_npz_of_the_wrong_dtype_is_refused_from_its_header(tmp_path: Path, descr
     _npz_declaring(path, (2, 28, 28), bytes(2 * 784 * (4 if descr == "<f4" else 8)), descr)
     with pytest.raises(DataError, match="images must be uint8"):
         load_samples(path)
+
+
+# ---------------------------------------------------------------- model files
+
+
+def test_model_that_is_a_link_to_dev_zero(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vae.safetensors").symlink_to("/dev/zero")
+    assert_fails(capsys, 1, "sample", "--model", "vae", "-n", "2", "--out", tmp_path / "s.npz",
+                 "--run-dir", run, *CPU, match=f"{run / 'vae.safetensors'} is not a regular file")
+    assert checkpoint.peek(run / "vae.safetensors") is None
+
+
+def test_model_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "vae.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        checkpoint.load(tmp_path / "vae.safetensors")
+
+
+def test_model_whose_header_claims_more_than_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "vae.safetensors"
+    path.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match=f"its header claims {2**62} bytes, the file has 10"):
+        checkpoint.load(path)
+
+
+def test_model_file_too_large_to_be_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "vae.safetensors"
+    checkpoint.save(path, {"w": torch.zeros(1000)}, kind="vae")
+    monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_BYTES", 1000)
+    with pytest.raises(CheckpointError, match="more than the 1000 a latentdiffusion checkpoint"):
+        checkpoint.load(path)
