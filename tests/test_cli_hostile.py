@@ -8,9 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tqdm.auto import tqdm
 
 from conftest import write_dataset
+from latentdiffusion import stages
 from latentdiffusion.cli import main
+from latentdiffusion.errors import LdmError
+from latentdiffusion.metrics import load_samples
 from test_cli_errors import CPU, assert_fails, ldm
 
 # ---------------------------------------------------------------- arguments
@@ -91,3 +95,57 @@ def test_damaged_state_file_is_reported_and_rebuilt(
     assert json.loads((run / "metrics.json").read_text()).keys() == json.loads(
         (finished / "metrics.json").read_text()).keys()
     assert (run / "diffusion.safetensors").read_bytes() == model  # not retrained
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("out", ["x.png", "x", "x.npz.png"])
+def test_sample_out_must_be_an_npz(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                   out: str) -> None:
+    target = tmp_path / out
+    target.write_text("the user's file")
+    assert_fails(capsys, 2, "sample", "--model", "vae", "--out", target, "--run-dir",
+                 tmp_path / "run", *CPU, match="argument --out: must end in .npz")
+    assert target.read_text() == "the user's file"
+
+
+def test_sample_whose_grid_cannot_be_written(capsys: pytest.CaptureFixture[str],
+                                             tiny_run: tuple[Path, Path],
+                                             tmp_path: Path) -> None:
+    _, run = tiny_run
+    out = tmp_path / "s.npz"
+    (tmp_path / "s.png").mkdir()  # the grid's name is taken by a directory
+    line = assert_fails(capsys, 1, "sample", "--model", "vae", "-n", "3", "--out", out,
+                        "--run-dir", run, *CPU, "--quiet", match=f"{out} was written, but its "
+                        "grid was not (could not write")
+    assert str(tmp_path / "s.png") in line
+    assert load_samples(out)[0].shape == (3, 28, 28)  # as the line says
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "classifier", "--preset", ""], ["train", "vae", "--lr", "nan"],
+    ["train", "diffusion", "--schedule", "quadratic"], ["run", "--preset", ""],
+    ["run", "--force", "everything"], ["encode", "--latent-norm", "batch"]])
+def test_bad_values_are_refused_before_the_run_dir_exists(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]) -> None:
+    assert_fails(capsys, 2, *argv, "--run-dir", tmp_path / "run", *CPU, "--quiet")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("failure", [LdmError("the disk is on fire"), KeyboardInterrupt()])
+def test_last_line_is_not_printed_on_a_progress_bar(
+        capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    def train_until_failure(*args: object, **kwargs: object) -> None:
+        bar = tqdm(total=10, desc="classifier")  # like training's bar: stderr, \r updates
+        bar.update(3)
+        raise failure
+
+    monkeypatch.setattr(stages, "train_classifier", train_until_failure)
+    code, _, err = ldm(capsys, "train", "classifier", "--preset", "tiny", "--data-dir",
+                       data_dir, "--run-dir", tmp_path / "run", *CPU)
+    assert code == (130 if isinstance(failure, KeyboardInterrupt) else 1)
+    last = err.splitlines()[-1]
+    assert last.startswith(("error: the disk is on fire", "interrupted; ")), repr(err)
+

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import data, stages
 from . import distributed as dist
-from .config import PRESETS, RunConfig, SamplingConfig, preset
+from .config import PRESETS, RunConfig, SamplingConfig, ScheduleConfig, preset
 from .errors import LdmError, UsageError
 from .fileio import run_dir_lock, write_json, write_npz
 
@@ -54,6 +54,14 @@ def _seed(text: str) -> int:
     if not 0 <= value < MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
     return value
+
+
+def _npz_out(text: str) -> Path:
+    # The grid goes beside it as .png: any other name would lose the samples to their grid.
+    if not text.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"must end in .npz (the samples file; a .png grid is "
+                                         f"written beside it), got {text!r}")
+    return Path(text)
 
 
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
@@ -115,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
-    p.add_argument("--out", type=Path, required=True, help="output .npz (a .png grid beside it)")
+    p.add_argument("--out", type=_npz_out, required=True,
+                   help="output .npz (a .png grid beside it)")
 
     p = sub.add_parser("evaluate", help="score a samples file (FID, KID, precision/recall)",
                        formatter_class=fmt)
@@ -145,7 +154,8 @@ def _with_seed(config: RunConfig, seed: int | None) -> RunConfig:
              sampling=r(config.sampling, seed=seed + 1))
 
 
-def _train(args: argparse.Namespace, device: Any) -> str:
+def _train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
+    """The preset with the command's overrides; raises UsageError for a bad value."""
     config = _with_seed(preset(args.preset), args.seed)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
@@ -156,6 +166,27 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     schedule = config.schedule
     if args.schedule:
         schedule = dataclasses.replace(schedule, kind=args.schedule)
+    return config, train_config, schedule
+
+
+def _check_command(args: argparse.Namespace) -> None:
+    """Every value of the command, before the run directory is created or locked."""
+    if args.command == "train":
+        _train_configs(args)
+    elif args.command == "encode":
+        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+    elif args.command == "run":
+        from .pipeline import STAGES
+
+        _with_seed(preset(args.preset), args.seed)
+        for name in args.force:
+            if name not in STAGES:
+                raise UsageError(f"--force: unknown stage {name!r} (choose from "
+                                 f"{', '.join(STAGES)})")
+
+
+def _train(args: argparse.Namespace, device: Any) -> str:
+    config, train_config, schedule = _train_configs(args)
     run = stages.RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
@@ -198,7 +229,10 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
 
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
     write_npz(args.out, **arrays)
-    save_grid(images, args.out.with_suffix(".png"))
+    try:
+        save_grid(images, args.out.with_suffix(".png"))
+    except LdmError as err:  # its "nothing was replaced" is about the grid alone
+        raise LdmError(f"{args.out} was written, but its grid was not ({err})") from None
     return json.dumps({"out": str(args.out), "n": len(images)})
 
 
@@ -274,8 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             output = _data(args)
         else:
-            if getattr(args, "preset", None):
-                preset(args.preset)  # fail before the run directory is created
+            _check_command(args)
             device = dist.resolve_device(args.device)
             dist.init(device)
             writes = args.command in ("train", "encode", "run")
@@ -285,14 +318,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(output)
         return 0
     except LdmError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; checkpoints are kept: rerun with --resume (ldm run resumes by itself)",
-              file=sys.stderr)
+        _say("interrupted; checkpoints are kept: rerun with --resume (ldm run resumes by itself)")
         return 130
     finally:
         dist.shutdown()
+
+
+def _say(line: str) -> None:
+    """Print a last line on a line of its own: close the progress bars the failure left open
+    (their frames live on in the exception), which ends or clears their line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
