@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tqdm.auto import tqdm
 
@@ -14,6 +15,7 @@ from conftest import write_dataset
 from latentdiffusion import stages
 from latentdiffusion.cli import main
 from latentdiffusion.errors import LdmError
+from latentdiffusion.fileio import strict_json, write_json
 from latentdiffusion.metrics import load_samples
 from test_cli_errors import CPU, assert_fails, ldm
 
@@ -149,3 +151,30 @@ def test_last_line_is_not_printed_on_a_progress_bar(
     last = err.splitlines()[-1]
     assert last.startswith(("error: the disk is on fire", "interrupted; ")), repr(err)
 
+
+def test_evaluate_one_image_prints_strict_json(capsys: pytest.CaptureFixture[str],
+                                               tiny_run: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    data, run = tiny_run
+    path = tmp_path / "one.npz"
+    np.savez(path, images=np.zeros((1, 28, 28), np.uint8))
+    code, out, err = ldm(capsys, "evaluate", "--samples", path, "--data-dir", data, "--run-dir",
+                         run, *CPU, "--quiet", "--out", tmp_path / "one.json")
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert code == 0, err
+    for text in (out, (tmp_path / "one.json").read_text()):
+        result = json.loads(text, parse_constant=refuse)
+        assert result["n"] == 1
+        assert (result["fid"], result["fid_note"]) == (None, "needs at least 2 images")
+        assert result["kid_mean"] is None and result["precision"] is None
+        assert result["precision_recall_note"] == "needs at least 4 images"
+
+
+def test_strict_json_writes_null_for_nan_and_infinity(tmp_path: Path) -> None:
+    value = {"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": "NaN"}
+    assert strict_json(value) == '{"a": null, "b": [1.5, null, null], "c": "NaN"}'
+    write_json(tmp_path / "m.json", value)
+    assert json.loads((tmp_path / "m.json").read_text())["b"] == [1.5, None, None]

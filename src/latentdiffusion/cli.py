@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from . import data, stages
 from . import distributed as dist
 from .config import PRESETS, RunConfig, SamplingConfig, ScheduleConfig, preset
 from .errors import LdmError, UsageError
-from .fileio import run_dir_lock, write_json, write_npz
+from .fileio import run_dir_lock, strict_json, write_json, write_npz
 
 EPILOG = """examples:
   ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
@@ -204,7 +203,7 @@ def _train(args: argparse.Namespace, device: Any) -> str:
         header = stages.train_diffusion(run, config.unet, schedule, config.objective,
                                         train_config, **common)
     last = header["history"][-1] if header["history"] else {}
-    return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
+    return strict_json({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
                        **last})
 
 
@@ -233,7 +232,7 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
         save_grid(images, args.out.with_suffix(".png"))
     except LdmError as err:  # its "nothing was replaced" is about the grid alone
         raise LdmError(f"{args.out} was written, but its grid was not ({err})") from None
-    return json.dumps({"out": str(args.out), "n": len(images)})
+    return strict_json({"out": str(args.out), "n": len(images)})
 
 
 def _evaluate(args: argparse.Namespace, device: Any) -> str:
@@ -255,7 +254,7 @@ def _evaluate(args: argparse.Namespace, device: Any) -> str:
                                  seed=args.seed)
     if args.out and dist.is_main():
         write_json(args.out, result)
-    return json.dumps(result)
+    return strict_json(result)
 
 
 def _run(args: argparse.Namespace, device: Any) -> str:
@@ -276,13 +275,13 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     metrics = run_pipeline(config, args.run_dir, root, device=device, force=tuple(args.force),
                            progress=not args.quiet, preset_name=args.preset, on_stage=show)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
-    return json.dumps({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
+    return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
 
 
 def _data(args: argparse.Namespace) -> str:
     if args.action == "verify":
-        return json.dumps(data.verify(args.data_dir, args.dataset))
+        return strict_json(data.verify(args.data_dir, args.dataset))
     bar = tqdm(unit="B", unit_scale=True, disable=args.quiet)
 
     def progress(done: int, total: int) -> None:
@@ -292,7 +291,7 @@ def _data(args: argparse.Namespace) -> str:
 
     root = data.download(args.data_dir, args.dataset, progress)
     bar.close()
-    return json.dumps({"data_dir": str(root), **data.verify(root, args.dataset)})
+    return strict_json({"data_dir": str(root), **data.verify(root, args.dataset)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -343,7 +342,7 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
         options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
         header = stages.encode(args.data_dir, stages.RunDir(args.run_dir), options.latent_mode,
                                options.latent_norm, device=device, seed=args.seed)
-        return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
+        return strict_json({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],
                            "mode": header["mode"]})
     if args.command == "sample":

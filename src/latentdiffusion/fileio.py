@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -49,8 +50,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             os.close(fd)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **options: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (bare NaN / Infinity in Python's
+    default output) become null; a value that means something says why in its own field."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **options)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (strict_json(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike[str], valid: Callable[[Any], bool]) -> Any | None:

@@ -27,6 +27,7 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
+PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
 # Images one samples file may hold: evaluation keeps them and their features in memory.
 MAX_SAMPLES = 1_000_000
 # What np.load raises for a truncated or garbled .npz besides OSError / ValueError (zipfile:
@@ -195,14 +196,28 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     real = reference.subset
     if len(real) > len(fake):  # precision/recall compare sets of equal size
         real = real[np.sort(rng.choice(len(real), len(fake), replace=False))]
-    kid_mean, kid_std = kernel_inception_distance(reference.subset, features.numpy(), seed=seed)
-    precision, recall = precision_recall(real, fake) if len(fake) > 3 else (math.nan, math.nan)
+    notes = {}
+    fid: float | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    if n >= 2:  # a covariance, and KID's pairs of distinct samples, need two
+        fid = frechet_distance(stats.mean, stats.cov, reference.stats.mean, reference.stats.cov)
+        kid_mean, kid_std = kernel_inception_distance(reference.subset, features.numpy(),
+                                                      seed=seed)
+    else:
+        notes["fid_note"] = notes["kid_note"] = "needs at least 2 images"
+    precision: float | None = None
+    recall: float | None = None
+    if len(fake) > PR_NEIGHBOURS:  # each point needs k other points
+        precision, recall = precision_recall(real, fake, PR_NEIGHBOURS)
+    else:
+        notes["precision_recall_note"] = f"needs at least {PR_NEIGHBOURS + 1} images"
     counts = np.bincount(predictions.numpy(), minlength=NUM_CLASSES)[:NUM_CLASSES]
     histogram = counts / max(counts.sum(), 1)
     nonzero = histogram[histogram > 0]
     result = {
         "n": n,
-        "fid": frechet_distance(stats.mean, stats.cov, reference.stats.mean, reference.stats.cov),
+        "fid": fid,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
@@ -210,6 +225,7 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
         "class_histogram": [round(float(h), 6) for h in histogram],
         "class_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()) + 0.0,  # no -0.0
         "classifier_hash": reference.classifier_hash,
+        **notes,
     }
     if labels is not None:
         result["accuracy"] = float((predictions.numpy() == labels).mean())
