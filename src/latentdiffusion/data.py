@@ -102,7 +102,7 @@ def _find(data_dir: Path, stem: str) -> Path:
                     f"`ldm data download --data-dir {data_dir}` or point --data-dir elsewhere")
 
 
-def _size_error(path: Path, size: str, dims: tuple[int, ...], expected: int,
+def _size_error(path: Path, size: int, dims: tuple[int, ...], expected: int,
                 short: bool) -> DataError:
     why = "the file is truncated" if short else "it holds data past what its header declares"
     return DataError(f"{path}: size {size} bytes does not match its header "
@@ -164,13 +164,15 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
     if not gz:  # a raw file's size is known without reading it
         size = os.fstat(stream.fileno()).st_size
         if size != expected:
-            raise _size_error(path, str(size), dims, expected, short=size < expected)
+            raise _size_error(path, size, dims, expected, short=size < expected)
     values = np.empty(count, dtype=np.uint8)
     got = _read_exactly(stream, values)
     if got < count:
-        raise _size_error(path, str(header + got), dims, expected, short=True)
+        raise _size_error(path, header + got, dims, expected, short=True)
     if stream.read(1):  # for gzip this also reaches the end, where the CRC is checked
-        raise _size_error(path, f"more than {expected}", dims, expected, short=False)
+        raise DataError(f"{path}: decompresses to more than the {expected} bytes its header "
+                        f"{'x'.join(map(str, dims))} declares; the file is corrupt (delete it "
+                        "and run `ldm data download`)")
     return values.reshape(dims)
 
 
