@@ -37,7 +37,7 @@ def test_download_into_a_regular_file(capsys: pytest.CaptureFixture[str],
                                       tmp_path: Path) -> None:
     target = tmp_path / "mnist"
     target.write_text("mine")
-    assert_fails(capsys, 1, "data", "download", "--data-dir", target, "--quiet",
+    assert_fails(capsys, 1, "data", "download", "--data-dir", target,  # no empty bar either
                  match=f"cannot download into {target}: it exists and is not a directory")
     assert target.read_text() == "mine"
 

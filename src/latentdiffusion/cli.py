@@ -282,15 +282,18 @@ def _run(args: argparse.Namespace, device: Any) -> str:
 def _data(args: argparse.Namespace) -> str:
     if args.action == "verify":
         return strict_json(data.verify(args.data_dir, args.dataset))
-    bar = tqdm(unit="B", unit_scale=True, disable=args.quiet)
+    bars: list[tqdm] = []  # made at the first byte: a refused directory prints no empty bar
 
     def progress(done: int, total: int) -> None:
-        bar.total = total or None
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(unit="B", unit_scale=True, disable=args.quiet))
+        bars[0].total = total or None
+        bars[0].n = done
+        bars[0].refresh()
 
     root = data.download(args.data_dir, args.dataset, progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     return strict_json({"data_dir": str(root), **data.verify(root, args.dataset)})
 
 
