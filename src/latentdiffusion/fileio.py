@@ -62,7 +62,8 @@ def _finite_or_none(obj: Any) -> Any:
 
 def strict_json(obj: Any, **options: Any) -> str:
     """JSON that every parser reads: NaN and infinities (bare NaN / Infinity in Python's
-    default output) become null; a value that means something says why in its own field."""
+    default output) become null. Code that leaves a value undefined on purpose also says why
+    in a field beside it (see metrics.evaluate_images)."""
     return json.dumps(_finite_or_none(obj), allow_nan=False, **options)
 
 
@@ -72,8 +73,8 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def read_json(path: str | os.PathLike[str], valid: Callable[[Any], bool]) -> Any | None:
     """A state file this program wrote: its JSON if `valid(it)`, else None. Missing is quiet;
-    unreadable, garbled or of the wrong shape is logged as a warning, for the caller rebuilds
-    it (a damaged state file must never stop a run)."""
+    unreadable, garbled or of the wrong layout is logged as a warning, and the caller rebuilds
+    the file (a damaged state file must never stop a run)."""
     path = Path(path)
     try:
         value = json.loads(path.read_bytes())
@@ -113,8 +114,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """R/metrics.json; None when missing or damaged, so the evaluation is redone."""
-    metrics: dict[str, Any] | None = read_json(path, _is_metrics)
-    return metrics
+    return read_json(path, _is_metrics)  # type: ignore[no-any-return]
 
 
 def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
