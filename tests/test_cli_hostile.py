@@ -178,3 +178,11 @@ def test_strict_json_writes_null_for_nan_and_infinity(tmp_path: Path) -> None:
     assert strict_json(value) == '{"a": null, "b": [1.5, null, null], "c": "NaN"}'
     write_json(tmp_path / "m.json", value)
     assert json.loads((tmp_path / "m.json").read_text())["b"] == [1.5, None, None]
+
+
+def test_failed_command_leaves_no_empty_run_dir(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    run = tmp_path / "new-run"
+    assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir",
+                 tmp_path / "nowhere", "--run-dir", run, *CPU, match="does not exist")
+    assert not run.exists()

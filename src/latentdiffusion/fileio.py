@@ -271,6 +271,7 @@ def run_dir_lock(run_dir: str | os.PathLike[str], enabled: bool = True) -> Itera
         yield
         return
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -278,8 +279,13 @@ def run_dir_lock(run_dir: str | os.PathLike[str], enabled: bool = True) -> Itera
     if not os.access(run_dir, os.W_OK):
         raise LdmError(f"run directory {run_dir} is not writable")
     lock = run_dir / ".lock"
-    fd = _acquire(run_dir, lock)
     try:
-        yield
+        fd = _acquire(run_dir, lock)
+        try:
+            yield
+        finally:
+            _release(lock, fd)
     finally:
-        _release(lock, fd)
+        if created:  # a command that failed before writing anything leaves no empty run dir
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # refuses when anything was written, by us or anyone
