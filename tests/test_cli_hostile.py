@@ -15,7 +15,7 @@ from conftest import write_dataset
 from latentdiffusion import stages
 from latentdiffusion.cli import main
 from latentdiffusion.errors import LdmError
-from latentdiffusion.fileio import strict_json, write_json
+from latentdiffusion.fileio import read_manifest, read_metrics, strict_json, write_json
 from latentdiffusion.metrics import load_samples
 from test_cli_errors import CPU, assert_fails, ldm
 
@@ -72,10 +72,35 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, run
 
 
+@pytest.mark.parametrize("content", ["{}", "[]", "null", '{"stages": []}',
+                                     '{"stages": {"vae": 3}}', "\x00garbled", ""])
+def test_damaged_manifest_reads_as_empty(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                         content: str) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(content)
+    assert read_manifest(path) == {"stages": {}}
+    assert caplog.messages[-1].startswith(f"{path} is damaged (")
+    assert caplog.messages[-1].endswith("); rebuilding it")
+
+
+@pytest.mark.parametrize("content", ["{garbled", "[]", "{}", '{"validation": {"n": 1}}',
+                                     '{"validation": 3}'])
+def test_damaged_metrics_read_as_missing(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                         content: str) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    assert read_metrics(path) is None
+    assert caplog.messages[-1].startswith(f"{path} is damaged (")
+
+
+def test_missing_state_files_are_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert read_manifest(tmp_path / "run.json") == {"stages": {}}
+    assert read_metrics(tmp_path / "metrics.json") is None
+    assert caplog.messages == []
+
+
 @pytest.mark.parametrize(("name", "content"), [
-    ("run.json", "{}"), ("run.json", "[]"), ("run.json", "null"),
-    ("run.json", '{"stages": []}'), ("run.json", '{"stages": {"vae": 3}}'),
-    ("run.json", "\x00garbled"), ("metrics.json", "{garbled"), ("metrics.json", "[]"),
+    ("run.json", "{}"), ("run.json", '{"stages": []}'), ("metrics.json", "{garbled"),
     ("metrics.json", '{"validation": {"n": 1}}')])
 def test_damaged_state_file_is_reported_and_rebuilt(
         capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, Path], tmp_path: Path,
