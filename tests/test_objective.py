@@ -22,6 +22,7 @@ from latentdiffusion.diffusion.objective import (
     timestep_probabilities,
 )
 from latentdiffusion.errors import UsageError
+from latentdiffusion.identity import StageKey
 from latentdiffusion.models import UNet
 from latentdiffusion.training import Batch, fit, init_model
 
@@ -200,6 +201,7 @@ def test_training_a_tiny_flow_model_lowers_its_loss(tmp_path: Path) -> None:
                          checkpoint_every=100)
     model = init_model(UNet, TINY_UNET, 0)
     result = fit(model, loss_fn, data, data, config, state_dir=tmp_path, kind="unet",
+                 key=StageKey.of(model=TINY_UNET, train=config, objective=FLOW),
                  model_config=TINY_UNET, device=torch.device("cpu"), progress=False)
     history = result.history
     assert history[0]["train_loss"] == pytest.approx(2.0, rel=0.3)  # E|noise - x_0|^2 at init

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,9 @@ from .errors import CheckpointError
 from .fileio import atomic_write
 
 FORMAT_VERSION = 1
+# The largest file this writes, MNIST's latents.safetensors, is 72 MB; a file far larger is
+# not one of ours, and reading it whole could exhaust the memory.
+MAX_CHECKPOINT_BYTES = 1 << 30
 _META_KEY = "latentdiffusion"
 
 
@@ -52,7 +56,7 @@ def load(path: str | os.PathLike[str], kind: str | None = None
     """Read and verify a checkpoint; raises CheckpointError naming what is wrong."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _read_checked(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist; train that stage first") from None
     except OSError as err:
@@ -77,6 +81,27 @@ def load(path: str | os.PathLike[str], kind: str | None = None
                               f"{kind!r}")
     header["sha256"] = stored
     return tensors, header
+
+
+def _read_checked(path: Path) -> bytes:
+    """The bytes of `path`, after checking it is a regular file of plausible size whose
+    safetensors header fits in it: /dev/zero, a pipe or a huge file is never read whole."""
+    info = os.stat(path)  # before opening: opening a FIFO would wait for a writer
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a directory, device or pipe); "
+                              "point at a checkpoint or delete it")
+    if info.st_size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path} is {info.st_size} bytes, more than the "
+                              f"{MAX_CHECKPOINT_BYTES} a latentdiffusion checkpoint may have; "
+                              "not a checkpoint of this program")
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if 8 + header_size > info.st_size:
+            raise CheckpointError(f"{path} is not a valid latentdiffusion checkpoint (corrupt, "
+                                  f"truncated or another format: its header claims "
+                                  f"{header_size} bytes, the file has {info.st_size})")
+        f.seek(0)
+        return f.read(info.st_size)
 
 
 def _read_metadata(data: bytes) -> dict[str, Any] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,10 +15,10 @@ from tqdm.auto import tqdm
 
 from . import data, evaluation, generation, stages
 from . import distributed as dist
-from .config import PRESETS, RunConfig, SamplingConfig, preset
+from .config import PRESETS, RunConfig, SamplingConfig, ScheduleConfig, preset
 from .diffusion import SAMPLERS
 from .errors import LdmError, UsageError
-from .fileio import run_dir_lock, write_json
+from .fileio import run_dir_lock, strict_json, write_json
 from .rundir import RunDir
 from .statedir import Resume
 
@@ -58,6 +57,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
+MAX_SEED = 2**63  # torch and numpy generators take 64-bit seeds; signed keeps every API happy
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
+    return value
+
+
+def _npz_out(text: str) -> Path:
+    # The grid goes beside it as .png: any other name would lose the samples to their grid.
+    if not text.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"must end in .npz (the samples file; a .png grid is "
+                                         f"written beside it), got {text!r}")
+    return Path(text)
+
+
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
         p.add_argument("--data-dir", metavar="DIR",
@@ -90,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive)
     p.add_argument("--batch-size", type=_positive, help="global batch size")
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--checkpoint-every", type=_positive, metavar="STEPS")
     p.add_argument("--checkpoint-seconds", type=_positive_float, metavar="SECONDS",
                    help="also checkpoint after this much wall time (preset: 60)")
@@ -110,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean (posterior mean) or sample")
     p.add_argument("--latent-norm", default=latents_default.latent_norm,
                    help="global (one 1/std factor) or channel (standardise each channel)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
     _common(p)
@@ -123,10 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
     p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, in [0, 1]")
     p.add_argument("-n", "--num-samples", type=_positive, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
-    p.add_argument("--out", type=Path, required=True, help="output .npz (a .png grid beside it)")
+    p.add_argument("--out", type=_npz_out, required=True,
+                   help="output .npz (a .png grid beside it)")
 
     p = sub.add_parser("evaluate", help="score a samples file (FID, KID, precision/recall)",
                        formatter_class=fmt)
@@ -135,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--samples", type=Path, metavar="FILE.npz")
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
     p.add_argument("--out", type=Path, help="also write the JSON here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
     p = sub.add_parser("sweep", help="FID against model calls for several samplers",
                        formatter_class=fmt)
@@ -143,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated names")
     p.add_argument("--nfe", default="5,10,20,50", help="comma-separated model-call budgets")
     p.add_argument("-n", "--num-samples", type=_positive, default=10_000)
-    p.add_argument("--seed", type=int, default=1, help="the presets' sampling seed")
+    p.add_argument("--seed", type=_seed, default=1, help="the presets' sampling seed")
     p.add_argument("--batch-size", type=_positive, default=500)
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
-    p.add_argument("--seed", type=int, help="seed every stage (default: the preset's)")
+    p.add_argument("--seed", type=_seed, help="seed every stage (default: the preset's)")
     p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
                                        "(flow matching; default: the preset's)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
@@ -175,7 +196,8 @@ def _with_objective(config: RunConfig, kind: str | None) -> RunConfig:
     return dataclasses.replace(config, objective=objective)
 
 
-def _train(args: argparse.Namespace, device: Any) -> str:
+def _train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
+    """The preset with the command's overrides; raises UsageError for a bad value."""
     config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
@@ -187,6 +209,37 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     schedule = config.schedule
     if args.schedule:
         schedule = dataclasses.replace(schedule, kind=args.schedule)
+    return config, train_config, schedule
+
+
+def _check_command(args: argparse.Namespace) -> None:
+    """Every value of the command, before the run directory is created or locked."""
+    if args.command == "train":
+        _train_configs(args)
+    elif args.command == "encode":
+        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+    elif args.command == "run":
+        from .pipeline import STAGES
+
+        _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
+        for name in args.force:
+            if name not in STAGES:
+                raise UsageError(f"--force: unknown stage {name!r} (choose from "
+                                 f"{', '.join(STAGES)})")
+    elif args.command == "sample" and not args.reconstruct:
+        SamplingConfig(variance=args.variance, eta=args.eta, samplers=(_sampler_spec(args),))
+    elif args.command == "sweep":
+        from .sweep import pairs
+
+        pairs(args.samplers.split(","), _integers(args.nfe, "--nfe"))
+
+
+def _sampler_spec(args: argparse.Namespace) -> str:
+    return args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+
+
+def _train(args: argparse.Namespace, device: Any) -> str:
+    config, train_config, schedule = _train_configs(args)
     run = RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
@@ -207,7 +260,7 @@ def _train(args: argparse.Namespace, device: Any) -> str:
                                          progress=progress)
     header = trained.header
     last = header["history"][-1] if header["history"] else {}
-    return json.dumps({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
+    return strict_json({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
                        **last})
 
 
@@ -220,7 +273,7 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
             raise UsageError("--reconstruct works with --model vae")
         images, labels = generation.reconstruct(args.data_dir, run, args.reconstruct, device=device)
     else:
-        spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+        spec = _sampler_spec(args)
         # The config checks the sampler's name, steps, variance and eta before any work.
         sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
         if args.model == "diffusion":
@@ -230,8 +283,13 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
                                  progress=not args.quiet)
     if not dist.is_main():
         return None
-    generation.save_samples(args.out, images, labels, **meta)
-    return json.dumps({"out": str(args.out), "n": len(images), **meta})
+    try:
+        generation.save_samples(args.out, images, labels, **meta)
+    except LdmError as err:  # its "nothing was replaced" is about the grid alone
+        if not args.out.exists():
+            raise
+        raise LdmError(f"{args.out} was written, but its grid was not ({err})") from None
+    return strict_json({"out": str(args.out), "n": len(images), **meta})
 
 
 def _evaluate(args: argparse.Namespace, device: Any) -> str:
@@ -254,7 +312,7 @@ def _evaluate(args: argparse.Namespace, device: Any) -> str:
                                      seed=args.seed)
     if args.out and dist.is_main():
         write_json(args.out, result)
-    return json.dumps(result)
+    return strict_json(result)
 
 
 def _integers(text: str, option: str) -> list[int]:
@@ -272,7 +330,7 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
                        _integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
                        device=device, batch_size=args.batch_size, progress=not args.quiet)
     refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
-    return json.dumps({"sweep": str(args.run_dir / "sweep.json"), "report_updated": refreshed,
+    return strict_json({"sweep": str(args.run_dir / "sweep.json"), "report_updated": refreshed,
                        **summary(result)})
 
 
@@ -294,23 +352,26 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     metrics = run_pipeline(config, args.run_dir, root, device=device, force=tuple(args.force),
                            progress=not args.quiet, preset_name=args.preset, on_stage=show)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
-    return json.dumps({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
+    return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
 
 
 def _data(args: argparse.Namespace) -> str:
     if args.action == "verify":
-        return json.dumps(data.verify(args.data_dir, args.dataset))
-    bar = tqdm(unit="B", unit_scale=True, disable=args.quiet)
+        return strict_json(data.verify(args.data_dir, args.dataset))
+    bars: list[tqdm] = []  # made at the first byte: a refused directory prints no empty bar
 
     def progress(done: int, total: int) -> None:
-        bar.total = total or None
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(unit="B", unit_scale=True, disable=args.quiet))
+        bars[0].total = total or None
+        bars[0].n = done
+        bars[0].refresh()
 
     root = data.download(args.data_dir, args.dataset, progress)
-    bar.close()
-    return json.dumps({"data_dir": str(root), **data.verify(root, args.dataset)})
+    for bar in bars:
+        bar.close()
+    return strict_json({"data_dir": str(root), **data.verify(root, args.dataset)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             output = _data(args)
         else:
-            if getattr(args, "preset", None):
-                preset(args.preset)  # fail before the run directory is created
+            _check_command(args)
             device = dist.resolve_device(args.device)
             dist.init(device)
             writes = args.command in ("train", "encode", "run", "sweep")
@@ -337,14 +397,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(output)
         return 0
     except LdmError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted; checkpoints are kept: rerun with --resume (ldm run resumes by itself)",
-              file=sys.stderr)
+        _say("interrupted; checkpoints are kept: rerun with --resume (ldm run resumes by itself)")
         return 130
     finally:
         dist.shutdown()
+
+
+def _say(line: str) -> None:
+    """Print a last line on a line of its own: close the progress bars the failure left open
+    (their frames live on in the exception), which ends or clears their line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(line, file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
@@ -355,7 +422,7 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
         options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
         header = stages.encode(args.data_dir, RunDir(args.run_dir), options.latent_mode,
                                options.latent_norm, device=device, seed=args.seed)
-        return json.dumps({"latents": str(args.run_dir / "latents.safetensors"),
+        return strict_json({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],
                            "mode": header["mode"]})
     if args.command == "sample":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
+import math
 import os
 import struct
 import urllib.request
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 Split = Literal["train", "test"]
 DATA_DIR_ENV = "LDM_DATA_DIR"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+# Items one IDX file may declare: 16x MNIST's training set (784 MB of 28x28 images). The limit
+# is checked against the header, so a hostile header cannot make the reader allocate more.
+MAX_IDX_ITEMS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ def _find(data_dir: Path, stem: str) -> Path:
     for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
         if candidate.is_file():
             return candidate
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is not a directory; pass --data-dir DIR")
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR or run "
                         f"`ldm data download --data-dir {data_dir}`")
@@ -95,30 +102,78 @@ def _find(data_dir: Path, stem: str) -> Path:
                     f"`ldm data download --data-dir {data_dir}` or point --data-dir elsewhere")
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read one IDX file (gzipped or raw), checking magic number, dimensions and size."""
+def _size_error(path: Path, size: int, dims: tuple[int, ...], expected: int,
+                short: bool) -> DataError:
+    why = "the file is truncated" if short else "it holds data past what its header declares"
+    return DataError(f"{path}: size {size} bytes does not match its header "
+                     f"{'x'.join(map(str, dims))} ({expected} bytes); {why}")
+
+
+def _read_exactly(stream: io.BufferedIOBase, out: np.ndarray) -> int:
+    """Fill `out` (uint8) from `stream` in blocks; the number of bytes it got."""
+    view, done = out.data, 0
+    while done < len(view):
+        got = stream.readinto(view[done:done + (1 << 20)])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read one IDX file (gzipped or raw), checking magic number, dimensions and size.
+
+    The header is checked before any data is read (the item shape when given, at most
+    MAX_IDX_ITEMS items), and exactly the bytes it declares are read from the stream, so a
+    file that is huge, or decompresses to far more than it says, never fills the memory.
+    """
+    gz = path.suffix == ".gz"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with gzip.open(path, "rb") if gz else open(path, "rb") as stream:
+            return _read_idx_stream(path, stream, magic, item_shape, gz)
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise DataError(f"{path}: truncated or corrupt gzip ({err}); delete it and run "
                         "`ldm data download`") from None
-    if len(raw) < 8:
-        raise DataError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    (found,) = struct.unpack(">I", raw[:4])
+
+
+def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
+                     item_shape: tuple[int, ...] | None, gz: bool) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+    (found,) = struct.unpack(">I", head)
     if found != magic:
         raise DataError(f"{path}: wrong magic number {found} (expected {magic}); "
                         "not an IDX file of this kind")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: size {len(raw)} bytes is shorter than its {header}-byte "
-                        "header; the file is truncated")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        raise DataError(f"{path}: size {len(raw)} bytes does not match its header "
-                        f"{'x'.join(map(str, dims))} ({expected} bytes); the file is truncated")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{path}: size {4 + len(raw_dims)} bytes is shorter than its "
+                        f"{header}-byte header; the file is truncated")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    if item_shape is not None and dims[1:] != item_shape:
+        raise DataError(f"{path}: images are {'x'.join(map(str, dims[1:]))}, expected "
+                        f"{'x'.join(map(str, item_shape))}")
+    if dims[0] > MAX_IDX_ITEMS:
+        raise DataError(f"{path}: its header declares {dims[0]} items, more than the "
+                        f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable "
+                        "MNIST-format file")
+    count = math.prod(dims)  # exact: numpy's prod would wrap around past 2**63
+    expected = header + count
+    if not gz:  # a raw file's size is known without reading it
+        size = os.fstat(stream.fileno()).st_size
+        if size != expected:
+            raise _size_error(path, size, dims, expected, short=size < expected)
+    values = np.empty(count, dtype=np.uint8)
+    got = _read_exactly(stream, values)
+    if got < count:
+        raise _size_error(path, header + got, dims, expected, short=True)
+    if stream.read(1):  # for gzip this also reaches the end, where the CRC is checked
+        raise DataError(f"{path}: decompresses to more than the {expected} bytes its header "
+                        f"{'x'.join(map(str, dims))} declares; the file is corrupt (delete it "
+                        "and run `ldm data download`)")
+    return values.reshape(dims)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -137,10 +192,8 @@ def load_split(data_dir: str | os.PathLike[str] | None,
     root = resolve_data_dir(data_dir)
     image_stem, label_stem = SPLIT_FILES[split]
     image_path, label_path = _find(root, image_stem), _find(root, label_stem)
-    images = read_idx(image_path, IMAGE_MAGIC)
+    images = read_idx(image_path, IMAGE_MAGIC, item_shape=(28, 28))
     labels = read_idx(label_path, LABEL_MAGIC)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{image_path}: images are {images.shape[1:]}, expected 28x28")
     if len(images) != len(labels):
         raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
                         f"{len(labels)} labels; one of them is from another release")
@@ -192,7 +245,13 @@ def download(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist",
     """Fetch missing files from the registry's mirrors, verify MD5, write atomically."""
     info = dataset_info(dataset)
     root = resolve_data_dir(data_dir, dataset)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a regular file (or one on the way) where the directory goes
+        raise DataError(f"cannot download into {root}: it exists and is not a directory; pass "
+                        "another --data-dir") from None
+    except OSError as err:
+        raise DataError(f"cannot create data directory {root}: {err.strerror}") from None
     for name, md5 in info.md5.items():
         target = root / name
         if target.is_file() and md5sum(target) == md5:

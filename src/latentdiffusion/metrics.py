@@ -27,8 +27,12 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 NUM_CLASSES = 10
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
-# What np.load raises for a truncated or garbled .npz besides OSError / ValueError.
-_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError)
+PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
+# Images one samples file may hold: evaluation keeps them and their features in memory.
+MAX_SAMPLES = 1_000_000
+# What np.load raises for a truncated or garbled .npz besides OSError / ValueError (zipfile:
+# RuntimeError for an encrypted member, NotImplementedError for an unknown compression).
+_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -192,14 +196,28 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     real = reference.subset
     if len(real) > len(fake):  # precision/recall compare sets of equal size
         real = real[np.sort(rng.choice(len(real), len(fake), replace=False))]
-    kid_mean, kid_std = kernel_inception_distance(reference.subset, features.numpy(), seed=seed)
-    precision, recall = precision_recall(real, fake) if len(fake) > 3 else (math.nan, math.nan)
+    notes = {}
+    fid: float | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    if n >= 2:  # a covariance, and KID's pairs of distinct samples, need two
+        fid = frechet_distance(stats.mean, stats.cov, reference.stats.mean, reference.stats.cov)
+        kid_mean, kid_std = kernel_inception_distance(reference.subset, features.numpy(),
+                                                      seed=seed)
+    else:
+        notes["fid_note"] = notes["kid_note"] = "needs at least 2 images"
+    precision: float | None = None
+    recall: float | None = None
+    if len(fake) > PR_NEIGHBOURS:  # each point needs k other points
+        precision, recall = precision_recall(real, fake, PR_NEIGHBOURS)
+    else:
+        notes["precision_recall_note"] = f"needs at least {PR_NEIGHBOURS + 1} images"
     counts = np.bincount(predictions.numpy(), minlength=NUM_CLASSES)[:NUM_CLASSES]
     histogram = counts / max(counts.sum(), 1)
     nonzero = histogram[histogram > 0]
     result = {
         "n": n,
-        "fid": frechet_distance(stats.mean, stats.cov, reference.stats.mean, reference.stats.cov),
+        "fid": fid,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
@@ -207,39 +225,79 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
         "class_histogram": [round(float(h), 6) for h in histogram],
         "class_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()) + 0.0,  # no -0.0
         "classifier_hash": reference.classifier_hash,
+        **notes,
     }
     if labels is not None:
         result["accuracy"] = float((predictions.numpy() == labels).mean())
     return result
 
 
+def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
+
+    Each header is checked against the size the zip records for its member, so a header
+    that declares a billion images is refused before numpy allocates them.
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:  # FileNotFoundError / IsADirectoryError: the caller's
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise DataError(f"{path} is a single .npy array; save samples with "
+                            "np.savez(path, images=...)")
+        raise DataError(f"{path} is not a readable .npz samples file (not a zip archive)")
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{member.filename}: .npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                declared = f.tell() + math.prod(shape) * dtype.itemsize
+            if declared != member.file_size:
+                raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
+                                f"({declared} bytes) but holds {member.file_size} bytes; the "
+                                "file is corrupt")
+            arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
+    return arrays
+
+
+def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """The declared dtypes and shapes of a samples file, before anything is loaded."""
+    if "images" not in arrays:
+        raise DataError(f"{path}: no 'images' array (found: {', '.join(arrays)})")
+    shape, dtype = arrays["images"]
+    if dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8 in 0..255, got {dtype} (convert "
+                        "with (x * 255).round().clip(0, 255).astype(np.uint8))")
+    if len(shape) != 3 or shape[1:] != (28, 28) or shape[0] == 0:
+        raise DataError(f"{path}: images must have shape (N, 28, 28) with N > 0, got {shape}")
+    if shape[0] > MAX_SAMPLES:
+        raise DataError(f"{path}: {shape[0]} images, more than the {MAX_SAMPLES} one "
+                        "evaluation holds in memory; score a subset")
+    if "labels" in arrays:
+        labels_shape, labels_dtype = arrays["labels"]
+        if labels_shape != shape[:1] or labels_dtype.kind not in "iu":
+            raise DataError(f"{path}: labels must be integers of shape ({shape[0]},), got "
+                            f"{labels_dtype} {labels_shape}")
+
+
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a samples .npz: `images` uint8 (N, 28, 28), optional `labels` (N,) in 0..9."""
     path = Path(path)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            raise DataError(f"{path} is a single .npy array; save samples with "
-                            "np.savez(path, images=...)")
-        with loaded as f:
-            if "images" not in f:
-                raise DataError(f"{path}: no 'images' array (found: {', '.join(f.files)})")
+        arrays = _npz_arrays(path)
+        _check_samples(path, arrays)
+        with np.load(path, allow_pickle=False) as f:
             images = f["images"]
-            labels = f["labels"] if "labels" in f else None
+            labels = f["labels"] if "labels" in arrays else None
     except FileNotFoundError:
         raise DataError(f"samples file {path} does not exist") from None
     except (OSError, ValueError, *_BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 in 0..255, got {images.dtype} (convert "
-                        "with (x * 255).round().clip(0, 255).astype(np.uint8))")
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
-        raise DataError(f"{path}: images must have shape (N, 28, 28) with N > 0, "
-                        f"got {images.shape}")
     if labels is not None:
-        if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
-            raise DataError(f"{path}: labels must be integers of shape ({len(images)},), got "
-                            f"{labels.dtype} {labels.shape}")
         if labels.min() < 0 or labels.max() >= NUM_CLASSES:
             raise DataError(f"{path}: labels must be in 0..9")
         labels = labels.astype(np.int64)

@@ -20,7 +20,7 @@ from . import distributed as dist
 from .config import RunConfig, ScheduleConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
-from .fileio import write_json
+from .fileio import read_manifest, read_metrics, write_json
 from .metrics import evaluate_images, load_samples, random_images
 from .rundir import RunDir
 from .statedir import Resume
@@ -49,10 +49,7 @@ class StageEvent:
 
 
 def _manifest(run: RunDir) -> dict[str, Any]:
-    try:
-        return json.loads((run.root / "run.json").read_text())
-    except (OSError, ValueError):
-        return {"stages": {}}
+    return read_manifest(run.root / "run.json")
 
 
 def _made_with(path: Path, kind: str, key: str) -> bool:
@@ -180,11 +177,12 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
     classifier_hash = _model_hash(run.model("classifier"), "classifier")
     key = identity.evaluation_key(sample_key, classifier_hash).digest
     metrics_path = run.root / "metrics.json"
-    r.step("evaluate", key, r.recorded("evaluate", key, metrics_path), r.evaluate)
+    r.step("evaluate", key,
+           r.recorded("evaluate", key) and read_metrics(metrics_path) is not None, r.evaluate)
     key = identity.report_key(key, _sweep_results(run)).digest
     r.step("report", key, r.recorded("report", key, run.root / "report.md",
                                      run.root / "report.html"), r.report)
-    return json.loads(metrics_path.read_text())
+    return read_metrics(metrics_path) or {}  # rank 0 wrote a valid one in the step above
 
 
 def _sweep_results(run: RunDir) -> dict[str, Any] | None:

@@ -43,13 +43,19 @@ def _rows(metrics: dict[str, Any]) -> list[list[str]]:
         m = metrics[name]
         post = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
         label = ROW_NAMES.get(name, f"Diffusion ({name})")
-        rows.append([label, str(m["n"]), f"{m['fid']:.3f}", f"{m['fid_over_validation']:.1f}x",
-                     f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}",
-                     f"{m['precision']:.3f} / {m['recall']:.3f}",
+        rows.append([label, str(m["n"]), _num(m["fid"], ".3f"),
+                     _num(m["fid_over_validation"], ".1f") + "x",
+                     f"{_num(m['kid_mean'], '.4f')} ± {_num(m['kid_std'], '.4f')}",
+                     f"{_num(m['precision'], '.3f')} / {_num(m['recall'], '.3f')}",
                      f"{m['class_entropy_bits']:.3f}",
                      f"{m['accuracy']:.4f}" if "accuracy" in m else "",
                      f"{post:.2f}" if post is not None else ""])
     return rows
+
+
+def _num(value: float | None, spec: str) -> str:
+    # metrics.json holds null where a value is undefined (too few images, a zero Validation FID)
+    return "n/a" if value is None else format(value, spec)
 
 
 HEAD = ["Set", "N", "FID", "FID / Validation", "KID (mean ± std)", "Precision / Recall",
