@@ -87,14 +87,15 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
     out = json.loads(capsys.readouterr().out)
     assert out["report_updated"] is True
     sweep = json.loads((run / "sweep.json").read_text())
-    assert set(sweep["results"]) == {"heun-2", "dpmpp-2m-3", "dpmpp-2m-4", "ddim-3", "ddim-4"}
-    assert [sweep["results"][k]["nfe"] for k in ("heun-2", "dpmpp-2m-4")] == [3, 4]
+    results = sweep["denoisers"][sweep["current"]]["results"]
+    assert set(results) == {"heun-2", "dpmpp-2m-3", "dpmpp-2m-4", "ddim-3", "ddim-4"}
+    assert [results[k]["nfe"] for k in ("heun-2", "dpmpp-2m-4")] == [3, 4]
     assert sweep["n"] == 8 and sweep["validation"]["fid"] > 0
     assert all(math.isfinite(e["fid"]) and e["samples_per_second"] > 0
-               for e in sweep["results"].values())
+               for e in results.values())
     assert (run / "figures" / "sweep.png").is_file()
     assert "Quality against cost" in (run / "report.html").read_text()
-    assert "| dpmpp-2m-4 | 4 |" in (run / "report.md").read_text()
+    assert "| vp | dpmpp-2m-4 | 4 |" in (run / "report.md").read_text()
     assert main([*sweep_argv[:2], "heun", *sweep_argv[3:]]) == 0  # every pair is already done
     assert json.loads((run / "sweep.json").read_text()) == sweep  # same timings: not redone
     events = _run(capsys, *argv)  # the report now has the sweep in its key: only it is redone
@@ -160,5 +161,17 @@ def test_flow_objective_end_to_end(data_dir: Path, tmp_path: Path,
                      *common]) == 0, sampler
         images, _ = load_samples(out)
         assert images.shape == (4, 28, 28) and images.std() > 0
+    # A sweep before and after the switch keeps both denoisers: the report sets them side by side.
+    sweep_argv = ["sweep", "--samplers", "ddim,ddpm", "--nfe", "3", "-n", "8", "--data-dir",
+                  str(data_dir), "--run-dir", str(run), "--quiet"]
+    assert main(sweep_argv) == 0
+    assert _run(capsys, *argv)["diffusion"] == "ran"  # back to vp: retrained
+    assert main(sweep_argv) == 0
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert sorted(d["objective"] for d in sweep["denoisers"].values()) == ["flow", "vp"]
+    report_md = (run / "report.md").read_text()
+    for objective, kind in (("flow", "deterministic"), ("flow", "stochastic"),
+                            ("vp", "deterministic"), ("vp", "stochastic")):
+        assert f"| {objective} | {kind} |" in report_md
     assert main(["run", *argv, "--objective", "edm"]) == 2
     assert "ObjectiveConfig.kind: unknown value 'edm'" in capsys.readouterr().err

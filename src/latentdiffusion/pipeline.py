@@ -187,11 +187,9 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
 
 def _sweep_results(run: RunDir) -> dict[str, Any] | None:
     """R/sweep.json of `ldm sweep`, when there is one."""
-    try:
-        found = json.loads((run.root / "sweep.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) and "results" in found else None
+    from .sweep import load  # (sweep imports the stages)
+
+    return load(run.root / "sweep.json")
 
 
 def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:

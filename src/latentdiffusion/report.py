@@ -17,7 +17,7 @@ from . import __version__
 from .checkpoint import model_hash_of
 from .config import RunConfig, to_dict
 from .fileio import atomic_write
-from .sweep import table
+from .sweep import best_per_objective, table
 
 POST_FID = {"random": 48.43, "vae-prior": 63.49, "diffusion": 6.02, "validation": 0.30}
 ROW_NAMES = {"random": "Random", "vae-prior": "VAE (prior samples)",
@@ -88,6 +88,7 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
           sweep: dict[str, Any] | None = None) -> None:
     rows = _rows(metrics)
     sweep_head, sweep_rows = table(sweep) if sweep else ([], [])
+    best_head, best_rows = best_per_objective(sweep) if sweep else ([], [])
     sweep_title = (f"Quality against cost: FID of each sampler against its model calls "
                    f"(`ldm sweep`, N = {sweep['n']:,}, seed {sweep['seed']})" if sweep else "")
     sweep_figure = root / "figures" / "sweep.png"
@@ -111,6 +112,9 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
         md += ["", "## " + sweep_title, "", "| " + " | ".join(sweep_head) + " |",
                "|" + "---|" * len(sweep_head)]
         md += ["| " + " | ".join(r) + " |" for r in sweep_rows]
+        md += ["", "Best of each objective and kind of sampler:", "",
+               "| " + " | ".join(best_head) + " |", "|" + "---|" * len(best_head)]
+        md += ["| " + " | ".join(r) + " |" for r in best_rows]
         if sweep_figure.exists():
             md += ["", f"![FID against NFE]({sweep_figure.relative_to(root)})"]
     md += ["", "## Figures", ""]
@@ -134,7 +138,9 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     body = [f"<h1>latentdiffusion run: {e(root.name)}</h1>", f"<p>{e(intro)}</p>",
             "<h2>FID table</h2>", fid_table]
     if sweep:
-        body += [f"<h2>{e(sweep_title)}</h2>", _html_table(sweep_head, sweep_rows)]
+        body += [f"<h2>{e(sweep_title)}</h2>", _html_table(sweep_head, sweep_rows),
+                 "<p>Best of each objective and kind of sampler:</p>",
+                 _html_table(best_head, best_rows)]
         if sweep_figure.exists():
             body.append(f"<figure>{img(sweep_figure)}</figure>")
     body.append("<h2>Figures</h2>")

@@ -1,8 +1,11 @@
 """Quality against cost: sample and score each (sampler, NFE) pair on one run's denoiser.
 
-`R/sweep.json` holds one entry per pair (FID, KID, precision/recall, samples/s) plus the
-Validation row at the same N, the floor every FID is compared with. Entries are written as they
-finish and kept across calls with the same models, N and seed, so an interrupted sweep continues.
+`R/sweep.json` holds, for the run's classifier, VAE, N and seed, the Validation row at that N
+(the floor every FID is compared with) and one entry per pair (FID, KID, precision/recall,
+samples/s) for each denoiser the run has had. Entries are written as they finish, so an
+interrupted sweep continues; and when the run's denoiser is retrained with another objective
+(`ldm run --objective flow`), the old one's entries stay, so the report can set the objectives
+side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from . import checkpoint, data, evaluation, generation, plots
 from . import distributed as dist
 from .config import SamplingConfig, config_hash
-from .diffusion import SAMPLERS
+from .diffusion import SAMPLERS, parse_sampler
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images
@@ -40,45 +43,54 @@ def pairs(samplers: Sequence[str], nfes: Sequence[int]) -> list[str]:
     return list(dict.fromkeys(specs))  # heun at NFE 5 and 6 is the same pair
 
 
-def _load(path: Path, key: str) -> dict[str, Any] | None:
+def load(path: Path) -> dict[str, Any] | None:
+    """A sweep.json as `run_sweep` writes it, or None when there is none (or it is damaged)."""
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return found if isinstance(found, dict) and found.get("key") == key else None
+    valid = isinstance(found, dict) and isinstance(found.get("denoisers"), dict)
+    return found if valid else None
 
 
 def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
               nfes: Sequence[int], num_samples: int, *, seed: int, device: torch.device,
               batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
-    """Score every pair (resuming a sweep of the same models, N and seed); returns sweep.json."""
+    """Score every pair on the run's denoiser (skipping pairs already scored); returns the
+    sweep (what R/sweep.json holds)."""
     specs = pairs(samplers, nfes)
     if num_samples <= 0 or batch_size <= 0:
         raise UsageError("the number of samples and the batch size must be > 0")
-    headers = {name: checkpoint.load(run.model(name), kind=kind)[1]
-               for name, kind in (("classifier", "classifier"), ("vae", "vae"),
-                                  ("diffusion", "unet"))}
-    key = config_hash(*map(checkpoint.model_hash_of, headers.values()), num_samples, seed)
+    hashes = {name: checkpoint.model_hash_of(checkpoint.load(run.model(name), kind=kind)[1])
+              for name, kind in (("classifier", "classifier"), ("vae", "vae"),
+                                 ("diffusion", "unet"))}
+    diffusion_header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
+    key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed)
     path = run.root / "sweep.json"
-    sweep = _load(path, key) or {"key": key, "n": num_samples, "seed": seed, "results": {}}
+    sweep = load(path)
+    if sweep is None or sweep.get("key") != key:  # another classifier, VAE, N or seed
+        sweep = {"key": key, "n": num_samples, "seed": seed, "denoisers": {}}
     classifier, reference = evaluation.reference(data_dir, run, device)
     if "validation" not in sweep:
         test_images, test_labels = data.load_split(data_dir, "test")
         sweep["validation"] = _scores(evaluate_images(
             classifier, test_images[:num_samples], reference, test_labels[:num_samples], device))
+    entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
+        "objective": diffusion_header["objective"].get("kind", "vp"), "results": {}})
+    sweep["current"] = hashes["diffusion"]
     for spec in specs:
-        if spec in sweep["results"]:
+        if spec in entry["results"]:
             continue
         start = time.perf_counter()
         images = generation.generate(run, "diffusion", num_samples, seed, sampler=spec,
-                                 sampling=SamplingConfig(samplers=(spec,)), device=device,
-                                 batch_size=batch_size, progress=progress)
+                                     sampling=SamplingConfig(samplers=(spec,)), device=device,
+                                     batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
         scores = _scores(evaluate_images(classifier, images, reference, None, device))
         nfe = generation.model_calls(run, spec, device)
-        sweep["results"][spec] = {"sampler": spec.rpartition("-")[0], "nfe": nfe,
-                                  "seconds": seconds, "samples_per_second": num_samples / seconds,
-                                  **scores}
+        entry["results"][spec] = {"sampler": parse_sampler(spec)[0], "nfe": nfe,
+                                  "seconds": seconds,
+                                  "samples_per_second": num_samples / seconds, **scores}
         log.info("sweep %s (NFE %d): FID %.3f, %.0f samples/s", spec, nfe, scores["fid"],
                  num_samples / seconds)
         if dist.is_main():
@@ -93,11 +105,22 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in SCORES}
 
 
+def _rows(sweep: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(objective, spec, entry) of every scored pair, the run's current denoiser first."""
+    current = sweep.get("current")
+    ordered = sorted(sweep["denoisers"].items(), key=lambda item: item[0] != current)
+    return [(denoiser["objective"], spec, e) for _, denoiser in ordered
+            for spec, e in sorted(denoiser["results"].items(),
+                                  key=lambda item: (item[1]["sampler"], item[1]["nfe"]))]
+
+
 def plot(sweep: dict[str, Any], path: Path) -> None:
-    """FID against NFE, one line per sampler, the Validation FID as the floor."""
+    """FID against NFE, one line per sampler (and objective), the Validation FID as the floor."""
+    several = len({objective for objective, _, _ in _rows(sweep)}) > 1
     lines: dict[str, list[tuple[int, float]]] = {}
-    for entry in sweep["results"].values():
-        lines.setdefault(entry["sampler"], []).append((entry["nfe"], entry["fid"]))
+    for objective, _, e in _rows(sweep):
+        name = f"{objective}: {e['sampler']}" if several else e["sampler"]
+        lines.setdefault(name, []).append((e["nfe"], e["fid"]))
     plots.save_lines({name: sorted(points) for name, points in lines.items()},
                      floor=("Validation", sweep["validation"]["fid"]), path=path,
                      xlabel="model calls per sample (NFE)",
@@ -105,24 +128,38 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
 
 
 def table(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The sweep as a table: head and rows, sorted by sampler and NFE."""
-    head = ["Sampler", "NFE", "FID", "FID / Validation", "KID (mean ± std)",
+    """Every scored pair as a table: head and rows."""
+    head = ["Objective", "Sampler", "NFE", "FID", "FID / Validation", "KID (mean ± std)",
             "Precision / Recall", "Samples/s"]
     floor = sweep["validation"]["fid"]
-    rows = [[spec, str(e["nfe"]), f"{e['fid']:.3f}", f"{e['fid'] / floor:.2f}x",
+    rows = [[objective, spec, str(e["nfe"]), f"{e['fid']:.3f}", f"{e['fid'] / floor:.2f}x",
              f"{e['kid_mean']:.4f} ± {e['kid_std']:.4f}",
              f"{e['precision']:.3f} / {e['recall']:.3f}", f"{e['samples_per_second']:.0f}"]
-            for spec, e in sorted(sweep["results"].items(),
-                                  key=lambda item: (item[1]["sampler"], item[1]["nfe"]))]
-    rows.append(["Validation (test set)", "", f"{floor:.3f}", "1.00x", "", "", ""])
+            for objective, spec, e in _rows(sweep)]
+    rows.append(["", "Validation (test set)", "", f"{floor:.3f}", "1.00x", "", "", ""])
+    return head, rows
+
+
+def best_per_objective(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per objective and kind of sampler: its lowest FID and at what cost."""
+    head = ["Objective", "Sampler kind", "Best pair", "NFE", "FID", "FID / Validation"]
+    floor = sweep["validation"]["fid"]
+    best: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+    for objective, spec, e in _rows(sweep):
+        kind = "stochastic" if SAMPLERS[e["sampler"]].stochastic else "deterministic"
+        if (objective, kind) not in best or e["fid"] < best[objective, kind][1]["fid"]:
+            best[objective, kind] = (spec, e)
+    rows = [[objective, kind, spec, str(e["nfe"]), f"{e['fid']:.3f}", f"{e['fid'] / floor:.2f}x"]
+            for (objective, kind), (spec, e) in sorted(best.items())]
     return head, rows
 
 
 def summary(sweep: dict[str, Any]) -> dict[str, Any]:
-    """The CLI's JSON: FID and samples/s per pair, the floor and N."""
-    return {"n": sweep["n"], "validation_fid": sweep["validation"]["fid"],
-            "results": {spec: {k: (round(v, 4) if isinstance(v, float) else v)
-                               for k, v in e.items() if k in ("nfe", "fid",
-                                                              "samples_per_second")}
-                        for spec, e in sweep["results"].items()},
+    """The CLI's JSON: FID and samples/s of each pair on the run's denoiser, the floor and N."""
+    current = sweep["denoisers"][sweep["current"]]
+    return {"n": sweep["n"], "objective": current["objective"],
+            "validation_fid": sweep["validation"]["fid"],
+            "results": {spec: {"nfe": e["nfe"], "fid": round(e["fid"], 4),
+                               "samples_per_second": round(e["samples_per_second"], 1)}
+                        for spec, e in current["results"].items()},
             "figure": "figures/sweep.png"}

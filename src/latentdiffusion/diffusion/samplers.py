@@ -160,6 +160,7 @@ class SamplerSpec:
     spacing: Spacing  # default placement of the noise levels (denoiser.noise_levels)
     default_steps: int | None  # None: every level of the model's training grid
     second_order: bool = False  # two model calls per step but the last
+    stochastic: bool = False  # draws fresh noise at each step (at its default options)
     options: tuple[str, ...] = ()  # the SamplingConfig fields it takes as keyword options
 
     def model_calls(self, num_steps: int) -> int:
@@ -172,12 +173,12 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(ddpm_sample, "timesteps", None, options=("variance",)),
+    "ddpm": SamplerSpec(ddpm_sample, "timesteps", None, stochastic=True, options=("variance",)),
     "ddim": SamplerSpec(ddim_sample, "timesteps", 50, options=("eta",)),
     "euler": SamplerSpec(ddim_sample, "karras", 20),  # DDIM with eta = 0 is Euler
     "heun": SamplerSpec(heun_sample, "karras", 10, second_order=True),
     "dpmpp-2m": SamplerSpec(dpmpp_2m_sample, "logsnr", 10),
-    "dpmpp-2m-sde": SamplerSpec(dpmpp_2m_sde_sample, "logsnr", 10),
+    "dpmpp-2m-sde": SamplerSpec(dpmpp_2m_sde_sample, "logsnr", 10, stochastic=True),
 }
 
 
