@@ -124,10 +124,15 @@ class UNetConfig:
     time_dim: int = 64  # width of the sinusoidal embedding
     norm: NormName = "group"  # the post used InstanceNorm2d; see models/unet.py for why not
     groups: int = 8
+    # 0: unconditional. K > 0: a class label in 0..K-1 (or K, "no label") is embedded and added
+    # to the time embedding (classifier-free guidance, diffusion/guidance.py).
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         _validate(self, positive=("in_channels", "latent_size", "channels", "blocks_per_level",
                                   "time_dim", "groups"))
+        if self.num_classes < 0:
+            raise UsageError(f"UNetConfig.num_classes must be >= 0, got {self.num_classes}")
         if self.time_dim % 2:
             raise UsageError("UNetConfig.time_dim must be even")
         if self.latent_size % 2 ** (len(self.channels) - 1):
@@ -172,9 +177,12 @@ class ObjectiveConfig:
     time_density: TimeDensity = "logit-normal"  # flow: t = sigmoid(logit_mean + logit_std z)
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # A class-conditional model (unet.num_classes > 0) is trained on the "no label" index with
+    # this probability, so one network is both D_cond and D_uncond (Ho & Salimans 2022).
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _validate(self, positive=("logit_std",))
+        _validate(self, positive=("logit_std",), unit=("label_dropout",))
         if self.min_snr_gamma < 0:
             raise UsageError("ObjectiveConfig.min_snr_gamma must be >= 0, "
                              f"got {self.min_snr_gamma}")
@@ -192,9 +200,21 @@ class SamplingConfig:
     eta: float = 0.0  # ddim's stochasticity, in [0, 1]
     batch_size: int = 500
     seed: int = 1
+    # A conditional model's labels: "" (none: the "no label" index), "balanced" (sample i asks
+    # for digit i mod 10), "7" or "0,1,2" (cycled over i); guidance is the scale s of
+    # classifier-free guidance, D_uncond + s (D_cond - D_uncond): 1 unguided, 0 unconditional.
+    labels: str = ""
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         _validate(self, positive=("num_samples", "batch_size"))
+        if self.guidance < 0:
+            raise UsageError(f"SamplingConfig.guidance must be >= 0, got {self.guidance}")
+        if self.guidance != 1.0 and not self.labels:
+            raise UsageError("guidance needs labels to guide towards (--labels)")
+        from .diffusion.guidance import parse_labels
+
+        parse_labels(self.labels)
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"SamplingConfig.eta must be in [0, 1], got {self.eta}")
         from .diffusion.samplers import parse_sampler  # here: the diffusion package imports config
@@ -226,6 +246,8 @@ class RunConfig:
             raise UsageError("unet.in_channels must equal vae.latent_channels")
         if self.unet.latent_size != self.vae.latent_size:
             raise UsageError("unet.latent_size must equal the VAE's latent size")
+        if self.sampling.labels and not self.unet.num_classes:
+            raise UsageError("sampling.labels needs a class-conditional model (--conditional)")
 
 
 # The presets' denoiser objective: v-prediction with min-SNR-2, t drawn by importance
@@ -293,6 +315,19 @@ def _default() -> RunConfig:
         sampling=SamplingConfig(num_samples=10_000, samplers=("ddpm-25",)),
         eval_samples=10_000,
     )
+
+
+# The guidance scale of a conditional `ldm run`'s sample sets (`ldm sweep --guidance` measures
+# the trade-off at others).
+CONDITIONAL_GUIDANCE = 2.0
+
+
+def conditional(config: RunConfig, guidance: float = CONDITIONAL_GUIDANCE) -> RunConfig:
+    """The run with a class-conditional denoiser (10 digits) whose sets are balanced over the
+    digits and guided at `guidance`."""
+    r = dataclasses.replace
+    return r(config, unet=r(config.unet, num_classes=10),
+             sampling=r(config.sampling, labels="balanced", guidance=guidance))
 
 
 PRESETS = {"tiny": _tiny, "quick": _quick, "default": _default}

@@ -30,6 +30,10 @@ from .config import (
 )
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
+# Fields added after keys were first stored are left out of a key at these default values, so
+# an unconditional run made before class labels existed keeps its key (and is not redone).
+ADDED_LATER = {"model.num_classes": 0, "objective.label_dropout": 0.1, "sampling.labels": "",
+               "sampling.guidance": 1.0}
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 
@@ -47,6 +51,8 @@ class StageKey:
                                if k not in NOT_IN_KEY})
             else:
                 fields[name] = part
+        fields = {k: v for k, v in fields.items()
+                  if k not in ADDED_LATER or ADDED_LATER[k] != v}
         return cls(json.loads(json.dumps(fields)))  # tuples -> lists, as a JSON header holds them
 
     @property
@@ -96,6 +102,11 @@ def evaluation_key(samples_digest: str, classifier_hash: str) -> StageKey:
     return StageKey.of(samples=samples_digest, classifier=classifier_hash)
 
 
-def report_key(evaluation_digest: str, sweep: dict[str, Any] | None) -> StageKey:
-    """The report shows the evaluation and, when `ldm sweep` wrote one, the sweep."""
-    return StageKey.of(evaluation=evaluation_digest, sweep=config_hash(sweep))
+def report_key(evaluation_digest: str, sweep: dict[str, Any] | None,
+               guidance: dict[str, Any] | None = None) -> StageKey:
+    """The report shows the evaluation and, when `ldm sweep` wrote them, the sweep and the
+    guidance sweep."""
+    if guidance is None:
+        return StageKey.of(evaluation=evaluation_digest, sweep=config_hash(sweep))
+    return StageKey.of(evaluation=evaluation_digest, sweep=config_hash(sweep),
+                       guidance=config_hash(guidance))

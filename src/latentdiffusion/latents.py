@@ -37,6 +37,10 @@ class LatentSet:
     scale: tuple[float, ...]  # (C,)
     vae_hash: str
     mode: LatentMode
+    # (N,) int64 digit labels of each split, for class-conditional models; None in caches
+    # written before labels were kept
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     def normalised(self, split: str) -> torch.Tensor:
         """x_0 of the diffusion model for the train or test split."""
@@ -85,21 +89,37 @@ def encode_images(vae: VAE, images: np.ndarray, mode: LatentMode, seed: int,
 
 
 def build(vae: VAE, vae_hash: str, train_images: np.ndarray, test_images: np.ndarray,
-          mode: LatentMode, norm: LatentNorm, seed: int, device: torch.device) -> LatentSet:
+          mode: LatentMode, norm: LatentNorm, seed: int, device: torch.device,
+          train_labels: np.ndarray | None = None,
+          test_labels: np.ndarray | None = None) -> LatentSet:
     train = encode_images(vae, train_images, mode, seed, device)
     test = encode_images(vae, test_images, mode, seed + 1, device)
     shift, scale = statistics(train, norm)
-    return LatentSet(train, test, shift, scale, vae_hash, mode)
+    return LatentSet(train, test, shift, scale, vae_hash, mode, _labels(train_labels),
+                     _labels(test_labels))
+
+
+def _labels(labels: np.ndarray | None) -> torch.Tensor | None:
+    return None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
 def save(path: Path, latents: LatentSet, **meta: object) -> str:
-    return checkpoint.save(path, {"train": latents.train, "test": latents.test}, KIND,
-                           shift=list(latents.shift), scale=list(latents.scale),
-                           vae_hash=latents.vae_hash, mode=latents.mode, **meta)
+    tensors = {"train": latents.train, "test": latents.test}
+    if latents.train_labels is not None and latents.test_labels is not None:
+        tensors.update(train_labels=latents.train_labels, test_labels=latents.test_labels)
+    return checkpoint.save(path, tensors, KIND, shift=list(latents.shift),
+                           scale=list(latents.scale), vae_hash=latents.vae_hash,
+                           mode=latents.mode, **meta)
 
 
 def load(path: Path) -> tuple[LatentSet, dict]:
     """The cached latents and the file's header (its sha256 keys the diffusion stage)."""
     tensors, header = checkpoint.load(path, kind=KIND)
     return LatentSet(tensors["train"], tensors["test"], tuple(header["shift"]),
-                     tuple(header["scale"]), header["vae_hash"], header["mode"]), header
+                     tuple(header["scale"]), header["vae_hash"], header["mode"],
+                     tensors.get("train_labels"), tensors.get("test_labels")), header
+
+
+def has_labels(path: Path) -> bool:
+    """Whether a latent cache keeps the labels a class-conditional model trains on."""
+    return load(path)[0].train_labels is not None

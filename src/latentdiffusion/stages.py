@@ -144,8 +144,10 @@ def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: Lat
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     vae_hash = checkpoint.model_hash_of(vae_header)
     key = identity.latents_key(vae_hash, mode, norm, seed)
-    latent_set = latents.build(vae, vae_hash, data.load_split(data_dir, "train")[0],
-                               data.load_split(data_dir, "test")[0], mode, norm, seed, device)
+    train_images, train_labels = data.load_split(data_dir, "train")
+    test_images, test_labels = data.load_split(data_dir, "test")
+    latent_set = latents.build(vae, vae_hash, train_images, test_images, mode, norm, seed,
+                               device, train_labels, test_labels)
     if dist.is_main():
         latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields)
     dist.barrier()
@@ -168,9 +170,17 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
     schedule = NoiseSchedule.from_config(schedule_config)
     key = identity.diffusion_key(model_config, schedule_config, objective, train_config,
                                  latent_header["sha256"])
-    return _train(run, "diffusion", UNet, model_config, train_config,
-                  diffusion_loss(make_objective(objective, schedule)),
-                  (latent_set.normalised("train"),), (latent_set.normalised("test"),), key, device,
-                  resume, progress, schedule=to_dict(schedule_config),
+    train_set: tuple[torch.Tensor, ...] = (latent_set.normalised("train"),)
+    test_set: tuple[torch.Tensor, ...] = (latent_set.normalised("test"),)
+    if model_config.num_classes:  # a conditional model also sees each latent's label
+        if latent_set.train_labels is None or latent_set.test_labels is None:
+            raise UsageError(f"{run.latents} was cached without labels; rerun `ldm encode` "
+                             "for a class-conditional model")
+        train_set += (latent_set.train_labels,)
+        test_set += (latent_set.test_labels,)
+    loss = diffusion_loss(make_objective(objective, schedule), model_config.num_classes,
+                          objective.label_dropout)
+    return _train(run, "diffusion", UNet, model_config, train_config, loss, train_set, test_set,
+                  key, device, resume, progress, schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
                   latents_hash=latent_header["sha256"], vae_hash=latent_set.vae_hash)

@@ -51,6 +51,11 @@ class Batch:
         """(local B, *shape) standard normal, the same numbers whatever the world size."""
         return randn((self.global_size, *shape), self.generator)[self.shard].to(self.device)
 
+    def rand(self) -> torch.Tensor:
+        """(local B,) uniform in [0, 1), the same numbers whatever the world size."""
+        values = torch.rand((self.global_size,), generator=self.generator)
+        return values[self.shard].to(self.device)
+
     def randint(self, high: int) -> torch.Tensor:
         """(local B,) integers in [0, high)."""
         values = torch.randint(high, (self.global_size,), generator=self.generator)

@@ -80,11 +80,14 @@ def sample_weight(objective: ObjectiveConfig, schedule: NoiseSchedule, t: torch.
 
 
 class Draws(Protocol):
-    """A batch of x_0 (`tensors[0]`) and the step's randomness (training.Batch)."""
+    """A batch of x_0 (`tensors[0]`), for a conditional model its labels (`tensors[1]`), and
+    the step's randomness (training.Batch)."""
 
     tensors: tuple[torch.Tensor, ...]
 
     def randn(self, *shape: int) -> torch.Tensor: ...
+
+    def rand(self) -> torch.Tensor: ...
 
     def choice(self, probabilities: torch.Tensor) -> torch.Tensor: ...
 
@@ -175,16 +178,32 @@ def make_objective(config: ObjectiveConfig, schedule: NoiseSchedule) -> Objectiv
     return VPObjective(config, schedule)
 
 
-def diffusion_loss(objective: Objective) -> Callable[[Callable[..., torch.Tensor], Draws],
-                                                      torch.Tensor]:
-    """E_t w_t ||network(x_t, time(t)) - target||^2 over the objective's draws of t; the post's
-    eq. (5) for the VP objective with the noise target, uniform t and w_t = 1."""
+def drop_labels(labels: torch.Tensor, keep: torch.Tensor, null_label: int) -> torch.Tensor:
+    """(B,) labels with those where `keep` (B,) is False replaced by the null label."""
+    return torch.where(keep, labels, torch.full_like(labels, null_label))
+
+
+def diffusion_loss(objective: Objective, num_classes: int = 0, label_dropout: float = 0.0
+                   ) -> Callable[[Callable[..., torch.Tensor], Draws], torch.Tensor]:
+    """E_t w_t ||network(x_t, time(t)[, y]) - target||^2 over the objective's draws of t; the
+    post's eq. (5) for the VP objective with the noise target, uniform t and w_t = 1.
+
+    With `num_classes` K > 0 the network also sees the label y (`tensors[1]`), replaced by the
+    null label K with probability `label_dropout`; that draw comes after t and the noise, so an
+    unconditional model (K = 0) makes exactly the draws it made before labels existed.
+    """
 
     def loss(network: Callable[..., torch.Tensor], draws: Draws) -> torch.Tensor:
         x0 = draws.tensors[0]  # (B, C, S, S) normalised latents
         t, weight = objective.draw(draws)  # (B,), (B,)
         noise = draws.randn(*x0.shape[1:])  # (B, C, S, S)
-        prediction = network(objective.corrupt(x0, noise, t), objective.network_time(t))
+        inputs = (objective.corrupt(x0, noise, t), objective.network_time(t))
+        if num_classes:
+            keep = draws.rand() >= label_dropout  # (B,) P(keep) = 1 - p
+            labels = drop_labels(draws.tensors[1].long(), keep, num_classes)
+            prediction = network(*inputs, labels)
+        else:
+            prediction = network(*inputs)
         squared_error = (prediction - objective.target(x0, noise, t)).square()
         return (weight * squared_error.mean((1, 2, 3))).mean()
 

@@ -5,6 +5,11 @@ residual pair. The post normalised with InstanceNorm2d; on 8x8 and 4x4 maps that
 channel's spatial mean, so the network cannot predict the mean of the noise; sampling divides
 that error by sqrt(alpha_bar_t) ~ 0.006 and samples collapse. GroupNorm normalises over groups
 of channels instead and keeps per-channel means (`norm="instance"` is kept for the ablation).
+
+A class-conditional UNet (`num_classes` K > 0) embeds a label y in 0..K (K = "no label", the
+null class of classifier-free guidance) in a (K + 1, 4 * time_dim) table and adds it to the time
+embedding before its last activation: e = SiLU(MLP(t) + E[y]). An unconditional one has no
+table and computes exactly what it did before labels existed.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """(x_t (B, C, S, S), t (B,)) -> predicted noise (B, C, S, S)."""
+    """(x_t (B, C, S, S), t (B,)[, labels (B,)]) -> predicted noise (B, C, S, S)."""
 
     kind = "unet"
     config_class = UNetConfig
@@ -104,9 +109,29 @@ class UNet(nn.Module):
         nn.init.zeros_(final.weight)  # start as the zero predictor
         if final.bias is not None:
             nn.init.zeros_(final.bias)
+        if config.num_classes:  # drawn last: the other weights are the unconditional model's
+            self.label_embedding = nn.Embedding(config.num_classes + 1, embed_dim)  # row K: null
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        embedding = self.time_mlp(sinusoidal_embedding(t, self.config.time_dim))  # (B, 4 * dim)
+    @property
+    def null_label(self) -> int:
+        """The "no label" index of a conditional UNet."""
+        return self.config.num_classes
+
+    def embed(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(B,) t and optional (B,) labels -> (B, 4 * time_dim); no labels = the null label."""
+        sinusoid = sinusoidal_embedding(t, self.config.time_dim)  # (B, time_dim)
+        if not self.config.num_classes:
+            if labels is not None:
+                raise ValueError("this UNet is unconditional (num_classes = 0); it takes no labels")
+            return self.time_mlp(sinusoid)
+        if labels is None:
+            labels = torch.full_like(t, self.null_label, dtype=torch.long)
+        pre_activation = self.time_mlp[:-1](sinusoid)  # MLP(t), before the last SiLU
+        return F.silu(pre_activation + self.label_embedding(labels))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        embedding = self.embed(t, labels)  # (B, 4 * dim)
         h = self.stem(x_t)  # (B, ch0, S, S)
         skips = []
         for name, module in self.down.items():
