@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 
 from . import data, evaluation, generation, stages
 from . import distributed as dist
-from .config import PRESETS, RunConfig, SamplingConfig, ScheduleConfig, preset
+from .config import (
+    CONDITIONAL_GUIDANCE,
+    PRESETS,
+    RunConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    conditional,
+    preset,
+)
 from .diffusion import SAMPLERS
 from .errors import LdmError, UsageError
 from .fileio import run_dir_lock, strict_json, write_json
@@ -28,6 +36,9 @@ EPILOG = """examples:
   ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
   ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
   ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
+  ldm run --data-dir ~/mnist --run-dir runs/cond --conditional
+  ldm sample --run-dir runs/cond --model diffusion --labels 7 --guidance 2 -n 100 --out 7.npz
+  ldm sweep --data-dir ~/mnist --run-dir runs/cond --samplers ddpm --nfe 25 --guidance 1,2,3
   torchrun --standalone --nproc_per_node=2 -m latentdiffusion train diffusion --run-dir runs/demo
 """
 
@@ -116,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint after this much wall time (preset: 60)")
     p.add_argument("--schedule", help="diffusion only: linear or cosine")
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
+    p.add_argument("--conditional", action="store_true",
+                   help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the newest checkpoint made with the same config")
@@ -146,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
+    p.add_argument("--labels", default="", metavar="Y",
+                   help="conditional diffusion only: a digit (7), a list cycled over the "
+                        "samples (0,1,2) or 'balanced' (sample i draws i mod 10); written "
+                        "into the .npz")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance scale: 1 unguided, 0 unconditional, "
+                        "> 1 closer to the label")
     p.add_argument("--out", type=_npz_out, required=True,
                    help="output .npz (a .png grid beside it)")
 
@@ -166,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=_positive, default=10_000)
     p.add_argument("--seed", type=_seed, default=1, help="the presets' sampling seed")
     p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--guidance", metavar="S,S,..",
+                   help="a conditional model's guidance scales, for one sampler and NFE: FID "
+                        "and accuracy per scale (R/guidance.json, figures/guidance.png)")
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
@@ -173,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, help="seed every stage (default: the preset's)")
     p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
                                        "(flow matching; default: the preset's)")
+    p.add_argument("--conditional", action="store_true",
+                   help="a class-conditional denoiser; its sets are balanced over the digits "
+                        "and guided")
+    p.add_argument("--guidance", type=float, metavar="S",
+                   help=f"with --conditional: the sets' guidance scale (default "
+                        f"{CONDITIONAL_GUIDANCE:g})")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
     return parser
@@ -196,9 +225,25 @@ def _with_objective(config: RunConfig, kind: str | None) -> RunConfig:
     return dataclasses.replace(config, objective=objective)
 
 
+def _with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    guidance = getattr(args, "guidance", None)
+    if not args.conditional:
+        if guidance is not None:
+            raise UsageError("--guidance needs --conditional (an unconditional model has "
+                             "nothing to guide)")
+        return config
+    return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The preset with `ldm run`'s or `ldm train`'s overrides; UsageError for a bad value."""
+    config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
+    return _with_conditional(config, args)
+
+
 def _train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
     """The preset with the command's overrides; raises UsageError for a bad value."""
-    config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
+    config = _run_config(args)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
@@ -221,17 +266,41 @@ def _check_command(args: argparse.Namespace) -> None:
     elif args.command == "run":
         from .pipeline import STAGES
 
-        _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
+        _run_config(args)
         for name in args.force:
             if name not in STAGES:
                 raise UsageError(f"--force: unknown stage {name!r} (choose from "
                                  f"{', '.join(STAGES)})")
     elif args.command == "sample" and not args.reconstruct:
-        SamplingConfig(variance=args.variance, eta=args.eta, samplers=(_sampler_spec(args),))
+        _sampling(args)
     elif args.command == "sweep":
         from .sweep import pairs
 
-        pairs(args.samplers.split(","), _integers(args.nfe, "--nfe"))
+        specs = pairs(args.samplers.split(","), _integers(args.nfe, "--nfe"))
+        if args.guidance is not None:
+            _guidance_scales(args.guidance, specs)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """`ldm sample`'s options; the config checks the sampler's name, steps, variance, eta,
+    labels and guidance before any work."""
+    if args.model != "diffusion" and (args.labels or args.guidance != 1.0):
+        raise UsageError("--labels and --guidance work with --model diffusion")
+    return SamplingConfig(variance=args.variance, eta=args.eta, samplers=(_sampler_spec(args),),
+                          labels=args.labels, guidance=args.guidance)
+
+
+def _guidance_scales(text: str, specs: list[str]) -> list[float]:
+    if len(specs) != 1:
+        raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
+                         f"({', '.join(specs)})")
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
+    for scale in scales:
+        SamplingConfig(samplers=tuple(specs), labels="balanced", guidance=scale)
+    return scales
 
 
 def _sampler_spec(args: argparse.Namespace) -> str:
@@ -274,10 +343,13 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
         images, labels = generation.reconstruct(args.data_dir, run, args.reconstruct, device=device)
     else:
         spec = _sampler_spec(args)
-        # The config checks the sampler's name, steps, variance and eta before any work.
-        sampling = SamplingConfig(variance=args.variance, eta=args.eta, samplers=(spec,))
+        sampling = _sampling(args)
         if args.model == "diffusion":
+            generation.check_conditioning(run, sampling)
             meta = {"sampler": spec, "nfe": generation.model_calls(run, spec, device)}
+            labels = generation.sample_labels(sampling, args.num_samples)
+            if labels is not None:
+                meta["guidance"] = sampling.guidance
         images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
                                  sampling=sampling, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
@@ -326,6 +398,8 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import refresh_report
     from .sweep import run_sweep, summary
 
+    if args.guidance is not None:
+        return _guidance_sweep(args, device)
     result = run_sweep(RunDir(args.run_dir), args.data_dir, args.samplers.split(","),
                        _integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
                        device=device, batch_size=args.batch_size, progress=not args.quiet)
@@ -334,10 +408,25 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
                        **summary(result)})
 
 
+def _guidance_sweep(args: argparse.Namespace, device: Any) -> str:
+    from .guidance_sweep import run_guidance_sweep, summary
+    from .pipeline import refresh_report
+    from .sweep import pairs
+
+    specs = pairs(args.samplers.split(","), _integers(args.nfe, "--nfe"))
+    result = run_guidance_sweep(RunDir(args.run_dir), args.data_dir, specs[0],
+                                _guidance_scales(args.guidance, specs), args.num_samples,
+                                seed=args.seed, device=device, batch_size=args.batch_size,
+                                progress=not args.quiet)
+    refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
+    return strict_json({"guidance": str(args.run_dir / "guidance.json"),
+                        "report_updated": refreshed, **summary(result)})
+
+
 def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
-    config = _with_objective(_with_seed(preset(args.preset), args.seed), args.objective)
+    config = _run_config(args)
     root = data.resolve_data_dir(args.data_dir)
     if not args.data_dir and not all((root / f).exists() for f in data.DATASETS["mnist"].md5):
         print(f"MNIST not found in {root}; downloading it there (use --data-dir DIR to point at "

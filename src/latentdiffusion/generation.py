@@ -13,7 +13,8 @@ from . import checkpoint, data, latents
 from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
-from .diffusion.objective import make_objective
+from .diffusion.guidance import guided, labels_for, parse_labels
+from .diffusion.objective import Objective, make_objective
 from .errors import CheckpointError, UsageError
 from .fileio import write_npz
 from .models import VAE, UNet
@@ -23,16 +24,45 @@ from .rundir import RunDir
 ModelName = Literal["vae", "diffusion"]
 
 
-def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
-                  ) -> tuple[Denoiser, dict[str, Any]]:
-    """The run's trained denoiser D(x, sigma), whatever its objective, and its model header."""
+def load_diffusion(run: RunDir, vae_hash: str, device: torch.device
+                   ) -> tuple[UNet, Objective, dict[str, Any]]:
+    """The run's trained UNet, its objective and its model header."""
     unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
     if header.get("vae_hash") != vae_hash:
         raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
                               "VAE; retrain it (ldm encode, ldm train diffusion)")
     schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
     objective = make_objective(from_dict(ObjectiveConfig, header["objective"]), schedule)
+    return unet, objective, header
+
+
+def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
+                  ) -> tuple[Denoiser, dict[str, Any]]:
+    """The run's trained denoiser D(x, sigma), whatever its objective, and its model header
+    (a conditional model without labels: its unconditional half, the null label)."""
+    unet, objective, header = load_diffusion(run, vae_hash, device)
     return objective.denoiser(unet), header
+
+
+def check_conditioning(run: RunDir, sampling: SamplingConfig) -> None:
+    """Labels and guidance need a class-conditional model (UsageError otherwise)."""
+    if not (sampling.labels or sampling.guidance != 1.0):
+        return
+    header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
+    num_classes = header["config"].get("num_classes", 0)
+    if not num_classes:
+        option = "--labels" if sampling.labels else "--guidance"
+        raise UsageError(f"{option} needs a class-conditional model, and "
+                         f"{run.model('diffusion')} is unconditional (train it with "
+                         "--conditional)")
+    parse_labels(sampling.labels, num_classes)  # each label a class of this model
+
+
+def sample_labels(sampling: SamplingConfig, num_samples: int) -> np.ndarray | None:
+    """(N,) int64 label of each sample (a function of its index alone), or None."""
+    if not sampling.labels:
+        return None
+    return np.asarray(labels_for(sampling.labels, range(num_samples)), dtype=np.int64)
 
 
 def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
@@ -52,7 +82,10 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     c, s = vae.config.latent_channels, vae.config.latent_size
     if model == "diffusion":
-        denoiser, header = load_denoiser(run, checkpoint.model_hash_of(vae_header), device)
+        check_conditioning(run, sampling)
+        unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header),
+                                                 device)
+        denoiser: Denoiser = objective.denoiser(unet)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []
@@ -61,6 +94,10 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         generators = [generator(seed, i) for i in indices]
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
+            if sampling.labels:  # (B,) labels of these samples, guided at scale s
+                labels = torch.tensor(labels_for(sampling.labels, indices), device=device)
+                denoiser = guided(objective.denoiser, unet, labels, unet.null_label,
+                                  sampling.guidance)
             x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
                         generator=generators, progress=progress)
             chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
@@ -89,7 +126,7 @@ def reconstruct(data_dir: str | Path | None, run: RunDir, split: data.Split, *,
 
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
-                 **meta: str | int) -> None:
+                 **meta: str | int | float) -> None:
     """The samples file (`images` uint8 (N, 28, 28), optional `labels` (N,), and `meta` such as
     the `sampler` and its `nfe` as 0-d arrays) and a .png grid."""
     from .plots import save_grid  # matplotlib: only when writing
