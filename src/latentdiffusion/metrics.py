@@ -51,7 +51,7 @@ class FeatureStats:
                           x.sum(0), (x.T @ x).reshape(-1)])  # [n, sum x, sum x x^T]
         totals = dist.all_reduce_sum(sums.cpu()).numpy()
         n, d = int(totals[0]), x.shape[1]
-        mean = totals[1:1 + d] / n
+        mean = totals[1:1 + d] / max(n, 1)  # zeros for an empty set (a class never drawn)
         cov = (totals[1 + d:].reshape(d, d) - n * np.outer(mean, mean)) / max(n - 1, 1)
         return cls(n, mean, cov)
 

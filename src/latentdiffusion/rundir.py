@@ -26,6 +26,9 @@ class RunDir:
     def reference(self, classifier_hash: str) -> Path:
         return self.root / "cache" / f"reference-{classifier_hash[:16]}.npz"
 
+    def class_reference(self, classifier_hash: str) -> Path:
+        return self.root / "cache" / f"reference-classes-{classifier_hash[:16]}.npz"
+
     @property
     def figures(self) -> Path:
         return self.root / "figures"
