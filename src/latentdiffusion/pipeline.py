@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluation, generation, identity, plots, report, stages
+from . import checkpoint, data, evaluation, generation, identity, latents, plots, report, stages
 from . import distributed as dist
+from .classwise import class_fids
 from .config import RunConfig, ScheduleConfig, from_dict, to_dict
 from .diffusion import NoiseSchedule
 from .errors import UsageError
@@ -133,7 +134,7 @@ class _Run:
 
     def evaluate(self) -> str:
         return _evaluate_all(self.run, self.data_dir, self.sets, self.config.eval_samples,
-                             self.device)
+                             self.device, per_class=bool(self.config.unet.num_classes))
 
     def report(self) -> str:
         return _report(self.run, self.data_dir, self.config, self.preset_name, self.records)
@@ -161,7 +162,10 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
 
     vae_hash = _model_hash(run.model("vae"), "vae")
     key = identity.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
-    r.step("encode", key, _made_with(run.latents, "latents", key), r.encode)
+    # A conditional denoiser needs the labels, which caches made before them lack.
+    encoded = _made_with(run.latents, "latents", key) and (
+        not c.unet.num_classes or latents.has_labels(run.latents))
+    r.step("encode", key, encoded, r.encode)
 
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
     key = identity.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
@@ -179,7 +183,7 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
     metrics_path = run.root / "metrics.json"
     r.step("evaluate", key,
            r.recorded("evaluate", key) and read_metrics(metrics_path) is not None, r.evaluate)
-    key = identity.report_key(key, _sweep_results(run)).digest
+    key = identity.report_key(key, _sweep_results(run), _guidance_results(run)).digest
     r.step("report", key, r.recorded("report", key, run.root / "report.md",
                                      run.root / "report.html"), r.report)
     return read_metrics(metrics_path) or {}  # rank 0 wrote a valid one in the step above
@@ -190,6 +194,13 @@ def _sweep_results(run: RunDir) -> dict[str, Any] | None:
     from .sweep import load  # (sweep imports the stages)
 
     return load(run.root / "sweep.json")
+
+
+def _guidance_results(run: RunDir) -> dict[str, Any] | None:
+    """R/guidance.json of `ldm sweep --guidance`, when there is one."""
+    from .guidance_sweep import load  # (it imports the stages)
+
+    return load(run.root / "guidance.json")
 
 
 def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:
@@ -219,14 +230,17 @@ def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,
         start = time.perf_counter()
         sets[spec] = (generation.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
                                           sampling=s, device=device, batch_size=s.batch_size,
-                                          progress=progress), None)
+                                          progress=progress),
+                      generation.sample_labels(s, s.num_samples))
         timings[spec] = {"seconds": time.perf_counter() - start,
                          "nfe": generation.model_calls(run, spec, device)}
     if dist.is_main():
         for name, (images, labels) in sets.items():
             made_by = timings.get(name)  # which sampler and its model calls, for diffusion sets
-            meta: dict[str, str | int] = ({"sampler": name, "nfe": int(made_by["nfe"])}
-                                          if made_by else {})
+            meta: dict[str, str | int | float] = (
+                {"sampler": name, "nfe": int(made_by["nfe"])} if made_by else {})
+            if made_by and labels is not None:
+                meta["guidance"] = s.guidance
             generation.save_samples(run.samples(name), images, labels, **meta)
         write_json(run.root / "samples" / "timings.json",
                    {k: {**v, "samples_per_second": s.num_samples / v["seconds"]}
@@ -236,18 +250,26 @@ def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,
 
 
 def _evaluate_all(run: RunDir, data_dir: str | Path | None, sets: list[str],
-                  eval_samples: int, device: torch.device) -> str:
+                  eval_samples: int, device: torch.device, per_class: bool = False) -> str:
+    """Every set's metrics into R/metrics.json; with `per_class` (a conditional run), also the
+    FID of each class of every labelled set (Validation's is their floor)."""
     classifier, reference = evaluation.reference(data_dir, run, device)  # loaded once for all sets
+    classes = evaluation.class_reference(data_dir, run, classifier, device) if per_class else None
     results: dict[str, Any] = {}
+
+    def score(images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        result = evaluate_images(classifier, images, reference, labels, device)
+        if classes is not None and labels is not None:
+            result.update(class_fids(classifier, images, labels, classes, device))
+        return result
+
     for name in sets:
-        images, labels = load_samples(run.samples(name))
-        results[name] = evaluate_images(classifier, images, reference, labels, device)
+        results[name] = score(*load_samples(run.samples(name)))
     # The first eval_samples test digits, like the reconstruction row: FID is biased upwards
     # at small N, so Validation must have the N of the rows it is the floor of.
     test_images, test_labels = data.load_split(data_dir, "test")
     n = eval_samples
-    results["validation"] = evaluate_images(classifier, test_images[:n], reference,
-                                            test_labels[:n], device)
+    results["validation"] = score(test_images[:n], test_labels[:n].astype(np.int64))
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
@@ -277,5 +299,10 @@ def _report(run: RunDir, data_dir: str | Path | None, c: RunConfig, preset_name:
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
     plots.save_reconstructions(data.load_split(data_dir, "test")[0], reconstructions,
                                figures / "reconstructions.png")
-    report.write(run.root, c, preset_name, metrics, records, headers, _sweep_results(run))
+    if c.unet.num_classes:  # one row per requested digit, from the first sampler's set
+        images, labels = load_samples(run.samples(c.sampling.samplers[0]))
+        if labels is not None:
+            plots.save_class_grid(images, labels, figures / "class_grid.png")
+    report.write(run.root, c, preset_name, metrics, records, headers, _sweep_results(run),
+                 _guidance_results(run))
     return "report.md, report.html"

@@ -107,3 +107,33 @@ def save_lines(lines: dict[str, Sequence[tuple[float, float]]], floor: tuple[str
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10,
+               num_classes: int = 10) -> np.ndarray:
+    """uint8 (K * per_class, H, W): row c holds the first `per_class` images labelled c (black
+    where a class has fewer)."""
+    rows = np.zeros((num_classes, per_class, *images.shape[1:]), dtype=np.uint8)
+    for c in range(num_classes):
+        chosen = images[labels == c][:per_class]
+        rows[c, :len(chosen)] = chosen
+    return rows.reshape(-1, *images.shape[1:])
+
+
+def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """A 10 x 10 grid of a labelled set, one row per requested class."""
+    save_grid(class_grid(images, labels), path, rows=10, cols=10)
+
+
+def save_tradeoff(points: Sequence[tuple[float, float, float]], path: Path,
+                  xlabel: str) -> None:
+    """Accuracy against FID, one point per guidance scale s (labelled), as (s, fid, accuracy)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _, fids, accuracies = zip(*points, strict=True)
+    ax.plot(fids, accuracies, "o-")
+    for s, x, y in points:
+        ax.annotate(f"s = {s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (classifier agrees with the label)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, guidance_sweep
 from .checkpoint import model_hash_of
 from .config import RunConfig, to_dict
 from .fileio import atomic_write
@@ -33,8 +33,10 @@ def _git_revision() -> str:
         return "none"
 
 
-def _rows(metrics: dict[str, Any]) -> list[list[str]]:
+def _rows(metrics: dict[str, Any], config: RunConfig) -> list[list[str]]:
     rows = []
+    guided = (f", {config.sampling.labels}, guidance {config.sampling.guidance:g}"
+              if config.sampling.labels else "")
     order = ["random", "vae-prior", "vae-reconstruction",
              *[k for k in metrics if k not in ROW_NAMES], "validation"]
     for name in order:
@@ -42,7 +44,7 @@ def _rows(metrics: dict[str, Any]) -> list[list[str]]:
             continue
         m = metrics[name]
         post = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
-        label = ROW_NAMES.get(name, f"Diffusion ({name})")
+        label = ROW_NAMES.get(name, f"Diffusion ({name}{guided})")
         rows.append([label, str(m["n"]), _num(m["fid"], ".3f"),
                      _num(m["fid_over_validation"], ".1f") + "x",
                      f"{_num(m['kid_mean'], '.4f')} ± {_num(m['kid_std'], '.4f')}",
@@ -62,10 +64,27 @@ HEAD = ["Set", "N", "FID", "FID / Validation", "KID (mean ± std)", "Precision /
         "Class entropy (bits)", "Accuracy", "Post's FID"]
 
 
+def _class_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """A conditional run's labelled sets: accuracy and FID against each class's digits."""
+    rows = []
+    for name, m in metrics.items():
+        if "fid_class_mean" not in m:
+            continue
+        per_class = " ".join(_num(f, ".2f") for f in m["fid_per_class"])
+        rows.append([ROW_NAMES.get(name, f"Diffusion ({name})"), f"{m['accuracy']:.4f}",
+                     _num(m["fid_class_mean"], ".3f"), per_class])
+    return rows
+
+
+CLASS_HEAD = ["Set", "Accuracy", "FID per class (mean)", "FID of classes 0..9"]
+
+
 def _figures(root: Path, metrics: dict[str, Any]) -> list[tuple[str, Path]]:
     diffusion = [k for k in metrics if k not in ROW_NAMES]
-    figures = [(f"Diffusion samples ({k}), the post's 8 x 9 grid", root / "samples" / f"{k}.png")
-               for k in diffusion]
+    figures = [("Conditional samples: one row per requested digit 0..9",
+                root / "figures" / "class_grid.png")]
+    figures += [(f"Diffusion samples ({k}), the post's 8 x 9 grid",
+                 root / "samples" / f"{k}.png") for k in diffusion]
     figures += [("VAE: test digits (top) and reconstructions (bottom)",
                  root / "figures" / "reconstructions.png"),
                 ("VAE prior samples", root / "samples" / "vae-prior.png"),
@@ -85,8 +104,15 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 
 def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, Any],
           records: dict[str, Any], headers: dict[str, dict[str, Any]],
-          sweep: dict[str, Any] | None = None) -> None:
-    rows = _rows(metrics)
+          sweep: dict[str, Any] | None = None,
+          guidance: dict[str, Any] | None = None) -> None:
+    rows = _rows(metrics, config)
+    class_rows = _class_rows(metrics)
+    guidance_head, guidance_rows = guidance_sweep.table(guidance) if guidance else ([], [])
+    guidance_title = (f"Guidance: fidelity against diversity (`ldm sweep --guidance`, "
+                      f"{guidance['sampler']}, N = {guidance['n']:,}, balanced labels)"
+                      if guidance else "")
+    guidance_figure = root / "figures" / "guidance.png"
     sweep_head, sweep_rows = table(sweep) if sweep else ([], [])
     best_head, best_rows = best_per_objective(sweep) if sweep else ([], [])
     sweep_title = (f"Quality against cost: FID of each sampler against its model calls "
@@ -108,6 +134,16 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     md = [f"# latentdiffusion run: {root.name}", "", intro, "", "## FID table", "",
           "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    if class_rows:
+        md += ["", "Labelled sets against each class's training digits:", "",
+               "| " + " | ".join(CLASS_HEAD) + " |", "|" + "---|" * len(CLASS_HEAD)]
+        md += ["| " + " | ".join(r) + " |" for r in class_rows]
+    if guidance:
+        md += ["", "## " + guidance_title, "", "| " + " | ".join(guidance_head) + " |",
+               "|" + "---|" * len(guidance_head)]
+        md += ["| " + " | ".join(r) + " |" for r in guidance_rows]
+        if guidance_figure.exists():
+            md += ["", f"![Accuracy against FID]({guidance_figure.relative_to(root)})"]
     if sweep:
         md += ["", "## " + sweep_title, "", "| " + " | ".join(sweep_head) + " |",
                "|" + "---|" * len(sweep_head)]
@@ -137,6 +173,13 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
                              [[n, f"{s:.1f}", summary] for n, s, summary in times])
     body = [f"<h1>latentdiffusion run: {e(root.name)}</h1>", f"<p>{e(intro)}</p>",
             "<h2>FID table</h2>", fid_table]
+    if class_rows:
+        body += ["<p>Labelled sets against each class's training digits:</p>",
+                 _html_table(CLASS_HEAD, class_rows)]
+    if guidance:
+        body += [f"<h2>{e(guidance_title)}</h2>", _html_table(guidance_head, guidance_rows)]
+        if guidance_figure.exists():
+            body.append(f"<figure>{img(guidance_figure)}</figure>")
     if sweep:
         body += [f"<h2>{e(sweep_title)}</h2>", _html_table(sweep_head, sweep_rows),
                  "<p>Best of each objective and kind of sampler:</p>",
