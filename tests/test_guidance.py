@@ -1,0 +1,253 @@
+"""Class labels and classifier-free guidance: label dropout in training, the guided denoiser,
+labels that depend on the sample index alone, and the conditional run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
+from latentdiffusion.cli import main
+from latentdiffusion.config import UNetConfig
+from latentdiffusion.diffusion import sample
+from latentdiffusion.diffusion.denoiser import FlowDenoiser
+from latentdiffusion.diffusion.guidance import guided, labels_for, parse_labels, with_labels
+from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
+from latentdiffusion.errors import UsageError
+from latentdiffusion.identity import StageKey
+from latentdiffusion.metrics import load_samples
+from latentdiffusion.models import UNet
+from latentdiffusion.rng import generator
+from latentdiffusion.training import Batch, init_model
+
+CPU = torch.device("cpu")
+COND_UNET = UNetConfig(**{**TINY_UNET.__dict__, "num_classes": 10})
+
+
+# ---------------------------------------------------------------- labels reach the network
+
+
+def test_unconditional_unet_is_unchanged_and_conditional_adds_one_table() -> None:
+    plain = init_model(UNet, TINY_UNET, 0)
+    conditional = init_model(UNet, COND_UNET, 0)
+    names = set(dict(plain.named_parameters()))
+    assert not any("label" in name for name in names)
+    extra = set(dict(conditional.named_parameters())) - names
+    assert extra == {"label_embedding.weight"}
+    assert conditional.label_embedding.weight.shape == (11, 4 * TINY_UNET.time_dim)  # K + null
+    # The shared weights are drawn first, in the same order: same values.
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, conditional.state_dict()[name]), name
+    x, t = torch.randn(3, 2, 8, 8), torch.tensor([1.0, 10.0, 40.0])
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, torch.zeros(3, dtype=torch.long))
+    torch.nn.init.normal_(conditional.out[-1].weight)  # not the zero predictor
+    null = conditional(x, t, torch.full((3,), 10))
+    assert torch.equal(conditional(x, t), null)  # no labels = the null label
+    assert not torch.allclose(conditional(x, t, torch.tensor([0, 1, 2])), null)
+
+
+def test_the_unconditional_key_is_what_it_was_before_labels() -> None:
+    key = StageKey.of(model=TINY_UNET, objective=TINY_OBJECTIVE)
+    assert "model.num_classes" not in key.fields
+    assert "objective.label_dropout" not in key.fields
+    assert StageKey.of(model=COND_UNET).fields["model.num_classes"] == 10
+
+
+class _Spy(torch.nn.Module):
+    """A network that records the labels it was given and predicts zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is not None:
+            self.seen.append(labels)
+        return torch.zeros_like(x_t)
+
+
+def _batch(n: int, step: int, shard: slice = slice(None)) -> Batch:
+    x0 = torch.randn(n, 2, 4, 4, generator=generator(0, 1))
+    labels = torch.arange(n) % 10
+    return Batch((x0[shard], labels[shard]), n, shard, generator(7, step), CPU)
+
+
+def _dropped_labels(n: int, step: int, p: float, shard: slice = slice(None)) -> torch.Tensor:
+    spy = _Spy()
+    loss = diffusion_loss(make_objective(TINY_OBJECTIVE, TINY_SCHEDULE), 10, p)
+    loss(spy, _batch(n, step, shard))
+    return spy.seen[0]
+
+
+def test_label_dropout_rate_determinism_and_sharding() -> None:
+    labels = _dropped_labels(20_000, 0, 0.1)
+    dropped = labels == 10
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01  # 4.5 sigma at n = 20k
+    kept = ~dropped
+    assert torch.equal(labels[kept], (torch.arange(20_000) % 10)[kept])  # the rest unchanged
+    assert torch.equal(_dropped_labels(20_000, 0, 0.1), labels)  # the step's own generator
+    assert not torch.equal(_dropped_labels(20_000, 1, 0.1), labels)
+    assert not (_dropped_labels(1000, 0, 0.0) == 10).any()
+    # Two ranks' shards of the global batch together are the one-process draws.
+    halves = [_dropped_labels(64, 3, 0.5, slice(r, None, 2)) for r in range(2)]
+    whole = _dropped_labels(64, 3, 0.5)
+    assert torch.equal(whole[0::2], halves[0]) and torch.equal(whole[1::2], halves[1])
+
+
+def test_the_unconditional_loss_draws_nothing_more() -> None:
+    """t and the noise come first, so a conditional model sees the same x_t as an unconditional
+    one, and an unconditional one leaves its generator where it did before labels."""
+    objective = make_objective(TINY_OBJECTIVE, TINY_SCHEDULE)
+    plain, conditional = _batch(16, 5), _batch(16, 5)
+    diffusion_loss(objective)(_Spy(), plain)
+    diffusion_loss(objective, 10, 0.1)(_Spy(), conditional)
+    after_plain = torch.rand(1, generator=plain.generator)
+    assert not torch.equal(after_plain, torch.rand(1, generator=conditional.generator))
+    reference = _batch(16, 5)
+    objective.draw(reference)
+    reference.randn(2, 4, 4)
+    assert torch.equal(after_plain, torch.rand(1, generator=reference.generator))
+
+
+# ---------------------------------------------------------------- the guided denoiser
+
+
+def _conditional_denoiser() -> tuple[UNet, FlowDenoiser]:
+    unet = init_model(UNet, COND_UNET, 0)
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.1)
+    return unet.eval(), FlowDenoiser(unet)
+
+
+@pytest.mark.parametrize("sigma", [2.0, math.inf, "per-row"])
+def test_guidance_zero_and_one_are_the_unconditional_and_conditional_denoisers(
+        sigma: float | str) -> None:
+    unet, _ = _conditional_denoiser()
+    x = torch.randn(4, 2, 8, 8, generator=generator(0))
+    labels = torch.tensor([3, 1, 4, 1])
+    level: float | torch.Tensor = torch.tensor([0.5, 1.0, 2.0, 8.0], dtype=torch.float64) \
+        if sigma == "per-row" else float(sigma)
+    make = FlowDenoiser
+    with torch.no_grad():
+        conditional = make(with_labels(unet, labels))(x, level)
+        unconditional = make(unet)(x, level)  # no labels = the null label
+        at = {s: guided(make, unet, labels, 10, s)(x, level) for s in (0.0, 1.0, 2.0)}
+    assert torch.equal(at[1.0], conditional)
+    assert torch.equal(at[0.0], unconditional)
+    assert not torch.allclose(conditional, unconditional)
+    # s = 2 from the doubled batch: D_u + 2 (D_c - D_u)
+    torch.testing.assert_close(at[2.0], 2 * conditional - unconditional, atol=1e-5, rtol=1e-5)
+
+
+POINTS = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)  # class 0: +1, 1: -1
+
+
+def _oracle(x_t: torch.Tensor, time: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The exact velocity of the flow from two equally likely points: D = the point of the
+    label, or for the null label (2) the posterior mean of the two."""
+    t = (time / 1000).double().view(-1, 1, 1, 1)
+    x = x_t.double()
+    # log p(x_t | x_0 = p_k) = -|x_t - (1 - t) p_k|^2 / (2 t^2) + const
+    logits = torch.stack([-(x - (1 - t) * p).square().sum((1, 2, 3)) / (2 * t.view(-1) ** 2)
+                          for p in POINTS.double()], dim=1)  # (B, 2)
+    posterior_mean = torch.einsum("bk,kchw->bchw", logits.softmax(1), POINTS.double())
+    chosen = POINTS.double()[labels.clamp(max=1)]
+    x0 = torch.where((labels == 2).view(-1, 1, 1, 1), posterior_mean, chosen)
+    return ((x - x0) / t).float()  # v with x_0 = x_t - t v
+
+
+def test_guided_oracle_moves_towards_the_requested_point() -> None:
+    n = 400
+    noise = torch.randn(n, 1, 2, 2, generator=generator(1))
+    labels = torch.zeros(n, dtype=torch.long)  # everyone asks for the +1 point
+    ends = {}
+    for scale in (0.0, 1.0, 3.0):
+        denoiser = guided(FlowDenoiser, _oracle, labels, 2, scale)
+        ends[scale] = sample(denoiser, noise, "ddim-20").mean((1, 2, 3))
+    near_plus = {s: (e > 0).float().mean().item() for s, e in ends.items()}
+    assert 0.35 < near_plus[0.0] < 0.65  # unconditional: either point
+    assert near_plus[1.0] == 1.0 and near_plus[3.0] == 1.0
+    assert (ends[1.0] - 1).abs().max() < 0.05
+    # One step from between the points: guidance past 1 overshoots towards the label.
+    x = torch.zeros(1, 1, 2, 2)
+    steps = [guided(FlowDenoiser, _oracle, labels[:1], 2, s)(x, 1.0).mean().item()
+             for s in (0.0, 1.0, 3.0)]
+    assert steps[0] == pytest.approx(0.0, abs=1e-6) and steps[0] < steps[1] < steps[2]
+
+
+def test_labels_depend_on_the_index_alone() -> None:
+    assert labels_for("balanced", range(12)) == [*range(10), 0, 1]
+    assert labels_for("balanced", [13, 4]) == [3, 4]
+    assert labels_for("0,1,2", range(5)) == [0, 1, 2, 0, 1]
+    assert labels_for("7", range(3)) == [7, 7, 7]
+    assert parse_labels("") == ()
+    for bad, match in (("11", "label 11 is not a class"), ("seven", "comma-separated digits"),
+                       ("-1", "label -1")):
+        with pytest.raises(UsageError, match=match):
+            parse_labels(bad)
+
+
+# ---------------------------------------------------------------- the CLI, end to end
+
+
+def _stages(err: str) -> dict[str, str]:
+    err = err.replace("\r", "\n")
+    return {m.group(1): "skipped" if "skipped" in m.group(2) else "ran"
+            for m in re.finditer(r"^\[(\w+)\] (.*)$", err, flags=re.M)}
+
+
+def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu"]
+    assert main(["run", "--preset", "tiny", "--conditional", *common]) == 0
+    capsys.readouterr()
+    metrics = json.loads((run / "metrics.json").read_text())
+    for name in ("ddim-5", "ddpm"):
+        images, labels = load_samples(run / "samples" / f"{name}.npz")
+        assert labels is not None and list(labels) == [i % 10 for i in range(24)]
+        with np.load(run / "samples" / f"{name}.npz") as f:
+            assert float(f["guidance"]) == 2.0
+        entry = metrics[name]
+        assert 0.0 <= entry["accuracy"] <= 1.0
+        assert len(entry["fid_per_class"]) == 10 and math.isfinite(entry["fid_class_mean"])
+    assert "fid_class_mean" in metrics["validation"]  # the per-class floor
+    assert (run / "figures" / "class_grid.png").is_file()
+    report = (run / "report.md").read_text()
+    assert "one row per requested digit" in report and "guidance 2" in report
+    header = json.loads((run / "run.json").read_text())["config"]
+    assert header["unet"]["num_classes"] == 10
+
+    # The same command again is a no-op; the unconditional model's key differs.
+    assert main(["run", "--preset", "tiny", "--conditional", *common]) == 0
+    assert set(_stages(capsys.readouterr().err).values()) == {"skipped"}
+
+    # ldm sample with a label and guidance, and ldm evaluate reading the labels back.
+    out = tmp_path / "sevens.npz"
+    assert main(["sample", "--run-dir", str(run), "--model", "diffusion", "--sampler", "ddim",
+                 "--steps", "3", "-n", "5", "--labels", "7", "--guidance", "3", "--out",
+                 str(out), "--device", "cpu", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["guidance"] == 3.0
+    assert list(load_samples(out)[1]) == [7] * 5  # type: ignore[arg-type]
+    assert main(["evaluate", "--samples", str(out), *common, "--quiet"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert "accuracy" in scores and scores["fid_per_class"][7] is not None
+    assert scores["fid_per_class"][0] is None  # no sample asked for a 0
+
+    # The guidance sweep: FID and accuracy per scale, its figure, and the report's table.
+    assert main(["sweep", "--samplers", "ddim", "--nfe", "3", "--guidance", "1,2", "-n", "20",
+                 *common, "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["results"]) == {"1", "2"} and summary["report_updated"] is True
+    sweep = json.loads((run / "guidance.json").read_text())
+    assert all(math.isfinite(e["fid"]) and 0 <= e["accuracy"] <= 1
+               for e in sweep["results"].values())
+    assert (run / "figures" / "guidance.png").is_file()
+    assert "Guidance: fidelity against diversity" in (run / "report.md").read_text()
