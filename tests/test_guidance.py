@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
+from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion.cli import main
 from latentdiffusion.config import UNetConfig
 from latentdiffusion.diffusion import sample
@@ -25,6 +25,7 @@ from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
 from latentdiffusion.rng import generator
 from latentdiffusion.training import Batch, init_model
+from test_cli_errors import assert_fails
 
 CPU = torch.device("cpu")
 COND_UNET = UNetConfig(**{**TINY_UNET.__dict__, "num_classes": 10})
@@ -251,3 +252,64 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
                for e in sweep["results"].values())
     assert (run / "figures" / "guidance.png").is_file()
     assert "Guidance: fidelity against diversity" in (run / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+@pytest.fixture(scope="module")
+def unconditional_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data dir, run dir) with a tiny VAE, latents and an unconditional denoiser."""
+    root = tmp_path_factory.mktemp("unconditional")
+    data_dir = write_dataset(root / "data", n_train=48, n_test=20)
+    run = root / "run"
+    common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu", "--quiet"]
+    for argv in (["train", "vae"], ["encode"], ["train", "diffusion"]):
+        assert main([*argv, *common, *(["--preset", "tiny"] if "train" in argv else [])]) == 0
+    return data_dir, run
+
+
+SAMPLE = ["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "2", "-n", "4",
+          "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    (["--labels", "11"], "error: label 11 is not a class of this model (0..9)"),
+    (["--labels", "seven"], "error: labels: expected 'balanced' or comma-separated digits"),
+    (["--guidance", "2"], "error: guidance needs labels to guide towards (--labels)"),
+    (["--labels", "7", "--guidance", "-1"], "error: SamplingConfig.guidance must be >= 0"),
+    (["--labels", "7"], "error: labels and guidance need a class-conditional model, and "),
+    (["--labels", "7", "--guidance", "3"], "is unconditional (train it with --conditional)"),
+])
+def test_bad_labels_and_guidance_for_sample(capsys: pytest.CaptureFixture[str],
+                                            unconditional_run: tuple[Path, Path],
+                                            tmp_path: Path, options: list[str],
+                                            match: str) -> None:
+    _, run = unconditional_run
+    out = tmp_path / "x.npz"
+    line = assert_fails(capsys, 2, *SAMPLE, "--run-dir", run, *options, "--out", out)
+    assert match in line
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_labels_on_the_vae(capsys: pytest.CaptureFixture[str],
+                           unconditional_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = unconditional_run
+    assert_fails(capsys, 2, "sample", "--model", "vae", "--labels", "3", "--run-dir", run,
+                 "--out", tmp_path / "x.npz", "--device", "cpu",
+                 match="--labels and --guidance work with --model diffusion")
+
+
+def test_bad_guidance_sweeps_and_runs(capsys: pytest.CaptureFixture[str],
+                                      unconditional_run: tuple[Path, Path]) -> None:
+    data_dir, run = unconditional_run
+    common = ["--data-dir", data_dir, "--run-dir", run, "--device", "cpu", "--quiet"]
+    assert_fails(capsys, 2, "sweep", "--samplers", "ddim,heun", "--nfe", "4", "--guidance",
+                 "1,2", *common, match="--guidance sweeps one sampler at one NFE, got 2 pairs")
+    assert_fails(capsys, 2, "sweep", "--samplers", "ddim", "--nfe", "4", "--guidance", "1,x",
+                 *common, match="--guidance: expected comma-separated numbers")
+    assert_fails(capsys, 2, "sweep", "--samplers", "ddim", "--nfe", "4", "--guidance", "1,2",
+                 *common, match="labels and guidance need a class-conditional model")
+    assert not (run / "guidance.json").exists() and not (run / "cache").exists()
+    assert_fails(capsys, 2, "run", "--preset", "tiny", "--guidance", "2", *common,
+                 match="--guidance needs --conditional")

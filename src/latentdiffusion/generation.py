@@ -51,8 +51,7 @@ def check_conditioning(run: RunDir, sampling: SamplingConfig) -> None:
     header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
     num_classes = header["config"].get("num_classes", 0)
     if not num_classes:
-        option = "--labels" if sampling.labels else "--guidance"
-        raise UsageError(f"{option} needs a class-conditional model, and "
+        raise UsageError(f"labels and guidance need a class-conditional model, and "
                          f"{run.model('diffusion')} is unconditional (train it with "
                          "--conditional)")
     parse_labels(sampling.labels, num_classes)  # each label a class of this model
