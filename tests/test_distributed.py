@@ -331,3 +331,42 @@ def test_ldm_run_under_torchrun(tmp_path: Path) -> None:
     for name in ("metrics.json", "report.html", "samples/ddpm.npz", "diffusion.safetensors"):
         assert (run / name).is_file(), name
     assert not (run / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run dir with a tiny VAE, labelled latents and a class-conditional diffusion model."""
+    root = tmp_path_factory.mktemp("conditional")
+    data_dir = write_dataset(root / "data")
+    run = root / "run"
+    common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu", "--quiet"]
+    assert main(["train", "vae", "--preset", "tiny", "--epochs", "20", *common]) == 0
+    assert main(["encode", *common]) == 0
+    assert main(["train", "diffusion", "--preset", "tiny", "--conditional", *common]) == 0
+    return run
+
+
+def test_balanced_guided_sampling_is_independent_of_world_size_and_batch_size(
+        conditional_run: Path, tmp_path: Path) -> None:
+    """Sample i asks for digit i mod 10 and depends on (seed, i) alone: one process at two
+    batch sizes and two processes write the same labels and the same bytes."""
+    guided = [*SAMPLE, "-n", "13", "--labels", "balanced", "--guidance", "2",
+              "--run-dir", str(conditional_run)]
+    outputs = {}
+    for batch_size in ("4", "500"):
+        out = tmp_path / f"one-{batch_size}.npz"
+        assert main([*guided, "--batch-size", batch_size, "--out", str(out)]) == 0
+        outputs[f"1x{batch_size}"] = load_samples(out)
+    out = tmp_path / "two.npz"
+    _torchrun(*guided, "--batch-size", "3", "--out", str(out))
+    outputs["2x3"] = load_samples(out)
+
+    images, labels = outputs["1x500"]
+    assert labels is not None and labels.tolist() == [i % 10 for i in range(13)]
+    for name, (other_images, other_labels) in outputs.items():
+        assert other_images.tobytes() == images.tobytes(), name
+        assert other_labels is not None and other_labels.tobytes() == labels.tobytes(), name
+    unlabelled = tmp_path / "null.npz"
+    assert main([*SAMPLE, "-n", "13", "--run-dir", str(conditional_run), "--out",
+                 str(unlabelled)]) == 0
+    assert not np.array_equal(load_samples(unlabelled)[0], images)  # the labels steer
