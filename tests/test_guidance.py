@@ -14,7 +14,7 @@ import torch
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.config import UNetConfig
+from latentdiffusion.config import TrainConfig, UNetConfig
 from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import guided, labels_for, parse_labels, with_labels
@@ -24,7 +24,7 @@ from latentdiffusion.identity import StageKey
 from latentdiffusion.metrics import load_samples
 from latentdiffusion.models import UNet
 from latentdiffusion.rng import generator
-from latentdiffusion.training import Batch, init_model
+from latentdiffusion.training import Batch, fit, init_model
 from test_cli_errors import assert_fails
 
 CPU = torch.device("cpu")
@@ -116,6 +116,41 @@ def test_the_unconditional_loss_draws_nothing_more() -> None:
     objective.draw(reference)
     reference.randn(2, 4, 4)
     assert torch.equal(after_plain, torch.rand(1, generator=reference.generator))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_conditional_training_resumes_exactly(tmp_path: Path) -> None:
+    """Kill after 3 of 8 steps and resume: the same weights as an uninterrupted run."""
+    g = generator(0)
+    data = (torch.randn(32, 2, 8, 8, generator=g), torch.arange(32) % 10)
+    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, ema_decay=0.9, checkpoint_every=1,
+                         seed=5)
+    inner = diffusion_loss(make_objective(TINY_OBJECTIVE, TINY_SCHEDULE), 10, 0.5)
+
+    def train(state_dir: Path, resume: bool = False, stop_at: int = -1) -> torch.nn.Module:
+        steps = [0]
+
+        def loss_fn(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            if model.training:
+                if steps[0] == stop_at:
+                    raise _Stop
+                steps[0] += 1
+            return inner(model, batch)
+
+        return fit(init_model(UNet, COND_UNET, 5), loss_fn, data, data, config,
+                   state_dir=state_dir, kind="unet", key=StageKey.of(model=COND_UNET, train=config),
+                   model_config=COND_UNET, device=CPU, resume="strict" if resume else "off",
+                   progress=False).model
+
+    whole = train(tmp_path / "whole")
+    with pytest.raises(_Stop):
+        train(tmp_path / "killed", stop_at=3)
+    resumed = train(tmp_path / "killed", resume=True)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
 
 
 # ---------------------------------------------------------------- the guided denoiser
