@@ -333,6 +333,10 @@ def test_labels_on_the_vae(capsys: pytest.CaptureFixture[str],
     assert_fails(capsys, 2, "sample", "--model", "vae", "--labels", "3", "--run-dir", run,
                  "--out", tmp_path / "x.npz", "--device", "cpu",
                  match="--labels and --guidance work with --model diffusion")
+    assert_fails(capsys, 2, "sample", "--model", "vae", "--reconstruct", "test", "--guidance",
+                 "2", "--run-dir", run, "--out", tmp_path / "x.npz", "--device", "cpu",
+                 match="--labels and --guidance work with --model diffusion")
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_bad_guidance_sweeps_and_runs(capsys: pytest.CaptureFixture[str],

@@ -273,6 +273,8 @@ def _check_command(args: argparse.Namespace) -> None:
                                  f"{', '.join(STAGES)})")
     elif args.command == "sample" and not args.reconstruct:
         _sampling(args)
+    elif args.command == "sample" and (args.labels or args.guidance != 1.0):
+        raise UsageError("--labels and --guidance work with --model diffusion")
     elif args.command == "sweep":
         from .sweep import pairs
 
