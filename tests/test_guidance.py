@@ -54,11 +54,10 @@ def test_unconditional_unet_is_unchanged_and_conditional_adds_one_table() -> Non
     assert not torch.allclose(conditional(x, t, torch.tensor([0, 1, 2])), null)
 
 
-def test_the_unconditional_key_is_what_it_was_before_labels() -> None:
-    key = StageKey.of(model=TINY_UNET, objective=TINY_OBJECTIVE)
-    assert "model.num_classes" not in key.fields
-    assert "objective.label_dropout" not in key.fields
-    assert StageKey.of(model=COND_UNET).fields["model.num_classes"] == 10
+def test_the_key_names_the_label_count() -> None:
+    plain, conditional = StageKey.of(model=TINY_UNET), StageKey.of(model=COND_UNET)
+    assert (plain.fields["model.num_classes"], conditional.fields["model.num_classes"]) == (0, 10)
+    assert plain.digest != conditional.digest
 
 
 class _Spy(torch.nn.Module):

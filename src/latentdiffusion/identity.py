@@ -30,10 +30,6 @@ from .config import (
 )
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
-# Fields added after keys were first stored are left out of a key at these default values, so
-# an unconditional run made before class labels existed keeps its key (and is not redone).
-ADDED_LATER = {"model.num_classes": 0, "objective.label_dropout": 0.1, "sampling.labels": "",
-               "sampling.guidance": 1.0}
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 
@@ -51,8 +47,6 @@ class StageKey:
                                if k not in NOT_IN_KEY})
             else:
                 fields[name] = part
-        fields = {k: v for k, v in fields.items()
-                  if k not in ADDED_LATER or ADDED_LATER[k] != v}
         return cls(json.loads(json.dumps(fields)))  # tuples -> lists, as a JSON header holds them
 
     @property
