@@ -1,0 +1,309 @@
+"""What the command line means: the `ldm` parser, its argument types, and the run config a
+command's arguments make (validated before any file is touched)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import data
+from .config import (
+    CONDITIONAL_GUIDANCE,
+    PRESETS,
+    RunConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    conditional,
+    preset,
+)
+from .diffusion import SAMPLERS
+from .errors import UsageError
+
+DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
+               "FID report. `ldm run` does it all.")
+EPILOG = """examples:
+  ldm run --data-dir ~/mnist --run-dir runs/demo --preset quick
+  ldm train vae --data-dir ~/mnist --run-dir runs/demo
+  ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
+  ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
+  ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
+  ldm run --data-dir ~/mnist --run-dir runs/cond --conditional
+  ldm sample --run-dir runs/cond --model diffusion --labels 7 --guidance 2 -n 100 --out 7.npz
+  ldm sweep --data-dir ~/mnist --run-dir runs/cond --samplers ddpm --nfe 25 --guidance 1,2,3
+  torchrun --standalone --nproc_per_node=2 -m latentdiffusion train diffusion --run-dir runs/demo
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+MAX_SEED = 2**63  # torch and numpy generators take 64-bit seeds; signed keeps every API happy
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
+    return value
+
+
+def npz_out(text: str) -> Path:
+    # The grid goes beside it as .png: any other name would lose the samples to their grid.
+    if not text.endswith(".npz"):
+        raise argparse.ArgumentTypeError(f"must end in .npz (the samples file; a .png grid is "
+                                         f"written beside it), got {text!r}")
+    return Path(text)
+
+
+def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    if data_dir:
+        p.add_argument("--data-dir", metavar="DIR",
+                       help=f"directory with the four IDX files (default: ${data.DATA_DIR_ENV} "
+                            "or the user cache)")
+    p.add_argument("--run-dir", metavar="DIR", default="runs/default", type=Path,
+                   help="where stage outputs live")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = Parser(prog="ldm", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("data", help="download or verify a dataset")
+    data_sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
+    for action in ("download", "verify"):
+        q = data_sub.add_parser(action, formatter_class=fmt)
+        q.add_argument("--dataset", default="mnist", help=", ".join(data.DATASETS))
+        q.add_argument("--data-dir", metavar="DIR")
+        q.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("train", help="train one model", formatter_class=fmt)
+    p.add_argument("model", choices=("classifier", "vae", "diffusion"))
+    _common(p)
+    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
+    p.add_argument("--epochs", type=positive)
+    p.add_argument("--batch-size", type=positive, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=seed_value)
+    p.add_argument("--checkpoint-every", type=positive, metavar="STEPS")
+    p.add_argument("--checkpoint-seconds", type=positive_float, metavar="SECONDS",
+                   help="also checkpoint after this much wall time (preset: 60)")
+    p.add_argument("--schedule", help="diffusion only: linear or cosine")
+    p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
+    p.add_argument("--conditional", action="store_true",
+                   help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the newest checkpoint made with the same config")
+    again.add_argument("--force", action="store_true",
+                       help="start over (the old model and checkpoints stay until replaced)")
+
+    p = sub.add_parser("encode", help="cache the VAE latents of train and test",
+                       formatter_class=fmt)
+    _common(p)
+    latents_default = preset("default")  # as `ldm run` encodes them
+    p.add_argument("--latent-mode", default=latents_default.latent_mode,
+                   help="mean (posterior mean) or sample")
+    p.add_argument("--latent-norm", default=latents_default.latent_norm,
+                   help="global (one 1/std factor) or channel (standardise each channel)")
+    p.add_argument("--seed", type=seed_value, default=0)
+
+    p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--model", required=True, choices=("vae", "diffusion"))
+    p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLERS)}, or NAME-STEPS")
+    p.add_argument("--steps", type=positive,
+                   help="sampler steps (default: " + ", ".join(
+                       f"{name} {spec.default_steps or 'all'}" for name, spec in SAMPLERS.items())
+                   + ")")
+    p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, in [0, 1]")
+    p.add_argument("-n", "--num-samples", type=positive, default=1000)
+    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--batch-size", type=positive, default=500)
+    p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
+    p.add_argument("--labels", default="", metavar="Y",
+                   help="conditional diffusion only: a digit (7), a list cycled over the "
+                        "samples (0,1,2) or 'balanced' (sample i draws i mod 10); written "
+                        "into the .npz")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance scale: 1 unguided, 0 unconditional, "
+                        "> 1 closer to the label")
+    p.add_argument("--out", type=npz_out, required=True,
+                   help="output .npz (a .png grid beside it)")
+
+    p = sub.add_parser("evaluate", help="score a samples file (FID, KID, precision/recall)",
+                       formatter_class=fmt)
+    _common(p)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--samples", type=Path, metavar="FILE.npz")
+    group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--seed", type=seed_value, default=0)
+
+    p = sub.add_parser("sweep", help="FID against model calls for several samplers",
+                       formatter_class=fmt)
+    _common(p)
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated names")
+    p.add_argument("--nfe", default="5,10,20,50", help="comma-separated model-call budgets")
+    p.add_argument("-n", "--num-samples", type=positive, default=10_000)
+    p.add_argument("--seed", type=seed_value, default=1, help="the presets' sampling seed")
+    p.add_argument("--batch-size", type=positive, default=500)
+    p.add_argument("--guidance", metavar="S,S,..",
+                   help="a conditional model's guidance scales, for one sampler and NFE: FID "
+                        "and accuracy per scale (R/guidance.json, figures/guidance.png)")
+
+    p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
+    p.add_argument("--seed", type=seed_value, help="seed every stage (default: the preset's)")
+    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
+                                       "(flow matching; default: the preset's)")
+    p.add_argument("--conditional", action="store_true",
+                   help="a class-conditional denoiser; its sets are balanced over the digits "
+                        "and guided")
+    p.add_argument("--guidance", type=float, metavar="S",
+                   help=f"with --conditional: the sets' guidance scale (default "
+                        f"{CONDITIONAL_GUIDANCE:g})")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE and what depends on it (repeatable)")
+    return parser
+
+
+def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
+    if seed is None:
+        return config
+    r = dataclasses.replace
+    return r(config, classifier_train=r(config.classifier_train, seed=seed),
+             vae_train=r(config.vae_train, seed=seed),
+             diffusion_train=r(config.diffusion_train, seed=seed),
+             sampling=r(config.sampling, seed=seed + 1))
+
+
+def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
+    if kind is None:
+        return config
+    # The config checks the value, with the same one-line error as every other.
+    objective = dataclasses.replace(config.objective, kind=kind)  # type: ignore[arg-type]
+    return dataclasses.replace(config, objective=objective)
+
+
+def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    guidance = getattr(args, "guidance", None)
+    if not args.conditional:
+        if guidance is not None:
+            raise UsageError("--guidance needs --conditional (an unconditional model has "
+                             "nothing to guide)")
+        return config
+    return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The preset with `ldm run`'s or `ldm train`'s overrides; UsageError for a bad value."""
+    config = with_objective(with_seed(preset(args.preset), args.seed), args.objective)
+    return with_conditional(config, args)
+
+
+def train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
+    """The preset with the command's overrides; raises UsageError for a bad value."""
+    config = run_config(args)
+    field = {"classifier": "classifier_train", "vae": "vae_train",
+             "diffusion": "diffusion_train"}[args.model]
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
+                                   ("checkpoint_seconds", args.checkpoint_seconds))
+                 if v is not None}
+    train_config = dataclasses.replace(getattr(config, field), **overrides)
+    schedule = config.schedule
+    if args.schedule:
+        schedule = dataclasses.replace(schedule, kind=args.schedule)
+    return config, train_config, schedule
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """Every value of the command, before the run directory is created or locked."""
+    if args.command == "train":
+        train_configs(args)
+    elif args.command == "encode":
+        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+    elif args.command == "run":
+        from .pipeline import STAGES
+
+        run_config(args)
+        for name in args.force:
+            if name not in STAGES:
+                raise UsageError(f"--force: unknown stage {name!r} (choose from "
+                                 f"{', '.join(STAGES)})")
+    elif args.command == "sample" and not args.reconstruct:
+        sampling_config(args)
+    elif args.command == "sample" and (args.labels or args.guidance != 1.0):
+        raise UsageError("--labels and --guidance work with --model diffusion")
+    elif args.command == "sweep":
+        from .sweep import pairs
+
+        specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"))
+        if args.guidance is not None:
+            guidance_scales(args.guidance, specs)
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    """`ldm sample`'s options; the config checks the sampler's name, steps, variance, eta,
+    labels and guidance before any work."""
+    if args.model != "diffusion" and (args.labels or args.guidance != 1.0):
+        raise UsageError("--labels and --guidance work with --model diffusion")
+    return SamplingConfig(variance=args.variance, eta=args.eta, samplers=(sampler_spec(args),),
+                          labels=args.labels, guidance=args.guidance)
+
+
+def guidance_scales(text: str, specs: list[str]) -> list[float]:
+    if len(specs) != 1:
+        raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
+                         f"({', '.join(specs)})")
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
+    for scale in scales:
+        SamplingConfig(samplers=tuple(specs), labels="balanced", guidance=scale)
+    return scales
+
+
+def sampler_spec(args: argparse.Namespace) -> str:
+    return args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+
+
+def integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
