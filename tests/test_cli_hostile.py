@@ -211,3 +211,61 @@ def test_failed_command_leaves_no_empty_run_dir(capsys: pytest.CaptureFixture[st
     assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir",
                  tmp_path / "nowhere", "--run-dir", run, *CPU, match="does not exist")
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- round 3 (QA of the fixes)
+
+
+def test_samples_file_that_is_a_device_is_never_read(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    link = tmp_path / "zero.npz"
+    link.symlink_to("/dev/zero")  # reading it whole would never end
+    assert_fails(capsys, 1, "evaluate", "--samples", link, "--run-dir", tmp_path / "run", *CPU,
+                 match=f"{link} is not a regular file")
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--nfe", "99999999999999999999"], "--nfe needs integers in 1 .. 10000"),
+    (["--nfe", "3", "-n", "2"], "a sweep needs -n of at least 4"),
+    (["--samplers", "ddim-3"], "unknown sampler 'ddim-3'"),
+])
+def test_sweep_refuses_what_it_cannot_score(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            argv: list[str], match: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    defaults = {"--samplers": "heun", "--nfe": "3", "-n": "8"}
+    for option, value in zip(argv[::2], argv[1::2], strict=True):
+        defaults[option] = value
+    assert_fails(capsys, 2, "sweep", "--run-dir", run, *CPU,
+                 *[v for pair in defaults.items() for v in pair], match=match)
+    assert list(run.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta is an option of ddim, not of ddpm"),
+    (["--sampler", "heun", "--variance", "beta"], "--variance is an option of ddpm, not of heun"),
+    (["--sampler", "ddim-20000"], "steps must be an integer in 1 .. 10000"),
+])
+def test_sampler_options_it_would_ignore(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                         argv: list[str], match: str) -> None:
+    out = tmp_path / "s.npz"
+    assert_fails(capsys, 2, "sample", "--model", "diffusion", *argv, "--out", out,
+                 "--run-dir", tmp_path / "run", *CPU, match=match)
+    assert not out.exists() and not (tmp_path / "run").exists()
+
+
+def test_lock_that_is_a_symlink_leaves_its_target_alone(capsys: pytest.CaptureFixture[str],
+                                                        data_dir: Path, tmp_path: Path) -> None:
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("important user data")
+    (run / ".lock").symlink_to(victim)
+    assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir", data_dir,
+                 "--run-dir", run, *CPU, match=f"{run / '.lock'} is a symbolic link")
+    assert victim.read_text() == "important user data"
+    dangling = tmp_path / "run2"
+    dangling.mkdir()
+    (dangling / ".lock").symlink_to(tmp_path / "nowhere")
+    assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir", data_dir,
+                 "--run-dir", dangling, *CPU, match="is a symbolic link")
+    assert not (tmp_path / "nowhere").exists()

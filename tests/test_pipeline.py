@@ -22,6 +22,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, str]:
     """Run `ldm run` and return {stage: 'ran' | 'skipped'} from its one-line summaries."""
     assert main(["run", *argv]) == 0
     err = capsys.readouterr().err.replace("\r", "\n")
+    assert "Traceback" not in err
     return {m.group(1): "skipped" if "skipped" in m.group(2) else "ran"
             for m in re.finditer(r"^\[(\w+)\] (.*)$", err, flags=re.M)}
 
@@ -100,6 +101,13 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
     assert json.loads((run / "sweep.json").read_text()) == sweep  # same timings: not redone
     events = _run(capsys, *argv)  # the report now has the sweep in its key: only it is redone
     assert [s for s in STAGES if events[s] == "ran"] == ["report"]
+    # A damaged sweep.json (hand-edited, or with a score missing) is reported and left out.
+    damaged = ('{"results": {"x": 5}}', json.dumps({**sweep, "validation": {"fid": None}}))
+    for text, redone in zip(damaged, (["report"], []), strict=True):  # both are no sweep
+        (run / "sweep.json").write_text(text)
+        events = _run(capsys, *argv)
+        assert [s for s in STAGES if events[s] == "ran"] == redone, text
+        assert "Quality against cost" not in (run / "report.html").read_text()
 
 
 def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,

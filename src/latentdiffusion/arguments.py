@@ -18,7 +18,7 @@ from .config import (
     conditional,
     preset,
 )
-from .diffusion import SAMPLERS
+from .diffusion import SAMPLERS, parse_sampler
 from .errors import UsageError
 
 DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler steps (default: " + ", ".join(
                        f"{name} {spec.default_steps or 'all'}" for name, spec in SAMPLERS.items())
                    + ")")
-    p.add_argument("--variance", default="beta_tilde", help="ddpm: beta_tilde or beta")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, in [0, 1]")
+    p.add_argument("--variance", help="ddpm only: beta_tilde (default) or beta")
+    p.add_argument("--eta", type=float, help="ddim only: stochasticity in [0, 1] (default 0)")
     p.add_argument("-n", "--num-samples", type=positive, default=1000)
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--batch-size", type=positive, default=500)
@@ -281,7 +281,15 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     labels and guidance before any work."""
     if args.model != "diffusion" and (args.labels or args.guidance != 1.0):
         raise UsageError("--labels and --guidance work with --model diffusion")
-    return SamplingConfig(variance=args.variance, eta=args.eta, samplers=(sampler_spec(args),),
+    spec = sampler_spec(args)
+    name = parse_sampler(spec)[0]
+    for option in ("eta", "variance"):  # an option the sampler would ignore is a mistake
+        if getattr(args, option) is not None and option not in SAMPLERS[name].options:
+            takes = [n for n, s in SAMPLERS.items() if option in s.options]
+            raise UsageError(f"--{option} is an option of {', '.join(takes)}, not of {name}")
+    defaults = SamplingConfig()
+    return SamplingConfig(variance=args.variance or defaults.variance,
+                          eta=defaults.eta if args.eta is None else args.eta, samplers=(spec,),
                           labels=args.labels, guidance=args.guidance)
 
 

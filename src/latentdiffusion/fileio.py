@@ -165,7 +165,8 @@ def _in_use(run_dir: Path, lock: Path, text: str | None) -> LdmError:
 def _open_lock(run_dir: Path, lock: Path) -> int | None:
     """A descriptor of `lock`, created if missing; None when fcntl is missing and it exists."""
     # Without fcntl the file itself is the lock, so only its creator may open it.
-    flags = os.O_RDWR | os.O_CREAT | (0 if fcntl else os.O_EXCL)
+    # O_NOFOLLOW: a link at R/.lock must never truncate (or create) a file elsewhere.
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (0 if fcntl else os.O_EXCL)
     try:
         return os.open(lock, flags, 0o644)
     except FileExistsError:
@@ -176,6 +177,9 @@ def _open_lock(run_dir: Path, lock: Path) -> int | None:
     except PermissionError:  # e.g. mode 000 and another user's: its owner may be alive
         raise _in_use(run_dir, lock, None) from None
     except OSError as err:
+        if lock.is_symlink():
+            raise LdmError(f"{lock} is a symbolic link, not a lock file; remove it if nothing "
+                           f"else uses {run_dir}") from None
         raise LdmError(f"run directory {run_dir} is not writable ({err.strerror})") from None
 
 

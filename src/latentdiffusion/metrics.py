@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -287,6 +288,9 @@ def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a samples .npz: `images` uint8 (N, 28, 28), optional `labels` (N,) in 0..9."""
     path = Path(path)
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: never read
+        raise DataError(f"{path} is not a regular file (a directory, device or pipe); pass a "
+                        ".npz samples file")
     try:
         arrays = _npz_arrays(path)
         _check_samples(path, arrays)

@@ -23,6 +23,7 @@ from . import checkpoint, data, evaluation, generation, plots
 from . import distributed as dist
 from .config import SamplingConfig, config_hash
 from .diffusion import SAMPLERS, parse_sampler
+from .diffusion.samplers import MAX_STEPS
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images
@@ -30,6 +31,7 @@ from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 SCORES = ("fid", "kid_mean", "kid_std", "precision", "recall")
+MIN_SAMPLES = 4  # below it precision and recall (and FID below 2) are undefined
 
 
 def pairs(samplers: Sequence[str], nfes: Sequence[int]) -> list[str]:
@@ -37,20 +39,40 @@ def pairs(samplers: Sequence[str], nfes: Sequence[int]) -> list[str]:
     unknown = [name for name in samplers if name not in SAMPLERS]
     if unknown:
         raise UsageError(f"unknown sampler {unknown[0]!r} (choose from {', '.join(SAMPLERS)})")
-    if not nfes or any(n <= 0 for n in nfes):
-        raise UsageError("--nfe needs positive integers")
+    if not nfes or any(not 0 < n <= MAX_STEPS for n in nfes):
+        raise UsageError(f"--nfe needs integers in 1 .. {MAX_STEPS}")
     specs = [f"{name}-{SAMPLERS[name].steps_for(nfe)}" for name in samplers for nfe in nfes]
     return list(dict.fromkeys(specs))  # heun at NFE 5 and 6 is the same pair
 
 
 def load(path: Path) -> dict[str, Any] | None:
-    """A sweep.json as `run_sweep` writes it, or None when there is none (or it is damaged)."""
+    """A sweep.json as `run_sweep` writes it, or None when there is none; a damaged one is
+    reported and ignored (the next sweep writes a new one)."""
+    if not path.exists():
+        return None
     try:
         found = json.loads(path.read_text())
-    except (OSError, ValueError):
+        _check(found)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        log.warning("ignoring %s: it is damaged (%s); the next `ldm sweep` rewrites it", path,
+                    err or type(err).__name__)
         return None
-    valid = isinstance(found, dict) and isinstance(found.get("denoisers"), dict)
-    return found if valid else None
+    return found
+
+
+def _check(sweep: Any) -> None:
+    """Raise ValueError unless `sweep` has the layout and the finite scores `run_sweep` writes."""
+    entries = [sweep["validation"]] + [entry for denoiser in sweep["denoisers"].values()
+                                       for entry in denoiser["results"].values()]
+    for entry in entries:
+        if not all(isinstance(entry[k], (int, float)) for k in SCORES):
+            raise ValueError("a score is missing or not a number")
+    for denoiser in sweep["denoisers"].values():
+        for spec, entry in denoiser["results"].items():
+            if parse_sampler(spec)[0] != entry["sampler"] or not entry["nfe"] > 0:
+                raise ValueError(f"entry {spec!r} does not describe its sampler")
+    if not isinstance(sweep["n"], int) or not isinstance(sweep["seed"], int):
+        raise ValueError("no N or seed")
 
 
 def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
@@ -59,8 +81,9 @@ def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
     """Score every pair on the run's denoiser (skipping pairs already scored); returns the
     sweep (what R/sweep.json holds)."""
     specs = pairs(samplers, nfes)
-    if num_samples <= 0 or batch_size <= 0:
-        raise UsageError("the number of samples and the batch size must be > 0")
+    if num_samples < MIN_SAMPLES or batch_size <= 0:
+        raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined) "
+                         "and a batch size > 0")
     hashes = {name: checkpoint.model_hash_of(checkpoint.load(run.model(name), kind=kind)[1])
               for name, kind in (("classifier", "classifier"), ("vae", "vae"),
                                  ("diffusion", "unet"))}

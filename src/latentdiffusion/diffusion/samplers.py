@@ -60,7 +60,13 @@ def ddim_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, et
     """DDIM; Euler on the probability-flow ODE when eta = 0."""
     if not 0.0 <= eta <= 1.0:
         raise UsageError(f"eta must be in [0, 1], got {eta}")
-    for sigma, sigma_next in _levels(sigmas, progress, "ddim"):
+    return _ancestral(denoiser, x, sigmas, eta, generator, progress, "ddim")
+
+
+def _ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: float,
+               generator: Generators, progress: bool, desc: str) -> torch.Tensor:
+    """DDIM's steps in VE units: Euler to sigma_down, then fresh noise of sigma_up."""
+    for sigma, sigma_next in _levels(sigmas, progress, desc):
         denoised = denoiser(x, sigma)
         d = _unit_noise(x, denoised, sigma)
         if sigma_next == 0:
@@ -81,7 +87,7 @@ def ddpm_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
                 progress: bool = False) -> torch.Tensor:
     """Ancestral DDPM: the eq. (6) mean plus noise of beta_tilde (or beta) of each step."""
     if variance == "beta_tilde":
-        return ddim_sample(denoiser, x, sigmas, eta=1.0, generator=generator, progress=progress)
+        return _ancestral(denoiser, x, sigmas, 1.0, generator, progress, "ddpm")
     for sigma, sigma_next in _levels(sigmas, progress, "ddpm"):
         denoised = denoiser(x, sigma)
         if sigma_next == 0:  # last step: the mean, as in DDPM
@@ -182,6 +188,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
+MAX_STEPS = 10_000  # ten times the VP models' grid: more is a typo, not a sampler
+
+
 def parse_sampler(spec: str) -> tuple[str, int | None]:
     """'ddim-50' -> ('ddim', 50); 'dpmpp-2m' -> ('dpmpp-2m', None), meaning its default steps."""
     name, _, steps = spec.rpartition("-")
@@ -189,8 +198,8 @@ def parse_sampler(spec: str) -> tuple[str, int | None]:
         name, steps = spec, ""
     if name not in SAMPLERS:
         raise UsageError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    if steps and int(steps) == 0:
-        raise UsageError(f"sampler {spec!r}: steps must be a positive integer")
+    if steps and not 0 < int(steps) <= MAX_STEPS:
+        raise UsageError(f"sampler {spec!r}: steps must be an integer in 1 .. {MAX_STEPS}")
     return name, int(steps) if steps else SAMPLERS[name].default_steps
 
 
