@@ -234,6 +234,18 @@ def test_karras_levels_follow_edm() -> None:
     assert torch.allclose(levels[:-1].log().diff(), levels[:-1].log().diff()[0].expand(5))
 
 
+def test_karras_and_logsnr_ladders_stop_at_sigma_80() -> None:
+    """Levels above EDM's sigma_max = 80 only spend steps on noise (README, samplers)."""
+    cosine = VPDenoiser(oracle(X0, COSINE), COSINE, "noise")
+    assert float(cosine.sigmas[-1]) > 1000 and cosine.sigma_max == 80.0
+    for spacing in ("karras", "logsnr"):
+        levels = noise_levels(cosine, spacing, 10)  # type: ignore[arg-type]
+        assert levels[0] == pytest.approx(80.0) and levels[-2] == pytest.approx(cosine.sigma_min)
+    assert noise_levels(cosine, "timesteps", 10)[0] == cosine.sigmas[-1]  # the grid is whole
+    linear = VPDenoiser(oracle(X0), SCHEDULE, "noise")  # its top level, 157, is also capped
+    assert linear.sigma_max == 80.0
+
+
 def test_parse_sampler() -> None:
     assert parse_sampler("ddim-50") == ("ddim", 50)
     assert parse_sampler("ddpm") == ("ddpm", None)  # every timestep

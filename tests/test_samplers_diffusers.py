@@ -86,7 +86,8 @@ class GaussianNoise:
         self.calls: list[tuple[float, torch.Tensor]] = []
 
     def __call__(self, x_t: torch.Tensor, t: Any) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        # A network embeds t in float32 (diffusers hands it float32 timesteps, ours float64).
+        t = torch.as_tensor(t).float().double().reshape(-1)
         assert (t == t[0]).all(), "one level per batch in these tests"
         low = t.floor().long().clamp(0, len(self.log_sigmas) - 2)
         fraction = t - low
@@ -404,6 +405,7 @@ def test_timesteps_match_the_linspace_spacing_at_ties() -> None:
 def test_karras_levels_match_diffusers(schedule: NoiseSchedule, num_steps: int) -> None:
     """karras_sigmas on the model's range = Euler's and Heun's use_karras_sigmas levels."""
     denoiser = VPDenoiser(GaussianNoise(schedule), schedule, "noise")
+    denoiser.sigma_max = float(denoiser.sigmas[-1])  # diffusers' whole range: ours is capped
     ours = noise_levels(denoiser, "karras", num_steps)
     for cls in (EulerDiscreteScheduler, HeunDiscreteScheduler):
         scheduler = _make(cls, schedule, use_karras_sigmas=True)
@@ -426,7 +428,7 @@ def test_logsnr_levels_match_diffusers_lu_lambdas(schedule: NoiseSchedule,
     """logsnr_sigmas = DPM-Solver's use_lu_lambdas levels: evenly spaced log sigma from
     sigma_max to sigma_min (diffusers then rounds their timesteps; we do not)."""
     denoiser = VPDenoiser(GaussianNoise(schedule), schedule, "noise")
-    ours = logsnr_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
+    ours = logsnr_sigmas(num_steps, denoiser.sigma_min, float(denoiser.sigmas[-1]))
     scheduler = _make(DPMSolverMultistepScheduler, schedule, use_lu_lambdas=True)
     log_sigmas = denoiser.log_sigmas.flip(0).numpy()
     theirs = np.exp(scheduler._convert_to_lu(in_lambdas=log_sigmas, num_inference_steps=num_steps))
