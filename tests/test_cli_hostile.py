@@ -269,3 +269,13 @@ def test_lock_that_is_a_symlink_leaves_its_target_alone(capsys: pytest.CaptureFi
     assert_fails(capsys, 1, "train", "classifier", "--preset", "tiny", "--data-dir", data_dir,
                  "--run-dir", dangling, *CPU, match="is a symbolic link")
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("option", [["--schedule", "cosine"], ["--objective", "flow"],
+                                    ["--conditional"]])
+def test_diffusion_options_on_another_model(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            option: list[str]) -> None:
+    assert_fails(capsys, 2, "train", "vae", "--preset", "tiny", *option, "--run-dir",
+                 tmp_path / "run", *CPU,
+                 match=f"{option[0]} is an option of `ldm train diffusion`, not of `ldm train vae`")
+    assert not (tmp_path / "run").exists()

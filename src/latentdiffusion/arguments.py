@@ -236,6 +236,11 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
     """The preset with the command's overrides; raises UsageError for a bad value."""
+    if args.model != "diffusion":  # options the classifier and the VAE would ignore
+        for option in ("schedule", "objective", "conditional"):
+            if getattr(args, option):
+                raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
+                                 f"`ldm train {args.model}`")
     config = run_config(args)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
