@@ -14,7 +14,7 @@ import torch
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.config import TrainConfig, UNetConfig
+from latentdiffusion.config import CONDITIONAL_GUIDANCE, TrainConfig, UNetConfig
 from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import guided, labels_for, parse_labels, with_labels
@@ -249,7 +249,7 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
         images, labels = load_samples(run / "samples" / f"{name}.npz")
         assert labels is not None and list(labels) == [i % 10 for i in range(24)]
         with np.load(run / "samples" / f"{name}.npz") as f:
-            assert float(f["guidance"]) == 2.0
+            assert float(f["guidance"]) == CONDITIONAL_GUIDANCE == 1.5
         entry = metrics[name]
         assert 0.0 <= entry["accuracy"] <= 1.0
         assert len(entry["fid_per_class"]) == 10 and math.isfinite(entry["fid_class_mean"])

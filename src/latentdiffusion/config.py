@@ -319,8 +319,9 @@ def _default() -> RunConfig:
 
 
 # The guidance scale of a conditional `ldm run`'s sample sets (`ldm sweep --guidance` measures
-# the trade-off at others).
-CONDITIONAL_GUIDANCE = 2.0
+# the trade-off at others). On the default preset (10k digits, `ddpm-20`): scale 1 FID 6.75 at
+# 96.6% accuracy, 1.5 FID 15.9 at 99.6%, 2 FID 30.2 at 99.95% (README, conditional).
+CONDITIONAL_GUIDANCE = 1.5
 
 
 def conditional(config: RunConfig, guidance: float = CONDITIONAL_GUIDANCE) -> RunConfig:
