@@ -22,7 +22,7 @@ import torch
 from . import checkpoint, data, evaluation, generation, plots
 from . import distributed as dist
 from .config import SamplingConfig, config_hash
-from .diffusion import SAMPLERS, parse_sampler
+from .diffusion import SAMPLERS, model_calls, parse_sampler
 from .diffusion.samplers import MAX_STEPS
 from .errors import UsageError
 from .fileio import write_json
@@ -84,10 +84,11 @@ def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
     if num_samples < MIN_SAMPLES or batch_size <= 0:
         raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined) "
                          "and a batch size > 0")
-    hashes = {name: checkpoint.model_hash_of(checkpoint.load(run.model(name), kind=kind)[1])
-              for name, kind in (("classifier", "classifier"), ("vae", "vae"),
-                                 ("diffusion", "unet"))}
-    diffusion_header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
+    headers = {name: checkpoint.load(run.model(name), kind=kind)[1]
+               for name, kind in (("classifier", "classifier"), ("vae", "vae"),
+                                  ("diffusion", "unet"))}
+    hashes = {name: checkpoint.model_hash_of(header) for name, header in headers.items()}
+    denoiser = generation.load_denoiser(run, hashes["vae"], device)[0]  # for each pair's NFE
     key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed)
     path = run.root / "sweep.json"
     sweep = load(path)
@@ -99,7 +100,7 @@ def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
         sweep["validation"] = _scores(evaluate_images(
             classifier, test_images[:num_samples], reference, test_labels[:num_samples], device))
     entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
-        "objective": diffusion_header["objective"].get("kind", "vp"), "results": {}})
+        "objective": headers["diffusion"]["objective"].get("kind", "vp"), "results": {}})
     sweep["current"] = hashes["diffusion"]
     for spec in specs:
         if spec in entry["results"]:
@@ -110,7 +111,7 @@ def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
                                      batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
         scores = _scores(evaluate_images(classifier, images, reference, None, device))
-        nfe = generation.model_calls(run, spec, device)
+        nfe = model_calls(spec, denoiser)
         entry["results"][spec] = {"sampler": parse_sampler(spec)[0], "nfe": nfe,
                                   "seconds": seconds,
                                   "samples_per_second": num_samples / seconds, **scores}
