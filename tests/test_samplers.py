@@ -331,3 +331,17 @@ def test_ddim_on_a_flow_model_is_iadb() -> None:
     sigmas = FlowDenoiser(velocity).timestep_sigmas(4)
     assert torch.isinf(sigmas[0]) and torch.allclose(sigmas[1:], torch.tensor([3.0, 1.0, 1 / 3],
                                                                                dtype=torch.float64))
+
+
+def test_priors_have_the_spread_of_the_noisy_data() -> None:
+    """At level sigma, x = x_0 + sigma noise of unit-variance data has std sqrt(1 + sigma^2);
+    each denoiser's prior, started from unit noise, must match it (the flow prior's x_t = noise
+    is exact at t = 1 only: 1.2% off at sigma = 80)."""
+    noise = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for denoiser in (VPDenoiser(oracle(X0), SCHEDULE, "noise"), FlowDenoiser(flow_oracle(X0))):
+        for sigma in (0.5, 5.0, 80.0):
+            spread = float(denoiser.prior(noise, sigma).std())
+            expected = (1 + sigma**2) ** 0.5
+            tolerance = 0.02 if isinstance(denoiser, VPDenoiser) or sigma == 80.0 else 0.5
+            assert abs(spread / expected - 1) < tolerance, (type(denoiser).__name__, sigma)
+    assert torch.equal(FlowDenoiser(flow_oracle(X0)).prior(noise, math.inf), noise)
