@@ -256,7 +256,7 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
     assert "fid_class_mean" in metrics["validation"]  # the per-class floor
     assert (run / "figures" / "class_grid.png").is_file()
     report = (run / "report.md").read_text()
-    assert "one row per requested digit" in report and "guidance 1.5" in report
+    assert "one row per requested class (0, 1, 2" in report and "guidance 1.5" in report
     header = json.loads((run / "run.json").read_text())["config"]
     assert header["unet"]["num_classes"] == 10
 

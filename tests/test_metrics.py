@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from latentdiffusion.config import ClassifierConfig
 from latentdiffusion.errors import DataError
 from latentdiffusion.metrics import (
     FeatureStats,
@@ -159,6 +160,10 @@ def test_precision_without_recall_for_a_collapsed_generator() -> None:
 class _PixelFeatures(nn.Module):
     """A stand-in classifier: features are 8 mean intensities of row bands."""
 
+    def __init__(self, task: str = "labels") -> None:
+        super().__init__()
+        self.config = ClassifierConfig(task=task, num_classes=10 if task == "labels" else 4)  # type: ignore[arg-type]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0, :24].reshape(len(x), 8, 3 * 28).mean(-1)
 
@@ -185,6 +190,23 @@ def test_evaluate_images_against_its_own_reference() -> None:
     worse = evaluate_images(classifier, dark, reference, None, torch.device("cpu"))
     assert worse["fid"] > 0.01 and "accuracy" not in worse
     assert worse["kid_mean"] > result["kid_mean"]
+
+
+def test_evaluate_images_checks_shape_and_classes() -> None:
+    images = np.random.default_rng(12).integers(0, 256, size=(20, 28, 28)).astype(np.uint8)
+    labelled, unlabelled = _PixelFeatures(), _PixelFeatures("rotation")
+    cpu = torch.device("cpu")
+    reference = reference_from_images(labelled, images, "abc", cpu)
+    with pytest.raises(DataError, match="images are 32x32x3 but this run's models take 28x28"):
+        evaluate_images(labelled, np.zeros((4, 32, 32, 3), np.uint8), reference, None, cpu)
+    with pytest.raises(DataError, match=r"classes of this run's data set \(0..9\), found 10"):
+        evaluate_images(labelled, images[:2], reference, np.array([3, 10]), cpu)
+    # The rotation task's predictions are not classes of the data: no class columns.
+    result = evaluate_images(unlabelled, images, reference, None, cpu)
+    assert result["class_histogram"] is None and result["class_entropy_bits"] is None
+    assert abs(result["fid"]) < 1e-6 and "accuracy" not in result
+    with pytest.raises(DataError, match="has no labels"):
+        evaluate_images(unlabelled, images, reference, np.zeros(20, np.int64), cpu)
 
 
 def test_reference_cache_round_trip_and_corrupt_cache(tmp_path: Path) -> None:
@@ -223,12 +245,12 @@ def test_load_samples_valid(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arrays, match", [
     ({"images": _images().astype(np.float32)}, "must be uint8"),
-    ({"images": np.zeros((4, 32, 32), np.uint8)}, r"shape \(N, 28, 28\)"),
-    ({"images": np.zeros((4, 784), np.uint8)}, r"shape \(N, 28, 28\)"),
+    ({"images": np.zeros((4, 32, 30), np.uint8)}, r"shape \(N, H, H\) or \(N, H, H, 3\)"),
+    ({"images": np.zeros((4, 784), np.uint8)}, r"shape \(N, H, H\)"),
+    ({"images": np.zeros((4, 32, 32, 4), np.uint8)}, r"shape \(N, H, H\) or \(N, H, H, 3\)"),
     ({"images": np.zeros((0, 28, 28), np.uint8)}, "N > 0"),
     ({"samples": _images()}, "no 'images' array"),
-    ({"images": _images(), "labels": np.array([0, 1, 2, 10])}, "labels must be in 0..9"),
-    ({"images": _images(), "labels": np.array([0, -1, 2, 3])}, "labels must be in 0..9"),
+    ({"images": _images(), "labels": np.array([0, -1, 2, 3])}, "labels must be >= 0"),
     ({"images": _images(), "labels": np.array([0, 1, 2])}, "labels must be integers"),
     ({"images": _images(), "labels": np.zeros(4, np.float32)}, "labels must be integers"),
 ])

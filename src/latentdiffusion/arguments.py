@@ -12,10 +12,12 @@ from . import data
 from .config import (
     CONDITIONAL_GUIDANCE,
     PRESETS,
+    ImageShape,
     RunConfig,
     SamplingConfig,
     ScheduleConfig,
     conditional,
+    for_images,
     preset,
 )
 from .diffusion import SAMPLERS, parse_sampler
@@ -84,9 +86,13 @@ def npz_out(text: str) -> Path:
 
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
-        p.add_argument("--data-dir", metavar="DIR",
-                       help=f"directory with the four IDX files (default: ${data.DATA_DIR_ENV} "
-                            "or the user cache)")
+        p.add_argument("--data-dir", metavar="PATH",
+                       help="the data set: a directory with the four IDX files, a folder of "
+                            "images (one subfolder per class, or flat when unlabelled) or an "
+                            f".npz (default: ${data.DATA_DIR_ENV} or the user cache)")
+        p.add_argument("--dataset", metavar="NAME",
+                       help=f"a registered IDX data set ({', '.join(data.DATASETS)}); "
+                            "downloaded into the user cache when no --data-dir holds it")
     p.add_argument("--run-dir", metavar="DIR", default="runs/default", type=Path,
                    help="where stage outputs live")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -228,20 +234,23 @@ def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The preset with `ldm run`'s or `ldm train`'s overrides; UsageError for a bad value."""
-    config = with_objective(with_seed(preset(args.preset), args.seed), args.objective)
+def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
+    """The preset scaled to the data set's images (`shape`; MNIST's when None) with `ldm
+    run`'s or `ldm train`'s overrides; UsageError for a bad value."""
+    config = for_images(preset(args.preset), shape or ImageShape())
+    config = with_objective(with_seed(config, args.seed), args.objective)
     return with_conditional(config, args)
 
 
-def train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:
+def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
+                  ) -> tuple[RunConfig, Any, ScheduleConfig]:
     """The preset with the command's overrides; raises UsageError for a bad value."""
     if args.model != "diffusion":  # options the classifier and the VAE would ignore
         for option in ("schedule", "objective", "conditional"):
             if getattr(args, option):
                 raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
                                  f"`ldm train {args.model}`")
-    config = run_config(args)
+    config = run_config(args, shape)
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
@@ -274,9 +283,11 @@ def check_command(args: argparse.Namespace) -> None:
     elif args.command == "sample" and (args.labels or args.guidance != 1.0):
         raise UsageError("--labels and --guidance work with --model diffusion")
     elif args.command == "sweep":
-        from .sweep import pairs
+        from .sweep import MIN_SAMPLES, pairs
 
         specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"))
+        if args.num_samples < MIN_SAMPLES:
+            raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined)")
         if args.guidance is not None:
             guidance_scales(args.guidance, specs)
 

@@ -1,8 +1,8 @@
-"""FID per class: each class of a labelled set against that class's training digits.
+"""FID per class: each class of a labelled set against that class's training images.
 
-A conditional model asked for a 7 should draw the 7s of the training set, not just any digit
+A conditional model asked for a 7 should draw the 7s of the training set, not just any image
 the classifier calls a 7: the per-class FID compares the features of the samples that asked for
-class c with the statistics of the training digits labelled c, and `fid_class_mean` is their mean
+class c with the statistics of the training images labelled c, and `fid_class_mean` is their mean
 over the classes present. The per-class statistics are cached beside the global reference, keyed
 by the classifier's hash.
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .metrics import _BAD_NPZ, NUM_CLASSES, FeatureStats, classify_shard, frechet_distance
+from .metrics import _BAD_NPZ, FeatureStats, classify_shard, data_classes, frechet_distance
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ class ClassReference:
             return None
 
 
-def _class_stats(features: torch.Tensor, labels: torch.Tensor) -> list[FeatureStats]:
+def _class_stats(features: torch.Tensor, labels: torch.Tensor,
+                 num_classes: int) -> list[FeatureStats]:
     """FeatureStats of each class of this rank's (n, d) features, summed over ranks."""
-    return [FeatureStats.from_features(features[labels == c]) for c in range(NUM_CLASSES)]
+    return [FeatureStats.from_features(features[labels == c]) for c in range(num_classes)]
 
 
 def _labels_shard(labels: np.ndarray) -> torch.Tensor:
@@ -57,9 +58,9 @@ def _labels_shard(labels: np.ndarray) -> torch.Tensor:
 
 def class_reference(classifier: nn.Module, images: np.ndarray, labels: np.ndarray,
                     classifier_hash: str, device: torch.device) -> ClassReference:
-    """The per-class statistics of labelled (training) digits."""
+    """The per-class statistics of labelled (training) images."""
     features, _ = classify_shard(classifier, images, device)
-    stats = _class_stats(features, _labels_shard(labels))
+    stats = _class_stats(features, _labels_shard(labels), data_classes(classifier))
     return ClassReference(np.array([s.n for s in stats]), np.stack([s.mean for s in stats]),
                           np.stack([s.cov for s in stats]), classifier_hash)
 
@@ -68,7 +69,7 @@ def class_fids(classifier: nn.Module, images: np.ndarray, labels: np.ndarray,
                reference: ClassReference, device: torch.device) -> dict[str, object]:
     """`fid_per_class` (K,), None for a class with fewer than 2 samples, and their mean."""
     features, _ = classify_shard(classifier, images, device)
-    stats = _class_stats(features, _labels_shard(labels))
+    stats = _class_stats(features, _labels_shard(labels), len(reference.counts))
     per_class: list[float | None] = []
     for c, s in enumerate(stats):
         if s.n < 2 or reference.counts[c] < 2:

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import data, evaluation, generation, stages
+from . import checkpoint, data, evaluation, generation, stages
 from . import distributed as dist
 from .arguments import (
     build_parser,
@@ -23,15 +23,56 @@ from .arguments import (
     sampling_config,
     train_configs,
 )
-from .config import RunConfig
+from .config import ClassifierConfig, ImageShape, RunConfig, VAEConfig, from_dict, image_shape_of
+from .datasets import Dataset, load_dataset
 from .errors import LdmError, UsageError
 from .fileio import run_dir_lock, strict_json, write_json
 from .rundir import RunDir
 from .statedir import Resume
 
 
+def _dataset(args: argparse.Namespace) -> Dataset:
+    """The command's data set, read once; `ldm run` without --data-dir downloads a registered
+    one (MNIST unless --dataset names another) into the user cache first."""
+    if getattr(args, "loaded_data", None) is None:
+        args.loaded_data = _load_dataset(args)
+    return args.loaded_data  # type: ignore[no-any-return]
+
+
+def _load_dataset(args: argparse.Namespace) -> Dataset:
+    name = args.dataset or "mnist"
+    if args.command == "run" and not args.data_dir and name in data.DATASETS:
+        root = data.resolve_data_dir(None, name)
+        if not all((root / f).exists() for f in data.DATASETS[name].md5):
+            print(f"{name} not found in {root}; downloading it there (use --data-dir DIR to "
+                  "point at a copy)", file=sys.stderr)
+            data.download(root, name)
+    return load_dataset(args.data_dir, args.dataset)
+
+
+def shape_of(dataset: Dataset) -> ImageShape:
+    """What the models must take; a single class is no classes to learn."""
+    classes = dataset.num_classes if dataset.num_classes >= 2 else 0
+    return ImageShape(dataset.image_size, dataset.channels, classes)
+
+
+def run_shape(run: RunDir) -> ImageShape:
+    """The images and classes of a run's data set, from its classifier (or VAE) file: what
+    `ldm train diffusion`, which reads no images, builds its config for."""
+    header = checkpoint.peek(run.model("classifier"))
+    if header is not None and header.get("kind") == "classifier":
+        return image_shape_of(from_dict(ClassifierConfig, header["config"]))
+    header = checkpoint.peek(run.model("vae"))
+    if header is not None and header.get("kind") == "vae":
+        vae = from_dict(VAEConfig, header["config"])
+        return ImageShape(vae.image_size, vae.image_channels, 0)
+    return ImageShape()  # no models yet: the preset as it is (its own error will follow)
+
+
 def _train(args: argparse.Namespace, device: Any) -> str:
-    config, train_config, schedule = train_configs(args)
+    dataset = _dataset(args) if args.model != "diffusion" else None
+    shape = shape_of(dataset) if dataset else run_shape(RunDir(args.run_dir))
+    config, train_config, schedule = train_configs(args, shape)
     run = RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
@@ -40,11 +81,11 @@ def _train(args: argparse.Namespace, device: Any) -> str:
                          "to continue or --force to start over")
     progress = not args.quiet
     resume: Resume = "strict" if args.resume else "off"  # --force: "off" as well
-    if name == "classifier":
-        trained = stages.train_classifier(args.data_dir, run, config.classifier, train_config,
+    if dataset is not None and name == "classifier":
+        trained = stages.train_classifier(dataset, run, config.classifier, train_config,
                                           device=device, resume=resume, progress=progress)
-    elif name == "vae":
-        trained = stages.train_vae(args.data_dir, run, config.vae, train_config, device=device,
+    elif dataset is not None:
+        trained = stages.train_vae(dataset, run, config.vae, train_config, device=device,
                                    resume=resume, progress=progress)
     else:
         trained = stages.train_diffusion(run, config.unet, schedule, config.objective,
@@ -63,14 +104,19 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
     if args.reconstruct:
         if args.model != "vae":
             raise UsageError("--reconstruct works with --model vae")
-        images, labels = generation.reconstruct(args.data_dir, run, args.reconstruct, device=device)
+        if args.reconstruct not in ("train", "test"):
+            raise UsageError(f"--reconstruct: unknown split {args.reconstruct!r} (choose from "
+                             "train, test)")
+        images, labels = generation.reconstruct(_dataset(args), run, args.reconstruct,
+                                                device=device)
     else:
         spec = sampler_spec(args)
         sampling = sampling_config(args)
         if args.model == "diffusion":
             generation.check_conditioning(run, sampling)
             meta = {"sampler": spec, "nfe": generation.model_calls(run, spec, device)}
-            labels = generation.sample_labels(sampling, args.num_samples)
+            labels = generation.sample_labels(sampling, args.num_samples,
+                                              generation.num_classes(run))
             if labels is not None:
                 meta["guidance"] = sampling.guidance
         images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
@@ -91,19 +137,21 @@ def _evaluate(args: argparse.Namespace, device: Any) -> str:
     from .metrics import load_samples, random_images
 
     run = RunDir(args.run_dir)
-    if args.baselines:
-        test_images, test_labels = data.load_split(args.data_dir, "test")
-        train_images = data.load_split(args.data_dir, "train")[0]
+    samples = None if args.baselines else load_samples(args.samples)  # a bad file first
+    checkpoint.load(run.model("classifier"), kind="classifier")  # then a missing model
+    if samples is None:
+        dataset = _dataset(args)
+        test_images, test_labels = dataset.split("test")
         result: dict[str, Any] = {
-            "validation": evaluation.evaluate(args.data_dir, run, test_images, test_labels,
+            "validation": evaluation.evaluate(dataset, run, test_images, test_labels,
                                               device=device, seed=args.seed),
-            "random": evaluation.evaluate(args.data_dir, run,
-                                          random_images(train_images, len(test_images),
+            "random": evaluation.evaluate(dataset, run,
+                                          random_images(dataset.train_images, len(test_images),
                                                         args.seed),
                                           None, device=device, seed=args.seed)}
     else:
-        images, labels = load_samples(args.samples)
-        result = evaluation.evaluate(args.data_dir, run, images, labels, device=device,
+        images, labels = samples
+        result = evaluation.evaluate(_dataset(args), run, images, labels, device=device,
                                      seed=args.seed)
     if args.out and dist.is_main():
         write_json(args.out, result)
@@ -116,10 +164,10 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
 
     if args.guidance is not None:
         return _guidance_sweep(args, device)
-    result = run_sweep(RunDir(args.run_dir), args.data_dir, args.samplers.split(","),
+    result = run_sweep(RunDir(args.run_dir), _dataset(args), args.samplers.split(","),
                        integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
                        device=device, batch_size=args.batch_size, progress=not args.quiet)
-    refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
+    refreshed = refresh_report(args.run_dir, _dataset(args)) if dist.is_main() else False
     return strict_json({"sweep": str(args.run_dir / "sweep.json"), "report_updated": refreshed,
                        **summary(result)})
 
@@ -130,11 +178,11 @@ def _guidance_sweep(args: argparse.Namespace, device: Any) -> str:
     from .sweep import pairs
 
     specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"))
-    result = run_guidance_sweep(RunDir(args.run_dir), args.data_dir, specs[0],
+    result = run_guidance_sweep(RunDir(args.run_dir), _dataset(args), specs[0],
                                 guidance_scales(args.guidance, specs), args.num_samples,
                                 seed=args.seed, device=device, batch_size=args.batch_size,
                                 progress=not args.quiet)
-    refreshed = refresh_report(args.run_dir, args.data_dir) if dist.is_main() else False
+    refreshed = refresh_report(args.run_dir, _dataset(args)) if dist.is_main() else False
     return strict_json({"guidance": str(args.run_dir / "guidance.json"),
                         "report_updated": refreshed, **summary(result)})
 
@@ -142,26 +190,22 @@ def _guidance_sweep(args: argparse.Namespace, device: Any) -> str:
 def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
-    config = run_config(args)
-    root = data.resolve_data_dir(args.data_dir)
-    if not args.data_dir and not all((root / f).exists() for f in data.DATASETS["mnist"].md5):
-        print(f"MNIST not found in {root}; downloading it there (use --data-dir DIR to point at "
-              "a copy)", file=sys.stderr)
-        data.download(root)
+    config = run_config(args, shape_of(_dataset(args)))
 
     def show(event: StageEvent) -> None:
         if not args.quiet:
             status = "skipped (up to date)" if event.skipped else f"{event.seconds:.1f} s"
             tqdm.write(f"[{event.name}] {status}: {event.summary}", file=sys.stderr)
 
-    metrics = run_pipeline(config, args.run_dir, root, device=device, force=tuple(args.force),
-                           progress=not args.quiet, preset_name=args.preset, on_stage=show)
+    metrics = run_pipeline(config, args.run_dir, _dataset(args), device=device,
+                           force=tuple(args.force), progress=not args.quiet,
+                           preset_name=args.preset, on_stage=show)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
     return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
 
 
-def _data(args: argparse.Namespace) -> str:
+def _data_command(args: argparse.Namespace) -> str:
     if args.action == "verify":
         return strict_json(data.verify(args.data_dir, args.dataset))
     bars: list[tqdm] = []  # made at the first byte: a refused directory prints no empty bar
@@ -190,10 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output: str | None
         if args.command == "data":
-            output = _data(args)
+            output = _data_command(args)
         else:
-            check_command(args)
+            check_command(args)  # every value, before any data is read
             device = dist.resolve_device(args.device)
+            if args.command == "run":  # the config fits the data, before the run dir exists
+                run_config(args, shape_of(_dataset(args)))
+            elif args.command == "train":
+                train_configs(args, shape_of(_dataset(args)) if args.model != "diffusion"
+                              else run_shape(RunDir(args.run_dir)))
             dist.init(device)
             writes = args.command in ("train", "encode", "run", "sweep")
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
@@ -225,7 +274,7 @@ def _dispatch(args: argparse.Namespace, device: Any) -> str | None:
     if args.command == "encode":
         # The config checks both choices, with the same one-line error as every other value.
         options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
-        header = stages.encode(args.data_dir, RunDir(args.run_dir), options.latent_mode,
+        header = stages.encode(_dataset(args), RunDir(args.run_dir), options.latent_mode,
                                options.latent_norm, device=device, seed=args.seed)
         return strict_json({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],

@@ -28,6 +28,20 @@ PredictionName = Literal["noise", "v"]
 TimestepSampling = Literal["uniform", "importance"]
 ObjectiveKind = Literal["vp", "flow"]
 TimeDensity = Literal["uniform", "logit-normal"]
+ClassifierTask = Literal["labels", "rotation"]
+# Image sizes the models take: square, a multiple of 4 (the classifier pools twice) in this range.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 64
+
+
+def _check_image(obj: Any) -> None:
+    """The image_size and image_channels fields of a model config."""
+    name = type(obj).__name__
+    size = obj.image_size
+    if size % 4 or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"{name}.image_size must be a multiple of 4 from {MIN_IMAGE_SIZE} to "
+                         f"{MAX_IMAGE_SIZE}, got {size}")
+    if obj.image_channels not in (1, 3):
+        raise UsageError(f"{name}.image_channels must be 1 or 3, got {obj.image_channels}")
 
 
 def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
@@ -88,29 +102,50 @@ class ClassifierConfig:
     feature_dim: int = 128
     dropout: float = 0.25
     augment_shift: int = 2  # random translation in pixels during training
+    image_size: int = 28  # images (image_channels, image_size, image_size), from the data set
+    image_channels: int = 1
+    # "labels": the data set's classes. "rotation" (unlabelled data): which of 4 quarter turns
+    # an image was given, a self-supervised task (models/classifier.py).
+    task: ClassifierTask = "labels"
+    num_classes: int = 10
 
     def __post_init__(self) -> None:
         _validate(self, positive=("channels", "feature_dim"), unit=("dropout",))
+        _check_image(self)
+        if self.num_classes < 2:
+            raise UsageError(f"ClassifierConfig.num_classes must be >= 2, got {self.num_classes}")
+        if self.task == "rotation" and self.num_classes != 4:
+            raise UsageError("ClassifierConfig: the rotation task has num_classes = 4")
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Conv VAE: 28x28 is padded to 32x32 and halved len(channels) times (32 -> 16 -> 8)."""
+    """Conv VAE: images are padded to `padded_size` and halved len(channels) times
+    (MNIST: 28 -> 32 -> 16 -> 8)."""
 
     latent_channels: int = 4
     channels: tuple[int, ...] = (32, 64)
     kl_weight: float = 1e-4  # beta of the KL term per latent element, see models/vae.py
+    image_size: int = 28
+    image_channels: int = 1
 
     def __post_init__(self) -> None:
         _validate(self, positive=("latent_channels", "channels"))
+        _check_image(self)
         if self.kl_weight < 0:
             raise UsageError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
         if not 1 <= len(self.channels) <= 4:
             raise UsageError("VAEConfig.channels must have 1 to 4 entries")
 
     @property
+    def padded_size(self) -> int:
+        """The image size rounded up to a multiple of 2**(levels + 1): an even latent size."""
+        unit = 2 ** (len(self.channels) + 1)
+        return -(-self.image_size // unit) * unit
+
+    @property
     def latent_size(self) -> int:
-        return 32 // 2 ** len(self.channels)
+        return self.padded_size // 2 ** len(self.channels)
 
 
 @dataclass(frozen=True)
@@ -245,7 +280,16 @@ class RunConfig:
         if self.unet.in_channels != self.vae.latent_channels:
             raise UsageError("unet.in_channels must equal vae.latent_channels")
         if self.unet.latent_size != self.vae.latent_size:
-            raise UsageError("unet.latent_size must equal the VAE's latent size")
+            raise UsageError(f"unet.latent_size must equal the VAE's latent size "
+                             f"({self.vae.latent_size})")
+        image = (self.classifier.image_size, self.classifier.image_channels)
+        if image != (self.vae.image_size, self.vae.image_channels):
+            raise UsageError("classifier and vae must take the same image_size and "
+                             "image_channels")
+        if self.unet.num_classes and (self.classifier.task != "labels"
+                                      or self.unet.num_classes != self.classifier.num_classes):
+            raise UsageError("unet.num_classes must equal the data set's classes "
+                             "(classifier.num_classes)")
         if self.sampling.labels and not self.unet.num_classes:
             raise UsageError("sampling.labels needs a class-conditional model (--conditional)")
 
@@ -325,11 +369,61 @@ CONDITIONAL_GUIDANCE = 1.5
 
 
 def conditional(config: RunConfig, guidance: float = CONDITIONAL_GUIDANCE) -> RunConfig:
-    """The run with a class-conditional denoiser (10 digits) whose sets are balanced over the
-    digits and guided at `guidance`."""
+    """The run with a class-conditional denoiser (the classifier's classes) whose sets are
+    balanced over the classes and guided at `guidance`."""
+    if config.classifier.task != "labels":
+        raise UsageError("a class-conditional model needs a labelled data set")
     r = dataclasses.replace
-    return r(config, unet=r(config.unet, num_classes=10),
+    return r(config, unet=r(config.unet, num_classes=config.classifier.num_classes),
              sampling=r(config.sampling, labels="balanced", guidance=guidance))
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What a data set's images look like to the models; MNIST's is the default."""
+
+    size: int = 28
+    channels: int = 1
+    num_classes: int = 10  # 0: unlabelled
+
+    def __str__(self) -> str:
+        classes = f"{self.num_classes} classes" if self.num_classes else "no labels"
+        return f"{self.size}x{self.size}x{self.channels}, {classes}"
+
+
+# The latent size the presets aim for: images up to 32 pixels get two VAE levels (28 -> 8x8),
+# larger ones a third (64 -> 8x8), so the denoiser's cost hardly grows with the image.
+_PRESET_LATENT = 8
+
+
+def for_images(config: RunConfig, shape: ImageShape) -> RunConfig:
+    """A preset scaled to a data set's images: sizes and channels of the classifier and the
+    VAE, a VAE level more for large images, the UNet on the latents that gives, and the
+    classifier's task (the rotation task for unlabelled data)."""
+    r = dataclasses.replace
+    image = {"image_size": shape.size, "image_channels": shape.channels}
+    task: ClassifierTask = "labels" if shape.num_classes else "rotation"
+    classifier = r(config.classifier, **image, task=task, num_classes=shape.num_classes or 4)
+    vae = r(config.vae, **image)
+    while vae.latent_size > _PRESET_LATENT and len(vae.channels) < 4:
+        vae = r(vae, channels=(*vae.channels, 2 * vae.channels[-1]))
+    unet = r(config.unet, latent_size=vae.latent_size)
+    if unet.num_classes:
+        unet = r(unet, num_classes=shape.num_classes)
+    sampling = config.sampling
+    if not shape.num_classes and (unet.num_classes or sampling.labels):
+        raise UsageError("a class-conditional model needs a labelled data set")
+    return r(config, classifier=classifier, vae=vae, unet=unet, sampling=sampling)
+
+
+def image_shape(config: RunConfig) -> ImageShape:
+    """The images and classes a run config was made for."""
+    return image_shape_of(config.classifier)
+
+
+def image_shape_of(c: ClassifierConfig) -> ImageShape:
+    """The images and classes a classifier config takes (0 classes: the rotation task)."""
+    return ImageShape(c.image_size, c.image_channels, c.num_classes if c.task == "labels" else 0)
 
 
 PRESETS = {"tiny": _tiny, "quick": _quick, "default": _default}

@@ -203,14 +203,16 @@ def load_split(data_dir: str | os.PathLike[str] | None,
 
 
 def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) in 0..255 -> float32 (N, 1, 28, 28) in [0, 1]."""
-    tensor = torch.as_tensor(np.array(images, copy=True))
-    return tensor.to(torch.float32).div(255.0).unsqueeze(1)
+    """uint8 (N, H, W) or (N, H, W, 3) in 0..255 -> float32 (N, C, H, W) in [0, 1]."""
+    tensor = torch.as_tensor(np.array(images, copy=True)).to(torch.float32).div(255.0)
+    return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (N, 1, 28, 28) in [0, 1] -> uint8 (N, 28, 28), rounded and clipped."""
-    return images.detach().squeeze(1).clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    """float (N, C, H, W) in [0, 1] -> uint8 (N, H, W) for C = 1, else (N, H, W, C); rounded
+    and clipped."""
+    pixels = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return (pixels.squeeze(1) if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1)).numpy()
 
 
 def md5sum(path: Path) -> str:

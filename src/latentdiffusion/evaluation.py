@@ -1,5 +1,6 @@
-"""Scoring generated digits against a run's classifier, with the training-set statistics
-(the FID reference, overall and per class) cached in the run directory by classifier hash."""
+"""Scoring generated images against a run's classifier (its feature network), with the
+training-set statistics (the FID reference, overall and per class) cached in the run directory
+by classifier hash."""
 
 from __future__ import annotations
 
@@ -8,49 +9,63 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data
+from . import checkpoint
 from . import distributed as dist
 from .classwise import ClassReference, class_fids
 from .classwise import class_reference as class_reference_from_images
+from .datasets import Dataset
+from .errors import UsageError
 from .metrics import Reference, evaluate_images, reference_from_images
 from .models import Classifier
 from .rundir import RunDir
 
 
-def reference(data_dir: str | Path | None, run: RunDir, device: torch.device
+def _check_data(dataset: Dataset, header: dict, path: Path) -> None:
+    """The FID reference is the data the classifier was trained on, and no other."""
+    trained_on = (header.get("key_fields") or {}).get("data")
+    if trained_on != dataset.content_hash:
+        raise UsageError(f"{path} was trained on another data set than {dataset.name} "
+                         f"(content {str(trained_on)[:12]}, given {dataset.content_hash[:12]}); "
+                         "pass the run's --data-dir (run.json names it)")
+
+
+def reference(dataset: Dataset, run: RunDir, device: torch.device
               ) -> tuple[Classifier, Reference]:
     """The run's classifier and the training-set statistics, cached by classifier hash."""
     classifier, header = checkpoint.load_model(run.model("classifier"), Classifier, device)
+    _check_data(dataset, header, run.model("classifier"))
     digest = checkpoint.model_hash_of(header)
     cached = Reference.load(run.reference(digest), digest)
     if cached is None:
-        cached = reference_from_images(classifier, data.load_split(data_dir, "train")[0], digest,
-                                       device)
+        cached = reference_from_images(classifier, dataset.train_images, digest, device)
         if dist.is_main():
             cached.save(run.reference(digest))
     return classifier, cached
 
 
-def class_reference(data_dir: str | Path | None, run: RunDir, classifier: Classifier,
+def class_reference(dataset: Dataset, run: RunDir, classifier: Classifier,
                     device: torch.device) -> ClassReference:
     """The training-set statistics of each class, cached by classifier hash."""
     digest = checkpoint.model_hash_of(checkpoint.load(run.model("classifier"),
                                                       kind="classifier")[1])
     cached = ClassReference.load(run.class_reference(digest), digest)
     if cached is None:
-        images, labels = data.load_split(data_dir, "train")
-        cached = class_reference_from_images(classifier, images, labels, digest, device)
+        if dataset.train_labels is None:
+            raise UsageError(f"{dataset.name} has no labels: no FID per class")
+        cached = class_reference_from_images(classifier, dataset.train_images,
+                                             dataset.train_labels, digest, device)
         if dist.is_main():
             cached.save(run.class_reference(digest))
     return cached
 
 
-def evaluate(data_dir: str | Path | None, run: RunDir, images: np.ndarray,
+def evaluate(dataset: Dataset, run: RunDir, images: np.ndarray,
              labels: np.ndarray | None, *, device: torch.device, seed: int = 0) -> dict:
-    """Every metric of one set; with labels also its accuracy and FID per class."""
-    classifier, ref = reference(data_dir, run, device)
+    """Every metric of one set; with labels (of a labelled data set) also its accuracy and FID
+    per class."""
+    classifier, ref = reference(dataset, run, device)
     result = evaluate_images(classifier, images, ref, labels, device, seed=seed)
-    if labels is not None:
-        classes = class_reference(data_dir, run, classifier, device)
+    if labels is not None and "accuracy" in result:
+        classes = class_reference(dataset, run, classifier, device)
         result.update(class_fids(classifier, images, labels, classes, device))
     return result

@@ -1,4 +1,4 @@
-"""Digits from a run's models: VAE prior samples, diffusion samples decoded by the VAE, VAE
+"""Images from a run's models: VAE prior samples, diffusion samples decoded by the VAE, VAE
 reconstructions, and the samples file every generator writes (`.npz` plus a `.png` grid)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from . import checkpoint, data, latents
 from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
+from .datasets import Dataset
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
 from .diffusion.guidance import guided, labels_for, parse_labels
 from .diffusion.objective import Objective, make_objective
@@ -44,24 +45,31 @@ def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
     return objective.denoiser(unet), header
 
 
+def num_classes(run: RunDir) -> int:
+    """The classes of the run's denoiser (0: unconditional)."""
+    header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
+    return int(header["config"].get("num_classes", 0))
+
+
 def check_conditioning(run: RunDir, sampling: SamplingConfig) -> None:
     """Labels and guidance need a class-conditional model (UsageError otherwise)."""
     if not (sampling.labels or sampling.guidance != 1.0):
         return
-    header = checkpoint.load(run.model("diffusion"), kind="unet")[1]
-    num_classes = header["config"].get("num_classes", 0)
-    if not num_classes:
+    classes = num_classes(run)
+    if not classes:
         raise UsageError(f"labels and guidance need a class-conditional model, and "
                          f"{run.model('diffusion')} is unconditional (train it with "
                          "--conditional)")
-    parse_labels(sampling.labels, num_classes)  # each label a class of this model
+    parse_labels(sampling.labels, classes)  # each label a class of this model
 
 
-def sample_labels(sampling: SamplingConfig, num_samples: int) -> np.ndarray | None:
+def sample_labels(sampling: SamplingConfig, num_samples: int,
+                  num_classes: int) -> np.ndarray | None:
     """(N,) int64 label of each sample (a function of its index alone), or None."""
     if not sampling.labels:
         return None
-    return np.asarray(labels_for(sampling.labels, range(num_samples)), dtype=np.int64)
+    return np.asarray(labels_for(sampling.labels, range(num_samples), num_classes),
+                      dtype=np.int64)
 
 
 def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
@@ -74,7 +82,8 @@ def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
 def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
              sampler: str = "ddim-50", sampling: SamplingConfig | None = None,
              device: torch.device, batch_size: int = 500, progress: bool = True) -> np.ndarray:
-    """uint8 (N, 28, 28) digits; sample i depends only on (seed, i), not on batch or world size."""
+    """uint8 (N, H, W) or (N, H, W, 3) images; sample i depends only on (seed, i), not on the
+    batch or world size."""
     if num_samples <= 0 or batch_size <= 0:
         raise UsageError("the number of samples and the batch size must be > 0")
     sampling = sampling or SamplingConfig()
@@ -94,7 +103,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
             if sampling.labels:  # (B,) labels of these samples, guided at scale s
-                labels = torch.tensor(labels_for(sampling.labels, indices), device=device)
+                labels = torch.tensor(labels_for(sampling.labels, indices, unet.null_label),
+                                      device=device)
                 denoiser = guided(objective.denoiser, unet, labels, unet.null_label,
                                   sampling.guidance)
             x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
@@ -102,7 +112,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
             chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())
         else:
             chunks.append(vae.decode(x_T).cpu())  # the VAE prior N(0, I)
-    images = torch.cat(chunks) if chunks else torch.empty(0, 1, 28, 28)
+    size = vae.config.image_size
+    images = torch.cat(chunks) if chunks else torch.empty(0, vae.config.image_channels, size, size)
     gathered = dist.all_gather_rows(images.to(device)).cpu()
     order = np.concatenate([np.arange(r, num_samples, dist.world_size())
                             for r in range(dist.world_size())])
@@ -112,11 +123,16 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
 
 
 @torch.no_grad()
-def reconstruct(data_dir: str | Path | None, run: RunDir, split: data.Split, *,
-                device: torch.device, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """VAE reconstructions (decoded posterior means) of a split, with its true labels."""
+def reconstruct(dataset: Dataset, run: RunDir, split: data.Split, *, device: torch.device,
+                batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
+    """VAE reconstructions (decoded posterior means) of a split, with its labels if any."""
     vae, _ = checkpoint.load_model(run.model("vae"), VAE, device)
-    images, labels = data.load_split(data_dir, split)
+    images, labels = dataset.split(split)
+    expected = (vae.config.image_size, vae.config.image_channels)
+    if (dataset.image_size, dataset.channels) != expected:
+        raise UsageError(f"{dataset.name} has {dataset.image_size}x{dataset.image_size}x"
+                         f"{dataset.channels} images; this run's VAE takes "
+                         f"{expected[0]}x{expected[0]}x{expected[1]}")
     out = []
     for start in range(0, len(images), batch_size):
         mean, _ = vae.encode(data.to_unit_tensor(images[start:start + batch_size]).to(device))
@@ -126,7 +142,7 @@ def reconstruct(data_dir: str | Path | None, run: RunDir, split: data.Split, *,
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
                  **meta: str | int | float) -> None:
-    """The samples file (`images` uint8 (N, 28, 28), optional `labels` (N,), and `meta` such as
+    """The samples file (`images` uint8 (N, H, W[, 3]), optional `labels` (N,), and `meta` such as
     the `sampler` and its `nfe` as 0-d arrays) and a .png grid."""
     from .plots import save_grid  # matplotlib: only when writing
 

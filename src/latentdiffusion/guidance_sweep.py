@@ -1,8 +1,8 @@
 """Fidelity against diversity: sample and score a conditional run at several guidance scales.
 
-`ldm sweep --guidance 1,1.5,2,3,5` draws a balanced set (sample i asks for digit i mod 10) with
-one sampler at each scale s and scores it: FID against all training digits, the FID of each
-class against that class's digits and their mean, and the accuracy (how often the run's
+`ldm sweep --guidance 1,1.5,2,3,5` draws a balanced set (sample i asks for class i mod K) with
+one sampler at each scale s and scores it: FID against all training images, the FID of each
+class against that class's images and their mean, and the accuracy (how often the run's
 classifier agrees with the requested label). Larger s raises the accuracy and, past some
 point, the FID (Ho & Salimans 2022, fig. 1). `R/guidance.json` holds one entry per scale for
 the run's classifier, VAE, denoiser, sampler, N and seed, written as each finishes, so an
@@ -24,6 +24,7 @@ from . import checkpoint, evaluation, generation, plots
 from . import distributed as dist
 from .classwise import class_fids
 from .config import SamplingConfig, config_hash
+from .datasets import Dataset
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images
@@ -43,7 +44,7 @@ def load(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and isinstance(found.get("results"), dict) else None
 
 
-def run_guidance_sweep(run: RunDir, data_dir: str | Path | None, spec: str,
+def run_guidance_sweep(run: RunDir, dataset: Dataset, spec: str,
                        scales: Sequence[float], num_samples: int, *, seed: int,
                        device: torch.device, batch_size: int = 500,
                        progress: bool = True) -> dict[str, Any]:
@@ -61,8 +62,8 @@ def run_guidance_sweep(run: RunDir, data_dir: str | Path | None, spec: str,
     sweep = load(path)
     if sweep is None or sweep.get("key") != key:
         sweep = {"key": key, "sampler": spec, "n": num_samples, "seed": seed, "results": {}}
-    classifier, reference = evaluation.reference(data_dir, run, device)
-    classes = evaluation.class_reference(data_dir, run, classifier, device)
+    classifier, reference = evaluation.reference(dataset, run, device)
+    classes = evaluation.class_reference(dataset, run, classifier, device)
     for scale, sampling in samplings.items():
         name = f"{scale:g}"
         if name in sweep["results"]:
@@ -72,7 +73,7 @@ def run_guidance_sweep(run: RunDir, data_dir: str | Path | None, spec: str,
                                      sampling=sampling, device=device, batch_size=batch_size,
                                      progress=progress)
         seconds = time.perf_counter() - start
-        labels = generation.sample_labels(sampling, num_samples)
+        labels = generation.sample_labels(sampling, num_samples, dataset.num_classes)
         assert labels is not None  # balanced
         metrics = evaluate_images(classifier, images, reference, labels, device)
         metrics.update(class_fids(classifier, images, labels, classes, device))

@@ -71,9 +71,9 @@ def _show(value: Any) -> str:
     return json.dumps(value)
 
 
-def model_key(model: Any, train: TrainConfig) -> StageKey:
-    """The classifier and the VAE: their configs (the data set is fixed)."""
-    return StageKey.of(model=model, train=train)
+def model_key(model: Any, train: TrainConfig, data_hash: str) -> StageKey:
+    """The classifier and the VAE: their configs and the content hash of the data set."""
+    return StageKey.of(model=model, train=train, data=data_hash)
 
 
 def latents_key(vae_hash: str, mode: LatentMode, norm: LatentNorm, seed: int) -> StageKey:

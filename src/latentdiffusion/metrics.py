@@ -16,6 +16,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,6 @@ from .data import to_unit_tensor
 from .errors import DataError
 
 log = logging.getLogger(__name__)
-NUM_CLASSES = 10
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
 PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
 # Images one samples file may hold: evaluation keeps them and their features in memory.
@@ -119,7 +119,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 @torch.no_grad()
 def classify(classifier: nn.Module, images: np.ndarray, device: torch.device,
              batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 28, 28) -> features (N, d) float32 and predicted classes (N,), on the CPU."""
+    """uint8 (N, H, W[, 3]) -> features (N, d) float32 and predicted classes (N,), on the CPU."""
     classifier.eval()
     features, predictions = [], []
     for start in range(0, len(images), batch_size):
@@ -174,6 +174,28 @@ def reference_from_images(classifier: nn.Module, images: np.ndarray, classifier_
     return Reference(stats, features.numpy()[np.sort(keep)], classifier_hash)
 
 
+def data_classes(classifier: nn.Module) -> int:
+    """How many of the data set's classes the feature network predicts; 0 when its task is
+    not the labels (the rotation task of unlabelled data), so its predictions say nothing of
+    classes."""
+    config = getattr(classifier, "config", None)
+    if config is None or getattr(config, "task", "labels") != "labels":
+        return 0
+    return int(config.num_classes)
+
+
+def check_images(classifier: nn.Module, images: np.ndarray, where: str) -> None:
+    """DataError unless `images` have the size and channels the feature network takes."""
+    config = getattr(classifier, "config", None)
+    if config is None:
+        return
+    size, channels = config.image_size, config.image_channels
+    expected = (size, size) if channels == 1 else (size, size, channels)
+    if images.shape[1:] != expected:
+        raise DataError(f"{where}: images are {'x'.join(map(str, images.shape[1:]))} but this "
+                        f"run's models take {'x'.join(map(str, expected))}")
+
+
 def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Reference,
                     labels: np.ndarray | None, device: torch.device, seed: int = 0) -> dict:
     """Every metric of one generated set against the reference; JSON-ready.
@@ -181,6 +203,13 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     Moments are summed across ranks in float64, so a distributed evaluation equals the
     single-process one; KID and precision/recall use the gathered features.
     """
+    check_images(classifier, images, "samples")
+    num_classes = data_classes(classifier)
+    if labels is not None and not num_classes:
+        raise DataError("this run's data set has no labels, so labelled samples cannot be scored")
+    if labels is not None and len(labels) and labels.max() >= num_classes:
+        raise DataError(f"labels must be classes of this run's data set (0..{num_classes - 1}), "
+                        f"found {labels.max()}")
     local_features, local_predictions = classify_shard(classifier, images, device)
     stats = FeatureStats.from_features(local_features)
     features = dist.all_gather_rows(local_features)
@@ -213,23 +242,26 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
         precision, recall = precision_recall(real, fake, PR_NEIGHBOURS)
     else:
         notes["precision_recall_note"] = f"needs at least {PR_NEIGHBOURS + 1} images"
-    counts = np.bincount(predictions.numpy(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-    histogram = counts / max(counts.sum(), 1)
-    nonzero = histogram[histogram > 0]
-    result = {
+    result: dict[str, Any] = {
         "n": n,
         "fid": fid,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
         "recall": recall,
-        "class_histogram": [round(float(h), 6) for h in histogram],
-        "class_entropy_bits": float(-(nonzero * np.log2(nonzero)).sum()) + 0.0,  # no -0.0
+        "class_histogram": None,  # no classes: the feature network's task is not the labels
+        "class_entropy_bits": None,
         "classifier_hash": reference.classifier_hash,
         **notes,
     }
-    if labels is not None:
-        result["accuracy"] = float((predictions.numpy() == labels).mean())
+    if num_classes:
+        counts = np.bincount(predictions.numpy(), minlength=num_classes)[:num_classes]
+        histogram = counts / max(counts.sum(), 1)
+        nonzero = histogram[histogram > 0]
+        result["class_histogram"] = [round(float(h), 6) for h in histogram]
+        result["class_entropy_bits"] = float(-(nonzero * np.log2(nonzero)).sum()) + 0.0  # no -0.0
+        if labels is not None:
+            result["accuracy"] = float((predictions.numpy() == labels).mean())
     return result
 
 
@@ -273,8 +305,10 @@ def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype
     if dtype != np.uint8:
         raise DataError(f"{path}: images must be uint8 in 0..255, got {dtype} (convert "
                         "with (x * 255).round().clip(0, 255).astype(np.uint8))")
-    if len(shape) != 3 or shape[1:] != (28, 28) or shape[0] == 0:
-        raise DataError(f"{path}: images must have shape (N, 28, 28) with N > 0, got {shape}")
+    square = len(shape) in (3, 4) and shape[1] == shape[2] and shape[3:] in ((), (3,))
+    if not square or shape[0] == 0:
+        raise DataError(f"{path}: images must have shape (N, H, H) or (N, H, H, 3) with N > 0, "
+                        f"got {shape}")
     if shape[0] > MAX_SAMPLES:
         raise DataError(f"{path}: {shape[0]} images, more than the {MAX_SAMPLES} one "
                         "evaluation holds in memory; score a subset")
@@ -286,7 +320,8 @@ def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a samples .npz: `images` uint8 (N, 28, 28), optional `labels` (N,) in 0..9."""
+    """Read a samples .npz: `images` uint8 (N, H, H) or (N, H, H, 3), optional `labels` (N,)
+    (checked against the classes when scored)."""
     path = Path(path)
     if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: never read
         raise DataError(f"{path} is not a regular file (a directory, device or pipe); pass a "
@@ -302,8 +337,8 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     except (OSError, ValueError, *_BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
     if labels is not None:
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise DataError(f"{path}: labels must be in 0..9")
+        if labels.min() < 0:
+            raise DataError(f"{path}: labels must be >= 0, found {labels.min()}")
         labels = labels.astype(np.int64)
     return images, labels
 
@@ -311,5 +346,5 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 def random_images(train_images: np.ndarray, n: int, seed: int) -> np.ndarray:
     """The post's Random row: Gaussian pixels with the training set's mean and std, clipped."""
     mean, std = float(train_images.mean()), float(train_images.std())
-    noise = np.random.default_rng(seed).normal(mean, std, size=(n, 28, 28))
+    noise = np.random.default_rng(seed).normal(mean, std, size=(n, *train_images.shape[1:]))
     return noise.round().clip(0, 255).astype(np.uint8)

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluation, generation, identity, latents, plots, report, stages
+from . import checkpoint, evaluation, generation, identity, latents, plots, report, stages
 from . import distributed as dist
 from .classwise import class_fids
 from .config import RunConfig, ScheduleConfig, from_dict, to_dict
+from .datasets import Dataset
 from .diffusion import NoiseSchedule
 from .errors import UsageError
 from .fileio import read_manifest, read_metrics, write_json
-from .metrics import evaluate_images, load_samples, random_images
+from .metrics import data_classes, evaluate_images, load_samples, random_images
 from .rundir import RunDir
 from .statedir import Resume
 
@@ -69,7 +70,7 @@ class _Run:
 
     config: RunConfig
     run: RunDir
-    data_dir: str | Path | None
+    dataset: Dataset
     device: torch.device
     progress: bool
     forced: set[str]
@@ -91,7 +92,7 @@ class _Run:
             if dist.is_main():
                 write_json(self.run.root / "run.json", {
                     "stages": self.records, "preset": self.preset_name,
-                    "config": to_dict(self.config)})
+                    "config": to_dict(self.config), "data": self.dataset.describe()})
         dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
         if self.on_stage and dist.is_main():
             self.on_stage(StageEvent(name, skip, seconds, summary))
@@ -109,17 +110,17 @@ class _Run:
     def classifier(self) -> str:
         c = self.config
         return stages.train_classifier(
-            self.data_dir, self.run, c.classifier, c.classifier_train, device=self.device,
+            self.dataset, self.run, c.classifier, c.classifier_train, device=self.device,
             resume=self.resume("classifier"), progress=self.progress).summary()
 
     def vae(self) -> str:
         c = self.config
-        return stages.train_vae(self.data_dir, self.run, c.vae, c.vae_train, device=self.device,
+        return stages.train_vae(self.dataset, self.run, c.vae, c.vae_train, device=self.device,
                                 resume=self.resume("vae"), progress=self.progress).summary()
 
     def encode(self) -> str:
         c = self.config
-        stages.encode(self.data_dir, self.run, c.latent_mode, c.latent_norm, device=self.device,
+        stages.encode(self.dataset, self.run, c.latent_mode, c.latent_norm, device=self.device,
                       seed=c.vae_train.seed)
         return "latents cached"
 
@@ -130,17 +131,17 @@ class _Run:
             resume=self.resume("diffusion"), progress=self.progress).summary()
 
     def sample(self) -> str:
-        return _sample_all(self.run, self.data_dir, self.config, self.device, self.progress)
+        return _sample_all(self.run, self.dataset, self.config, self.device, self.progress)
 
     def evaluate(self) -> str:
-        return _evaluate_all(self.run, self.data_dir, self.sets, self.config.eval_samples,
+        return _evaluate_all(self.run, self.dataset, self.sets, self.config.eval_samples,
                              self.device, per_class=bool(self.config.unet.num_classes))
 
     def report(self) -> str:
-        return _report(self.run, self.data_dir, self.config, self.preset_name, self.records)
+        return _report(self.run, self.dataset, self.config, self.preset_name, self.records)
 
 
-def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None, *,
+def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
                  device: torch.device, force: tuple[str, ...] = (), progress: bool = True,
                  preset_name: str = "custom", on_stage: Callable[[StageEvent], None] | None = None
                  ) -> dict[str, Any]:
@@ -149,15 +150,15 @@ def run_pipeline(config: RunConfig, run_root: Path, data_dir: str | Path | None,
         if name not in STAGES:
             raise UsageError(f"--force: unknown stage {name!r} (choose from {', '.join(STAGES)})")
     run = RunDir(run_root)
-    r = _Run(config, run, data_dir, device, progress,
+    r = _Run(config, run, dataset, device, progress,
              forced={s for name in force for s in DOWNSTREAM[name]}, preset_name=preset_name,
              on_stage=on_stage, records=_manifest(run)["stages"])
     c = config
 
-    key = identity.model_key(c.classifier, c.classifier_train).digest
+    key = identity.model_key(c.classifier, c.classifier_train, dataset.content_hash).digest
     r.step("classifier", key, _made_with(run.model("classifier"), "classifier", key),
            r.classifier)
-    key = identity.model_key(c.vae, c.vae_train).digest
+    key = identity.model_key(c.vae, c.vae_train, dataset.content_hash).digest
     r.step("vae", key, _made_with(run.model("vae"), "vae", key), r.vae)
 
     vae_hash = _model_hash(run.model("vae"), "vae")
@@ -203,35 +204,37 @@ def _guidance_results(run: RunDir) -> dict[str, Any] | None:
     return load(run.root / "guidance.json")
 
 
-def refresh_report(run_root: Path, data_dir: str | Path | None) -> bool:
+def refresh_report(run_root: Path, dataset: Dataset) -> bool:
     """Write the report of a finished run again (after a sweep); False when there is none."""
     run = RunDir(run_root)
     manifest = _manifest(run)
     if "report" not in manifest.get("stages", {}):
         return False
     config = from_dict(RunConfig, manifest["config"])
-    _report(run, data_dir, config, manifest.get("preset", "custom"), manifest["stages"])
+    _report(run, dataset, config, manifest.get("preset", "custom"), manifest["stages"])
     return True
 
 
-def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,
+def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
                 device: torch.device, progress: bool) -> str:
     s = c.sampling
     sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    train_images = data.load_split(data_dir, "train")[0]
-    sets["random"] = (random_images(train_images, c.eval_samples, s.seed), None)
+    sets["random"] = (random_images(dataset.train_images, c.eval_samples, s.seed), None)
     sets["vae-prior"] = (generation.generate(run, "vae", c.eval_samples, s.seed, device=device,
                                              batch_size=s.batch_size, progress=progress), None)
-    reconstructions, test_labels = generation.reconstruct(data_dir, run, "test", device=device)
+    reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device)
     n = c.eval_samples
-    sets["vae-reconstruction"] = (reconstructions[:n], test_labels[:n])
+    if c.classifier.task != "labels":  # labels the feature network cannot check
+        test_labels = None
+    sets["vae-reconstruction"] = (reconstructions[:n],
+                                  None if test_labels is None else test_labels[:n])
     timings: dict[str, dict[str, float]] = {}
     for spec in s.samplers:
         start = time.perf_counter()
         sets[spec] = (generation.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
                                           sampling=s, device=device, batch_size=s.batch_size,
                                           progress=progress),
-                      generation.sample_labels(s, s.num_samples))
+                      generation.sample_labels(s, s.num_samples, c.unet.num_classes))
         timings[spec] = {"seconds": time.perf_counter() - start,
                          "nfe": generation.model_calls(run, spec, device)}
     if dist.is_main():
@@ -249,12 +252,12 @@ def _sample_all(run: RunDir, data_dir: str | Path | None, c: RunConfig,
                      for k, v in timings.items())
 
 
-def _evaluate_all(run: RunDir, data_dir: str | Path | None, sets: list[str],
+def _evaluate_all(run: RunDir, dataset: Dataset, sets: list[str],
                   eval_samples: int, device: torch.device, per_class: bool = False) -> str:
     """Every set's metrics into R/metrics.json; with `per_class` (a conditional run), also the
     FID of each class of every labelled set (Validation's is their floor)."""
-    classifier, reference = evaluation.reference(data_dir, run, device)  # loaded once for all sets
-    classes = evaluation.class_reference(data_dir, run, classifier, device) if per_class else None
+    classifier, reference = evaluation.reference(dataset, run, device)  # loaded once for all sets
+    classes = evaluation.class_reference(dataset, run, classifier, device) if per_class else None
     results: dict[str, Any] = {}
 
     def score(images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
@@ -265,11 +268,14 @@ def _evaluate_all(run: RunDir, data_dir: str | Path | None, sets: list[str],
 
     for name in sets:
         results[name] = score(*load_samples(run.samples(name)))
-    # The first eval_samples test digits, like the reconstruction row: FID is biased upwards
+    # The first eval_samples test images, like the reconstruction row: FID is biased upwards
     # at small N, so Validation must have the N of the rows it is the floor of.
-    test_images, test_labels = data.load_split(data_dir, "test")
+    test_images, test_labels = dataset.split("test")
     n = eval_samples
-    results["validation"] = score(test_images[:n], test_labels[:n].astype(np.int64))
+    if not data_classes(classifier):
+        test_labels = None
+    results["validation"] = score(test_images[:n],
+                                  None if test_labels is None else test_labels[:n])
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
@@ -278,7 +284,7 @@ def _evaluate_all(run: RunDir, data_dir: str | Path | None, sets: list[str],
     return ", ".join(f"{k} FID {v['fid']:.3g}" for k, v in results.items())
 
 
-def _report(run: RunDir, data_dir: str | Path | None, c: RunConfig, preset_name: str,
+def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
             records: dict) -> str:
     if not dist.is_main():
         return "written by rank 0"
@@ -294,15 +300,16 @@ def _report(run: RunDir, data_dir: str | Path | None, c: RunConfig, preset_name:
     plots.save_schedules(schedules, figures / "schedules.png")
     metrics = json.loads((run.root / "metrics.json").read_text())
     generated = [k for k in metrics if k != "validation"]
-    plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
-                                figures / "class_histogram.png")
+    if metrics["validation"]["class_histogram"] is not None:  # the feature network has classes
+        plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
+                                    dataset.class_names, figures / "class_histogram.png")
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
-    plots.save_reconstructions(data.load_split(data_dir, "test")[0], reconstructions,
+    plots.save_reconstructions(dataset.test_images, reconstructions,
                                figures / "reconstructions.png")
-    if c.unet.num_classes:  # one row per requested digit, from the first sampler's set
+    if c.unet.num_classes:  # one row per requested class, from the first sampler's set
         images, labels = load_samples(run.samples(c.sampling.samplers[0]))
         if labels is not None:
-            plots.save_class_grid(images, labels, figures / "class_grid.png")
+            plots.save_class_grid(images, labels, c.unet.num_classes, figures / "class_grid.png")
     report.write(run.root, c, preset_name, metrics, records, headers, _sweep_results(run),
-                 _guidance_results(run))
+                 _guidance_results(run), dataset=dataset.describe())
     return "report.md, report.html"

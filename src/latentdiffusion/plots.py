@@ -1,4 +1,4 @@
-"""Figures of a run: digit grids, reconstructions, schedules, loss curves, class histograms."""
+"""Figures of a run: image grids, reconstructions, schedules, loss curves, class histograms."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from .fileio import atomic_write  # noqa: E402
 
 
 def tile(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W) -> one uint8 image of a rows x cols grid (missing cells stay black)."""
-    n, h, w = images.shape
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
+    """uint8 (N, H, W) or (N, H, W, 3) -> one uint8 image of a rows x cols grid (missing cells
+    stay black)."""
+    n, h, w = images.shape[:3]
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, *images.shape[3:]),
+                    dtype=np.uint8)
     for i in range(min(n, rows * cols)):
         r, c = divmod(i, cols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h,
@@ -34,16 +36,16 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def save_grid(images: np.ndarray, path: Path, rows: int = 8, cols: int = 9) -> None:
-    """The post's 72-digit figure (8 x 9) as a PNG, white digits on black, scaled 3x."""
-    grid = np.kron(tile(images, rows, cols), np.ones((3, 3), dtype=np.uint8))
+    """The post's 72-image figure (8 x 9) as a PNG, grayscale or colour, scaled 3x."""
+    grid = tile(images, rows, cols).repeat(3, axis=0).repeat(3, axis=1)
     buffer = io.BytesIO()
-    plt.imsave(buffer, grid, cmap="gray", vmin=0, vmax=255, format="png")
+    plt.imsave(buffer, grid, cmap="gray", vmin=0, vmax=255, format="png")  # cmap: grayscale
     atomic_write(path, buffer.getvalue())
 
 
 def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path,
                          count: int = 12) -> None:
-    """Top row: test digits; bottom row: their VAE reconstructions."""
+    """Top row: test images; bottom row: their VAE reconstructions."""
     pairs = np.concatenate([originals[:count], reconstructions[:count]])
     save_grid(pairs, path, rows=2, cols=count)
 
@@ -78,15 +80,18 @@ def save_losses(histories: dict[str, Sequence[dict]], path: Path) -> None:
     _save(fig, path)
 
 
-def save_class_histograms(histograms: dict[str, Sequence[float]], path: Path) -> None:
-    """Fraction of each predicted class per generated set (uniform would be 0.1 each)."""
-    fig, ax = plt.subplots(figsize=(6, 3))
+def save_class_histograms(histograms: dict[str, Sequence[float]], class_names: Sequence[str],
+                          path: Path) -> None:
+    """Fraction of each predicted class per generated set (uniform: 1 / K each)."""
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k), 3))
     width = 0.8 / max(len(histograms), 1)
     for i, (name, histogram) in enumerate(histograms.items()):
-        ax.bar(np.arange(10) + i * width, histogram, width=width, label=name)
-    ax.axhline(0.1, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(np.arange(10) + 0.4 - width / 2, [str(d) for d in range(10)])
-    ax.set_xlabel("predicted digit")
+        ax.bar(np.arange(k) + i * width, histogram, width=width, label=name)
+    ax.axhline(1 / k, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(np.arange(k) + 0.4 - width / 2, list(class_names),
+                  rotation=45 if max(map(len, class_names)) > 2 else 0, ha="right")
+    ax.set_xlabel("predicted class")
     ax.set_ylabel("fraction")
     ax.legend(fontsize=7)
     _save(fig, path)
@@ -109,10 +114,10 @@ def save_lines(lines: dict[str, Sequence[tuple[float, float]]], floor: tuple[str
     _save(fig, path)
 
 
-def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10,
-               num_classes: int = 10) -> np.ndarray:
-    """uint8 (K * per_class, H, W): row c holds the first `per_class` images labelled c (black
-    where a class has fewer)."""
+def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int,
+               per_class: int = 10) -> np.ndarray:
+    """uint8 (K * per_class, H, W[, 3]): row c holds the first `per_class` images labelled c
+    (black where a class has fewer)."""
     rows = np.zeros((num_classes, per_class, *images.shape[1:]), dtype=np.uint8)
     for c in range(num_classes):
         chosen = images[labels == c][:per_class]
@@ -120,9 +125,10 @@ def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10,
     return rows.reshape(-1, *images.shape[1:])
 
 
-def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """A 10 x 10 grid of a labelled set, one row per requested class."""
-    save_grid(class_grid(images, labels), path, rows=10, cols=10)
+def save_class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int,
+                    path: Path) -> None:
+    """A K x 10 grid of a labelled set, one row per requested class."""
+    save_grid(class_grid(images, labels, num_classes), path, rows=num_classes, cols=10)
 
 
 def save_tradeoff(points: Sequence[tuple[float, float, float]], path: Path,

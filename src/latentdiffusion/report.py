@@ -33,7 +33,8 @@ def _git_revision() -> str:
         return "none"
 
 
-def _rows(metrics: dict[str, Any], config: RunConfig) -> list[list[str]]:
+def _rows(metrics: dict[str, Any], config: RunConfig, post: bool) -> list[list[str]]:
+    """One row per set; `post`: with the post's FID of the row (its figures are of MNIST)."""
     rows = []
     guided = (f", {config.sampling.labels}, guidance {config.sampling.guidance:g}"
               if config.sampling.labels else "")
@@ -43,15 +44,16 @@ def _rows(metrics: dict[str, Any], config: RunConfig) -> list[list[str]]:
         if name not in metrics:
             continue
         m = metrics[name]
-        post = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
+        post_fid = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
         label = ROW_NAMES.get(name, f"Diffusion ({name}{guided})")
-        rows.append([label, str(m["n"]), _num(m["fid"], ".3f"),
-                     _num(m["fid_over_validation"], ".1f") + "x",
-                     f"{_num(m['kid_mean'], '.4f')} ± {_num(m['kid_std'], '.4f')}",
-                     f"{_num(m['precision'], '.3f')} / {_num(m['recall'], '.3f')}",
-                     f"{m['class_entropy_bits']:.3f}",
-                     f"{m['accuracy']:.4f}" if "accuracy" in m else "",
-                     f"{post:.2f}" if post is not None else ""])
+        row = [label, str(m["n"]), _num(m["fid"], ".3f"),
+               _num(m["fid_over_validation"], ".1f") + "x",
+               f"{_num(m['kid_mean'], '.4f')} ± {_num(m['kid_std'], '.4f')}",
+               f"{_num(m['precision'], '.3f')} / {_num(m['recall'], '.3f')}",
+               _num(m["class_entropy_bits"], ".3f"),
+               f"{m['accuracy']:.4f}" if "accuracy" in m else "",
+               f"{post_fid:.2f}" if post_fid is not None else ""]
+        rows.append(row if post else row[:-1])
     return rows
 
 
@@ -65,7 +67,7 @@ HEAD = ["Set", "N", "FID", "FID / Validation", "KID (mean ± std)", "Precision /
 
 
 def _class_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """A conditional run's labelled sets: accuracy and FID against each class's digits."""
+    """A conditional run's labelled sets: accuracy and FID against each class's images."""
     rows = []
     for name, m in metrics.items():
         if "fid_class_mean" not in m:
@@ -76,22 +78,26 @@ def _class_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-CLASS_HEAD = ["Set", "Accuracy", "FID per class (mean)", "FID of classes 0..9"]
+def _class_head(class_names: list[str]) -> list[str]:
+    return ["Set", "Accuracy", "FID per class (mean)",
+            "FID of classes " + ", ".join(class_names)]
 
 
-def _figures(root: Path, metrics: dict[str, Any]) -> list[tuple[str, Path]]:
+def _figures(root: Path, metrics: dict[str, Any], images: str,
+             class_names: list[str]) -> list[tuple[str, Path]]:
     diffusion = [k for k in metrics if k not in ROW_NAMES]
-    figures = [("Conditional samples: one row per requested digit 0..9",
+    figures = [(f"Conditional samples: one row per requested class ({', '.join(class_names)})",
                 root / "figures" / "class_grid.png")]
     figures += [(f"Diffusion samples ({k}), the post's 8 x 9 grid",
                  root / "samples" / f"{k}.png") for k in diffusion]
-    figures += [("VAE: test digits (top) and reconstructions (bottom)",
+    figures += [(f"VAE: test {images} (top) and reconstructions (bottom)",
                  root / "figures" / "reconstructions.png"),
                 ("VAE prior samples", root / "samples" / "vae-prior.png"),
                 ("Random baseline", root / "samples" / "random.png"),
                 ("Noise schedules: alphas_cumprod over t", root / "figures" / "schedules.png"),
                 ("Loss curves", root / "figures" / "losses.png"),
-                ("Predicted class of generated digits", root / "figures" / "class_histogram.png")]
+                (f"Predicted class of generated {images}",
+                 root / "figures" / "class_histogram.png")]
     return [(title, path) for title, path in figures if path.exists()]
 
 
@@ -105,8 +111,15 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, Any],
           records: dict[str, Any], headers: dict[str, dict[str, Any]],
           sweep: dict[str, Any] | None = None,
-          guidance: dict[str, Any] | None = None) -> None:
-    rows = _rows(metrics, config)
+          guidance: dict[str, Any] | None = None,
+          dataset: dict[str, Any] | None = None) -> None:
+    """`dataset`: the data set's `describe()` (run.json's "data")."""
+    dataset = dataset or {"name": "mnist", "class_names": [str(d) for d in range(10)]}
+    name, class_names = dataset["name"], list(dataset.get("class_names") or [])
+    images = "images"
+    post = name == "mnist"  # the post's figures are of MNIST: beside no other data set's
+    rows = _rows(metrics, config, post)
+    head = HEAD if post else HEAD[:-1]
     class_rows = _class_rows(metrics)
     guidance_head, guidance_rows = guidance_sweep.table(guidance) if guidance else ([], [])
     guidance_title = (f"Guidance: fidelity against diversity (`ldm sweep --guidance`, "
@@ -125,18 +138,38 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     seeds = {"classifier": config.classifier_train.seed, "vae": config.vae_train.seed,
              "diffusion": config.diffusion_train.seed, "sampling": config.sampling.seed}
     hashes = {name: model_hash_of(h)[:16] for name, h in headers.items()}
-    figures = _figures(root, metrics)
-    intro = (f"Preset `{preset_name}`. FID is the Fréchet distance between the run's classifier "
-             "features (128-d penultimate layer) of each set and of the 60,000 training digits; "
-             "the post's figures come from its own classifier, so compare ratios to the "
-             "Validation row, not raw values.")
+    figures = _figures(root, metrics, images, class_names)
+    c = config.classifier
+    shape = f"{c.image_size}x{c.image_size}" + (" RGB" if c.image_channels == 3 else "")
+    classes = (f"{len(class_names)} classes ({', '.join(class_names)})" if class_names
+               else "no labels")
+    data_line = (f"Data set `{name}` ({dataset.get('source', 'idx')}, content sha256 "
+                 f"{str(dataset.get('content_sha256', ''))[:16]}): {dataset.get('train', '?')} "
+                 f"training and {dataset.get('test', '?')} test images, {shape}, {classes}.")
+    if c.task == "labels":
+        features = (f"the run's classifier features ({c.feature_dim}-d penultimate layer of a "
+                    f"CNN trained on the {len(class_names)} labels)")
+        caveat = ("the post's figures come from its own classifier, so compare ratios to the "
+                  "Validation row, not raw values." if name == "mnist" else
+                  "compare ratios to the Validation row.")
+    else:
+        features = (f"the features of a rotation-prediction network ({c.feature_dim}-d "
+                    "penultimate layer of a CNN trained, without labels, to tell which of four "
+                    "quarter turns an image was given)")
+        caveat = ("this data set has no labels, so these FIDs are NOT comparable with FIDs in "
+                  "a classifier's feature space (the post's, or a labelled run's); compare "
+                  "ratios to the Validation row within this report only. Class columns are "
+                  "n/a.")
+    intro = (f"Preset `{preset_name}`. {data_line} FID is the Fréchet distance between "
+             f"{features} of each set and of the training {images}; {caveat}")
 
-    md = [f"# latentdiffusion run: {root.name}", "", intro, "", "## FID table", "",
-          "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    md = [f"# latentdiffusion run: {root.name} ({name})", "", intro, "", "## FID table", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    class_head = _class_head(class_names)
     if class_rows:
-        md += ["", "Labelled sets against each class's training digits:", "",
-               "| " + " | ".join(CLASS_HEAD) + " |", "|" + "---|" * len(CLASS_HEAD)]
+        md += ["", f"Labelled sets against each class's training {images}:", "",
+               "| " + " | ".join(class_head) + " |", "|" + "---|" * len(class_head)]
         md += ["| " + " | ".join(r) + " |" for r in class_rows]
     if guidance:
         md += ["", "## " + guidance_title, "", "| " + " | ".join(guidance_head) + " |",
@@ -168,14 +201,14 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
     e = html.escape
-    fid_table = _html_table(HEAD, rows)
+    fid_table = _html_table(head, rows)
     time_table = _html_table(["Stage", "Seconds", "Summary"],
                              [[n, f"{s:.1f}", summary] for n, s, summary in times])
-    body = [f"<h1>latentdiffusion run: {e(root.name)}</h1>", f"<p>{e(intro)}</p>",
+    body = [f"<h1>latentdiffusion run: {e(root.name)} ({e(name)})</h1>", f"<p>{e(intro)}</p>",
             "<h2>FID table</h2>", fid_table]
     if class_rows:
-        body += ["<p>Labelled sets against each class's training digits:</p>",
-                 _html_table(CLASS_HEAD, class_rows)]
+        body += [f"<p>Labelled sets against each class's training {e(images)}:</p>",
+                 _html_table(class_head, class_rows)]
     if guidance:
         body += [f"<h2>{e(guidance_title)}</h2>", _html_table(guidance_head, guidance_rows)]
         if guidance_figure.exists():

@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, data, identity, latents
+from . import checkpoint, identity, latents
 from . import distributed as dist
 from .config import (
     ClassifierConfig,
@@ -32,11 +31,13 @@ from .config import (
     VAEConfig,
     to_dict,
 )
+from .data import to_unit_tensor
+from .datasets import Dataset
 from .diffusion import NoiseSchedule
 from .diffusion.objective import diffusion_loss, make_objective
 from .errors import UsageError
 from .models import VAE, Classifier, UNet
-from .models.classifier import accuracy, random_shift
+from .models.classifier import accuracy, pixel_stats, random_shift, rotate
 from .models.vae import vae_loss
 from .rundir import RunDir
 from .statedir import Resume
@@ -69,7 +70,7 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
            val_data: tuple[torch.Tensor, ...], key: identity.StageKey, device: torch.device,
            resume: Resume, progress: bool,
            val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
-           **meta: Any) -> Trained:
+           init: Callable[[nn.Module], None] | None = None, **meta: Any) -> Trained:
     """Shared by every model: fit, then export the (EMA) weights with their key and history."""
     path = run.model(name)
     corrupt = resume != "off" and path.exists() and checkpoint.peek(path) is None
@@ -77,6 +78,8 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
         log.warning("%s is corrupt or unreadable; rebuilding it from %s", path,
                     run.state_dir(name))
     model = init_model(cls, model_config, train_config.seed)
+    if init is not None:  # e.g. buffers computed from the data (a checkpoint overrides them)
+        init(model)
     start = time.perf_counter()
     result = fit(model, loss_fn, train_data, val_data, train_config, state_dir=run.state_dir(name),
                  kind=cls.kind, key=key, model_config=model_config,  # type: ignore[attr-defined]
@@ -95,37 +98,64 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
 # ---------------------------------------------------------------- classifier
 
 
-def train_classifier(data_dir: str | Path | None, run: RunDir, model_config: ClassifierConfig,
+def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConfig,
                      train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
                      progress: bool = True) -> Trained:
-    train_images, train_labels = data.load_split(data_dir, "train")
-    test_images, test_labels = data.load_split(data_dir, "test")
-    train_set = (data.to_unit_tensor(train_images), torch.from_numpy(train_labels))
-    test_set = (data.to_unit_tensor(test_images).to(device),
-                torch.from_numpy(test_labels).to(device))
+    """The FID feature network on the data set's labels, or on the rotation task without."""
+    _check_images(dataset, model_config.image_size, model_config.image_channels)
+    labelled = model_config.task == "labels"
+    if labelled and (not dataset.labelled or dataset.num_classes != model_config.num_classes):
+        raise UsageError(f"the classifier config expects {model_config.num_classes} classes but "
+                         f"{dataset.name} has {dataset.num_classes or 'no labels'}")
+    train_images = to_unit_tensor(dataset.train_images)
+    test_images = to_unit_tensor(dataset.test_images)
+    # The rotation task's validation set turns test image i by i mod 4 quarter turns.
+    test_classes = (torch.from_numpy(dataset.test_labels) if labelled
+                    else torch.arange(len(test_images)) % 4)
+    test_inputs = test_images if labelled else rotate(test_images, test_classes)
+    train_set = ((train_images, torch.from_numpy(dataset.train_labels)) if labelled
+                 else (train_images,))
+    test_set = (test_inputs.to(device), test_classes.to(device))
     shift = model_config.augment_shift
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        images, labels = batch.tensors
+        images = batch.tensors[0]
         if shift:
             images = random_shift(images, batch.randint(2 * shift + 1),
                                   batch.randint(2 * shift + 1), shift)
-        return F.cross_entropy(model(images), labels)
+        if labelled:
+            return F.cross_entropy(model(images), batch.tensors[1])
+        quarter_turns = batch.randint(4)
+        return F.cross_entropy(model(rotate(images, quarter_turns)), quarter_turns)
+
+    def init(model: nn.Module) -> None:
+        assert isinstance(model, Classifier)
+        model.set_pixel_stats(*pixel_stats(train_images))
 
     return _train(run, "classifier", Classifier, model_config, train_config, loss_fn, train_set,
                   (test_set[0].cpu(), test_set[1].cpu()),
-                  identity.model_key(model_config, train_config), device, resume, progress,
-                  val_metrics=lambda m: {"val_accuracy": accuracy(m, *test_set)})
+                  identity.model_key(model_config, train_config, dataset.content_hash), device,
+                  resume, progress, val_metrics=lambda m: {"val_accuracy": accuracy(m, *test_set)},
+                  init=init)
+
+
+def _check_images(dataset: Dataset, size: int, channels: int) -> None:
+    if (dataset.image_size, dataset.channels) != (size, channels):
+        raise UsageError(f"{dataset.name} has {dataset.image_size}x{dataset.image_size} images "
+                         f"with {dataset.channels} channel(s), but the config is for {size}x{size}"
+                         f" with {channels}; make a config for this data set (`ldm config "
+                         "--data-dir ...`)")
 
 
 # ---------------------------------------------------------------- VAE
 
 
-def train_vae(data_dir: str | Path | None, run: RunDir, model_config: VAEConfig,
+def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
               train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
               progress: bool = True) -> Trained:
-    train_images = data.to_unit_tensor(data.load_split(data_dir, "train")[0])
-    test_images = data.to_unit_tensor(data.load_split(data_dir, "test")[0])
+    _check_images(dataset, model_config.image_size, model_config.image_channels)
+    train_images = to_unit_tensor(dataset.train_images)
+    test_images = to_unit_tensor(dataset.test_images)
     latent_shape = (model_config.latent_channels, model_config.latent_size,
                     model_config.latent_size)
 
@@ -134,20 +164,20 @@ def train_vae(data_dir: str | Path | None, run: RunDir, model_config: VAEConfig,
                         model_config.kl_weight)
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
-                  (test_images,), identity.model_key(model_config, train_config), device,
-                  resume, progress)
+                  (test_images,), identity.model_key(model_config, train_config,
+                                                     dataset.content_hash),
+                  device, resume, progress)
 
 
-def encode(data_dir: str | Path | None, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
+def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
            device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
+    _check_images(dataset, vae.config.image_size, vae.config.image_channels)
     vae_hash = checkpoint.model_hash_of(vae_header)
     key = identity.latents_key(vae_hash, mode, norm, seed)
-    train_images, train_labels = data.load_split(data_dir, "train")
-    test_images, test_labels = data.load_split(data_dir, "test")
-    latent_set = latents.build(vae, vae_hash, train_images, test_images, mode, norm, seed,
-                               device, train_labels, test_labels)
+    latent_set = latents.build(vae, vae_hash, dataset.train_images, dataset.test_images, mode,
+                               norm, seed, device, dataset.train_labels, dataset.test_labels)
     if dist.is_main():
         latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields)
     dist.barrier()

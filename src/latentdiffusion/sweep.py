@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data, evaluation, generation, plots
+from . import checkpoint, evaluation, generation, plots
 from . import distributed as dist
 from .config import SamplingConfig, config_hash
+from .datasets import Dataset
 from .diffusion import SAMPLERS, model_calls, parse_sampler
 from .diffusion.samplers import MAX_STEPS
 from .errors import UsageError
@@ -75,7 +76,7 @@ def _check(sweep: Any) -> None:
         raise ValueError("no N or seed")
 
 
-def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
+def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
               nfes: Sequence[int], num_samples: int, *, seed: int, device: torch.device,
               batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
     """Score every pair on the run's denoiser (skipping pairs already scored); returns the
@@ -94,11 +95,11 @@ def run_sweep(run: RunDir, data_dir: str | Path | None, samplers: Sequence[str],
     sweep = load(path)
     if sweep is None or sweep.get("key") != key:  # another classifier, VAE, N or seed
         sweep = {"key": key, "n": num_samples, "seed": seed, "denoisers": {}}
-    classifier, reference = evaluation.reference(data_dir, run, device)
+    classifier, reference = evaluation.reference(dataset, run, device)
     if "validation" not in sweep:
-        test_images, test_labels = data.load_split(data_dir, "test")
-        sweep["validation"] = _scores(evaluate_images(
-            classifier, test_images[:num_samples], reference, test_labels[:num_samples], device))
+        test_images = dataset.test_images[:num_samples]
+        sweep["validation"] = _scores(evaluate_images(classifier, test_images, reference, None,
+                                                      device))
     entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
         "objective": headers["diffusion"]["objective"].get("kind", "vp"), "results": {}})
     sweep["current"] = hashes["diffusion"]

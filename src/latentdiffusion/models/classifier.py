@@ -1,4 +1,10 @@
-"""MNIST CNN whose 128-d penultimate layer is the feature space of FID (as in the post)."""
+"""The CNN whose penultimate `feature_dim` layer is the feature space of FID (as in the post).
+
+With labels it classifies them. Without (an unlabelled data set) it learns to tell which of four
+rotations an image was turned by (Gidaris et al. 2018): a self-supervised task whose features
+still separate shapes, poses and textures, trained on the same images, so FID has a feature
+space of this data and not of some other (its numbers do not compare with a classifier's).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from torch import nn
 
 from ..config import ClassifierConfig
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the training set in [0, 1]
+ROTATIONS = 4  # the rotation task's classes: k * 90 degrees, k = 0..3
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -17,47 +23,79 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class Classifier(nn.Module):
-    """Two conv stages (28 -> 14 -> 7), a `feature_dim` ReLU layer, then 10 logits."""
+    """Two conv stages (S -> S/2 -> S/4), a `feature_dim` ReLU layer, then the class logits."""
 
     kind = "classifier"
     config_class = ClassifierConfig
+    pixel_mean: torch.Tensor  # (C,) buffers
+    pixel_std: torch.Tensor
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        c = config.channels
+        c, size = config.channels, config.image_size // 4
         self.body = nn.Sequential(
-            _conv_bn(1, c), _conv_bn(c, c), nn.MaxPool2d(2),  # (B, c, 14, 14)
-            _conv_bn(c, 2 * c), _conv_bn(2 * c, 2 * c), nn.MaxPool2d(2),  # (B, 2c, 7, 7)
+            _conv_bn(config.image_channels, c), _conv_bn(c, c), nn.MaxPool2d(2),  # (B, c, S/2, S/2)
+            _conv_bn(c, 2 * c), _conv_bn(2 * c, 2 * c), nn.MaxPool2d(2),  # (B, 2c, S/4, S/4)
             nn.Flatten(),
         )
-        self.to_features = nn.Sequential(nn.Linear(2 * c * 49, config.feature_dim), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, 10))
+        self.to_features = nn.Sequential(nn.Linear(2 * c * size * size, config.feature_dim),
+                                         nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(config.dropout),
+                                  nn.Linear(config.feature_dim, config.num_classes))
+        # Per-channel pixel mean and std of the training images (set_pixel_stats), saved with
+        # the weights; the identity until set.
+        self.register_buffer("pixel_mean", torch.zeros(config.image_channels))
+        self.register_buffer("pixel_std", torch.ones(config.image_channels))
+
+    def set_pixel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Normalise inputs by these (C,) statistics of the training images."""
+        self.pixel_mean.copy_(mean)
+        self.pixel_std.copy_(std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 28, 28) in [0, 1] -> (B, feature_dim): the FID feature space."""
-        return self.to_features(self.body((images - MNIST_MEAN) / MNIST_STD))
+        """(B, C, S, S) in [0, 1] -> (B, feature_dim): the FID feature space."""
+        mean, std = self.pixel_mean[:, None, None], self.pixel_std[:, None, None]
+        return self.to_features(self.body((images - mean) / std))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, 10) logits
+        return self.head(self.features(images))  # (B, num_classes) logits
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of (N, C, H, W) images, rounded to 4 decimals (MNIST's are the
+    familiar 0.1307 and 0.3081)."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double()  # (C, N H W)
+    rounded = [torch.round(v * 1e4) / 1e4 for v in (x.mean(1), x.std(1))]
+    return rounded[0].float(), rounded[1].clamp_min(1e-4).float()
 
 
 def random_shift(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
                  max_shift: int) -> torch.Tensor:
-    """Training augmentation: translate each (1, H, W) image by (dx, dy) - max_shift pixels,
+    """Training augmentation: translate each (C, H, W) image by (dx, dy) - max_shift pixels,
     filling with black."""
     b, _, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
     batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, 0, rows, cols].unsqueeze(1)  # (B, 1, H, W)
+    # Advanced indices around a slice put their dimensions first: (B, H, W, C).
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def rotate(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
+    """Turn image i of (B, C, S, S) by quarter_turns[i] * 90 degrees (the rotation task)."""
+    out = images.clone()
+    for k in range(1, ROTATIONS):
+        chosen = quarter_turns == k
+        out[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
+    return out
 
 
 @torch.no_grad()
 def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 1000) -> float:
-    """Fraction of (N, 1, 28, 28) images whose predicted class is their label (N,)."""
+    """Fraction of (N, C, S, S) images whose predicted class is their label (N,)."""
     correct = sum(int((classifier(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size])
                       .sum()) for i in range(0, len(images), batch_size))
     return correct / max(len(images), 1)

@@ -1,8 +1,8 @@
 """Convolutional VAE (Kingma & Welling 2014): encoder -> (mean, log-variance), decoder -> pixels.
 
-28x28 digits are padded to 32x32 so that two stride-2 stages give an 8x8 latent: an even size
-that the UNet can halve again (the post's 7x7 cannot be halved cleanly, 4x4 -> 7x7 needs
-cropping).
+Images are padded to the next multiple of 2**(levels + 1) (VAEConfig.padded_size), so that the
+stride-2 stages give an even latent size that the UNet can halve again: MNIST's 28x28 becomes
+32x32 and an 8x8 latent (the post's 7x7 cannot be halved cleanly, 4x4 -> 7x7 needs cropping).
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from torch import nn
 
 from ..config import VAEConfig
 
-PAD = 2  # 28 + 2 * 2 = 32
-
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.SiLU())
 
 
 class VAE(nn.Module):
-    """Images (B, 1, 28, 28) in [0, 1] <-> latents (B, C, S, S) with S = 32 / 2**levels."""
+    """Images (B, C_img, H, H) in [0, 1] <-> latents (B, C, S, S), S = padded_size / 2**levels."""
 
     kind = "vae"
     config_class = VAEConfig
@@ -30,6 +28,7 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         ch = config.channels
+        self.pad = (config.padded_size - config.image_size) // 2  # on each side
         # No conv runs at 32x32: the encoder's first conv has stride 2, and the decoder upsamples
         # by sub-pixel convolution (Shi et al. 2016): a conv at S x S makes 4 c channels that
         # PixelShuffle lays out as c channels at 2S x 2S, so each of the 4 output phases has its
@@ -38,7 +37,7 @@ class VAE(nn.Module):
         encoder: list[nn.Module] = []
         decoder: list[nn.Module] = []
         for level, c in enumerate(ch):
-            c_in = 1 if level == 0 else ch[level - 1]
+            c_in = config.image_channels if level == 0 else ch[level - 1]
             encoder += [_conv(c_in, c, stride=2), _conv(c, c)]  # (B, c, S/2, S/2)
             up: list[nn.Module] = [nn.Conv2d(c, 4 * c_in, 3, padding=1), nn.PixelShuffle(2)]
             if level > 0:  # the last layer gives pixel logits
@@ -49,17 +48,19 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(_conv(config.latent_channels, ch[-1]), *decoder)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, 28, 28) -> mean, log_variance, each (B, C, S, S)."""
-        h = self.encoder(F.pad(images * 2 - 1, (PAD,) * 4, value=-1.0))
+        """(B, C_img, H, H) -> mean, log_variance, each (B, C, S, S)."""
+        h = self.encoder(F.pad(images * 2 - 1, (self.pad,) * 4, value=-1.0))
         mean, log_variance = h.chunk(2, dim=1)
         return mean, log_variance.clamp(-30.0, 20.0)
 
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) -> pixel logits (B, 1, 28, 28)."""
-        return self.decoder(latents)[:, :, PAD:-PAD, PAD:-PAD]
+        """(B, C, S, S) -> pixel logits (B, C_img, H, H)."""
+        logits = self.decoder(latents)  # (B, C_img, padded, padded)
+        size = self.config.image_size
+        return logits[:, :, self.pad:self.pad + size, self.pad:self.pad + size]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) -> images (B, 1, 28, 28) in [0, 1]."""
+        """(B, C, S, S) -> images (B, C_img, H, H) in [0, 1]."""
         return torch.sigmoid(self.decode_logits(latents))
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor
