@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import data
+from . import data, recipe
 from .config import (
     CONDITIONAL_GUIDANCE,
     PRESETS,
@@ -29,6 +29,8 @@ EPILOG = """examples:
   ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
   ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
   ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
+  ldm config --preset quick > my.toml      # edit it, then:
+  ldm run --data-dir ~/mnist --run-dir runs/mine --config my.toml --set diffusion_train.lr=4e-3
   ldm run --data-dir ~/mnist --run-dir runs/cond --conditional
   ldm sample --run-dir runs/cond --model diffusion --labels 7 --guidance 2 -n 100 --out 7.npz
   ldm sweep --data-dir ~/mnist --run-dir runs/cond --samplers ddpm --nfe 25 --guidance 1,2,3
@@ -93,6 +95,33 @@ def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
 
+def _recipe_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a run config file (.toml or .json, as `ldm config` prints it); keys it "
+                        "leaves out keep --preset's values; --seed, --objective, --conditional "
+                        "and --set apply on top of it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one value after the preset, --config and the other options, e.g. "
+                        "unet.channels=32,64 or diffusion_train.lr=4e-3 (repeatable; "
+                        "`ldm config` lists every key)")
+
+
+def _recipe(p: argparse.ArgumentParser) -> None:
+    """The options that make `ldm run`'s config (and `ldm config`'s, which prints it)."""
+    p.add_argument("--preset", default="default",
+                   help=f"{', '.join(PRESETS)}; with --config, the values the file leaves out")
+    _recipe_files(p)
+    p.add_argument("--seed", type=seed_value, help="seed every stage (default: the preset's)")
+    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
+                                       "(flow matching; default: the preset's)")
+    p.add_argument("--conditional", action="store_true",
+                   help="a class-conditional denoiser; its sets are balanced over the digits "
+                        "and guided")
+    p.add_argument("--guidance", type=float, metavar="S",
+                   help=f"with --conditional: the sets' guidance scale (default "
+                        f"{CONDITIONAL_GUIDANCE:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="ldm", description=DESCRIPTION, epilog=EPILOG,
@@ -122,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
     p.add_argument("--conditional", action="store_true",
                    help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
+    _recipe_files(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the newest checkpoint made with the same config")
@@ -185,18 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
-    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
-    p.add_argument("--seed", type=seed_value, help="seed every stage (default: the preset's)")
-    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
-                                       "(flow matching; default: the preset's)")
-    p.add_argument("--conditional", action="store_true",
-                   help="a class-conditional denoiser; its sets are balanced over the digits "
-                        "and guided")
-    p.add_argument("--guidance", type=float, metavar="S",
-                   help=f"with --conditional: the sets' guidance scale (default "
-                        f"{CONDITIONAL_GUIDANCE:g})")
+    _recipe(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
+
+    p = sub.add_parser("config", help="print the run config `ldm run` would run with the same "
+                                      "options (TOML or JSON), to edit and pass to --config",
+                       formatter_class=fmt)
+    _recipe(p)
+    p.add_argument("--format", choices=recipe.FORMATS, default="toml")
     return parser
 
 
@@ -229,9 +256,19 @@ def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The preset with `ldm run`'s or `ldm train`'s overrides; UsageError for a bad value."""
-    config = with_objective(with_seed(preset(args.preset), args.seed), args.objective)
-    return with_conditional(config, args)
+    """The preset, then the --config file, --seed, --objective, --conditional and last --set
+    (`ldm run`, `ldm train`, `ldm config`); UsageError for a bad value."""
+    config = preset(args.preset)
+    if args.config is not None:
+        config = recipe.load(args.config, config)
+    config = with_objective(with_seed(config, args.seed), args.objective)
+    return recipe.apply_sets(with_conditional(config, args), args.set)
+
+
+def recipe_name(args: argparse.Namespace) -> str:
+    """The preset, config file and --set values of a run, for its report and run.json."""
+    return " + ".join([args.preset, *([str(args.config)] if args.config else []),
+                       *(f"--set {item}" for item in args.set)])
 
 
 def train_configs(args: argparse.Namespace) -> tuple[RunConfig, Any, ScheduleConfig]:

@@ -1,23 +1,25 @@
-"""Command line: `ldm data|train|encode|sample|evaluate|sweep|run`. The only module that
-prints."""
+"""Command line: `ldm data|train|encode|sample|evaluate|sweep|run|config`. The only module
+that prints."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import data, evaluation, generation, stages
+from . import data, evaluation, generation, recipe, stages
 from . import distributed as dist
 from .arguments import (
     build_parser,
     check_command,
     guidance_scales,
     integers,
+    recipe_name,
     run_config,
     sampler_spec,
     sampling_config,
@@ -143,6 +145,8 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
     config = run_config(args)
+    if args.config is not None and dist.is_main():  # beside run.json's resolved config
+        recipe.save_copy(args.config, args.run_dir)
     root = data.resolve_data_dir(args.data_dir)
     if not args.data_dir and not all((root / f).exists() for f in data.DATASETS["mnist"].md5):
         print(f"MNIST not found in {root}; downloading it there (use --data-dir DIR to point at "
@@ -155,10 +159,16 @@ def _run(args: argparse.Namespace, device: Any) -> str:
             tqdm.write(f"[{event.name}] {status}: {event.summary}", file=sys.stderr)
 
     metrics = run_pipeline(config, args.run_dir, root, device=device, force=tuple(args.force),
-                           progress=not args.quiet, preset_name=args.preset, on_stage=show)
+                           progress=not args.quiet, preset_name=recipe_name(args),
+                           on_stage=show)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
     return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
+
+
+def _config(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    header = f"ldm {shlex.join(argv)}; run it with: ldm run --config FILE"
+    return recipe.dumps(run_config(args), args.format, header)
 
 
 def _data(args: argparse.Namespace) -> str:
@@ -191,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output: str | None
         if args.command == "data":
             output = _data(args)
+        elif args.command == "config":  # touches no file and no device
+            output = _config(args, sys.argv[1:] if argv is None else argv)
         else:
             check_command(args)
             device = dist.resolve_device(args.device)
