@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import data
+from . import data, recipe
 from .config import (
     CONDITIONAL_GUIDANCE,
     PRESETS,
@@ -18,6 +18,7 @@ from .config import (
     ScheduleConfig,
     conditional,
     for_images,
+    image_shape,
     preset,
 )
 from .diffusion import SAMPLERS, parse_sampler
@@ -31,6 +32,8 @@ EPILOG = """examples:
   ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
   ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
   ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
+  ldm config --preset quick > my.toml      # edit it, then:
+  ldm run --data-dir ~/mnist --run-dir runs/mine --config my.toml --set diffusion_train.lr=4e-3
   ldm run --data-dir ~/mnist --run-dir runs/cond --conditional
   ldm sample --run-dir runs/cond --model diffusion --labels 7 --guidance 2 -n 100 --out 7.npz
   ldm sweep --data-dir ~/mnist --run-dir runs/cond --samplers ddpm --nfe 25 --guidance 1,2,3
@@ -86,17 +89,48 @@ def npz_out(text: str) -> Path:
 
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
-        p.add_argument("--data-dir", metavar="PATH",
-                       help="the data set: a directory with the four IDX files, a folder of "
-                            "images (one subfolder per class, or flat when unlabelled) or an "
-                            f".npz (default: ${data.DATA_DIR_ENV} or the user cache)")
-        p.add_argument("--dataset", metavar="NAME",
-                       help=f"a registered IDX data set ({', '.join(data.DATASETS)}); "
-                            "downloaded into the user cache when no --data-dir holds it")
+        _data_options(p)
     p.add_argument("--run-dir", metavar="DIR", default="runs/default", type=Path,
                    help="where stage outputs live")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="PATH",
+                   help="the data set: a directory with the four IDX files, a folder of "
+                        "images (one subfolder per class, or flat when unlabelled) or an "
+                        f".npz (default: ${data.DATA_DIR_ENV} or the user cache)")
+    p.add_argument("--dataset", metavar="NAME",
+                   help=f"a registered IDX data set ({', '.join(data.DATASETS)}); "
+                        "downloaded into the user cache when no --data-dir holds it")
+
+
+def _recipe_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a run config file (.toml or .json, as `ldm config` prints it); keys it "
+                        "leaves out keep --preset's values; --seed, --objective, --conditional "
+                        "and --set apply on top of it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one value after the preset, --config and the other options, e.g. "
+                        "unet.channels=32,64 or diffusion_train.lr=4e-3 (repeatable; "
+                        "`ldm config` lists every key)")
+
+
+def _recipe(p: argparse.ArgumentParser) -> None:
+    """The options that make `ldm run`'s config (and `ldm config`'s, which prints it)."""
+    p.add_argument("--preset", default="default",
+                   help=f"{', '.join(PRESETS)}; with --config, the values the file leaves out")
+    _recipe_files(p)
+    p.add_argument("--seed", type=seed_value, help="seed every stage (default: the preset's)")
+    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
+                                       "(flow matching; default: the preset's)")
+    p.add_argument("--conditional", action="store_true",
+                   help="a class-conditional denoiser; its sets are balanced over the digits "
+                        "and guided")
+    p.add_argument("--guidance", type=float, metavar="S",
+                   help=f"with --conditional: the sets' guidance scale (default "
+                        f"{CONDITIONAL_GUIDANCE:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
     p.add_argument("--conditional", action="store_true",
                    help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
+    _recipe_files(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the newest checkpoint made with the same config")
@@ -191,18 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
-    p.add_argument("--preset", default="default", help=", ".join(PRESETS))
-    p.add_argument("--seed", type=seed_value, help="seed every stage (default: the preset's)")
-    p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
-                                       "(flow matching; default: the preset's)")
-    p.add_argument("--conditional", action="store_true",
-                   help="a class-conditional denoiser; its sets are balanced over the digits "
-                        "and guided")
-    p.add_argument("--guidance", type=float, metavar="S",
-                   help=f"with --conditional: the sets' guidance scale (default "
-                        f"{CONDITIONAL_GUIDANCE:g})")
+    _recipe(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
+
+    p = sub.add_parser("config", help="print the run config `ldm run` would run with the same "
+                                      "options (TOML or JSON), to edit and pass to --config",
+                       formatter_class=fmt)
+    _recipe(p)
+    p.add_argument("--format", choices=recipe.FORMATS, default="toml")
+    _data_options(p)  # to scale the preset to a data set's images; MNIST's without
     return parser
 
 
@@ -235,11 +268,24 @@ def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
-    """The preset scaled to the data set's images (`shape`; MNIST's when None) with `ldm
-    run`'s or `ldm train`'s overrides; UsageError for a bad value."""
+    """The preset scaled to the data set's images (`shape`), then the --config file, --seed,
+    --objective, --conditional and last --set (`ldm run`, `ldm train`, `ldm config`);
+    UsageError for a bad value or a config that does not fit the data set."""
     config = for_images(preset(args.preset), shape or ImageShape())
+    if args.config is not None:
+        config = recipe.load(args.config, config)
     config = with_objective(with_seed(config, args.seed), args.objective)
-    return with_conditional(config, args)
+    config = recipe.apply_sets(with_conditional(config, args), args.set)
+    if shape is not None and image_shape(config) != shape:
+        raise UsageError(f"the config is for images {image_shape(config)} but the data set has "
+                         f"{shape}; print one for it with `ldm config --data-dir ...`")
+    return config
+
+
+def recipe_name(args: argparse.Namespace) -> str:
+    """The preset, config file and --set values of a run, for its report and run.json."""
+    return " + ".join([args.preset, *([str(args.config)] if args.config else []),
+                       *(f"--set {item}" for item in args.set)])
 
 
 def train_configs(args: argparse.Namespace, shape: ImageShape | None = None

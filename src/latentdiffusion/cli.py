@@ -1,23 +1,25 @@
-"""Command line: `ldm data|train|encode|sample|evaluate|sweep|run`. The only module that
-prints."""
+"""Command line: `ldm data|train|encode|sample|evaluate|sweep|run|config`. The only module
+that prints."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, evaluation, generation, stages
+from . import checkpoint, data, evaluation, generation, recipe, stages
 from . import distributed as dist
 from .arguments import (
     build_parser,
     check_command,
     guidance_scales,
     integers,
+    recipe_name,
     run_config,
     sampler_spec,
     sampling_config,
@@ -191,6 +193,8 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
     config = run_config(args, shape_of(_dataset(args)))
+    if args.config is not None and dist.is_main():  # beside run.json's resolved config
+        recipe.save_copy(args.config, args.run_dir)
 
     def show(event: StageEvent) -> None:
         if not args.quiet:
@@ -199,10 +203,16 @@ def _run(args: argparse.Namespace, device: Any) -> str:
 
     metrics = run_pipeline(config, args.run_dir, _dataset(args), device=device,
                            force=tuple(args.force), progress=not args.quiet,
-                           preset_name=args.preset, on_stage=show)
+                           preset_name=recipe_name(args), on_stage=show)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
     return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
+
+
+def _config(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    header = f"ldm {shlex.join(argv)}; run it with: ldm run --config FILE"
+    shape = shape_of(_dataset(args)) if args.data_dir or args.dataset else None
+    return recipe.dumps(run_config(args, shape), args.format, header)
 
 
 def _data_command(args: argparse.Namespace) -> str:
@@ -235,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output: str | None
         if args.command == "data":
             output = _data_command(args)
+        elif args.command == "config":  # touches no file and no device
+            output = _config(args, sys.argv[1:] if argv is None else argv)
         else:
             check_command(args)  # every value, before any data is read
             device = dist.resolve_device(args.device)

@@ -44,8 +44,10 @@ def _check_image(obj: Any) -> None:
         raise UsageError(f"{name}.image_channels must be 1 or 3, got {obj.image_channels}")
 
 
-def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
-    """Raise UsageError for non-finite floats, non-positive `positive` and out-of-[0, 1) `unit`."""
+def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = (),
+              nonnegative: tuple[str, ...] = ()) -> None:
+    """Raise UsageError for non-finite floats, non-positive `positive`, negative `nonnegative`
+    and out-of-[0, 1) `unit`."""
     name = type(obj).__name__
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -55,6 +57,8 @@ def _validate(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = 
                 raise UsageError(f"{name}.{f.name} must be finite, got {v}")
             if f.name in positive and isinstance(v, (int, float)) and v <= 0:
                 raise UsageError(f"{name}.{f.name} must be > 0, got {v}")
+            if f.name in nonnegative and v < 0:
+                raise UsageError(f"{name}.{f.name} must be >= 0, got {v}")
             if f.name in unit and not 0.0 <= v < 1.0:
                 raise UsageError(f"{name}.{f.name} must be in [0, 1), got {v}")
         hint = typing.get_type_hints(type(obj)).get(f.name)
@@ -89,7 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _validate(self, positive=("epochs", "batch_size", "lr", "checkpoint_every",
                                   "checkpoint_seconds"),
-                  unit=("ema_decay", "adam_beta2"))
+                  unit=("ema_decay", "adam_beta2"), nonnegative=("seed",))
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise UsageError("TrainConfig: weight_decay, warmup_steps, grad_clip must be >= 0")
 
@@ -166,6 +170,8 @@ class UNetConfig:
     def __post_init__(self) -> None:
         _validate(self, positive=("in_channels", "latent_size", "channels", "blocks_per_level",
                                   "time_dim", "groups"))
+        if not self.channels:
+            raise UsageError("UNetConfig.channels needs at least one level")
         if self.num_classes < 0:
             raise UsageError(f"UNetConfig.num_classes must be >= 0, got {self.num_classes}")
         if self.time_dim % 2:
@@ -242,7 +248,9 @@ class SamplingConfig:
     guidance: float = 1.0
 
     def __post_init__(self) -> None:
-        _validate(self, positive=("num_samples", "batch_size"))
+        _validate(self, positive=("num_samples", "batch_size"), nonnegative=("seed",))
+        if not self.samplers:
+            raise UsageError("SamplingConfig.samplers needs at least one sampler")
         if self.guidance < 0:
             raise UsageError(f"SamplingConfig.guidance must be >= 0, got {self.guidance}")
         if self.guidance != 1.0 and not self.labels:
@@ -446,7 +454,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error."""
+    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are an error,
+    and an invalid nested config's message starts with its field name ("diffusion_train: ...":
+    the run config has three TrainConfigs)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
@@ -456,10 +466,11 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value)  # type: ignore[arg-type]
+            try:
+                value = from_dict(hint, value)  # type: ignore[arg-type]
+            except UsageError as err:
+                raise UsageError(f"{name}: {err}") from None
         elif get_origin(hint) in (tuple, types.GenericAlias) or hint is tuple:
-            value = tuple(value)
-        elif get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
