@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
                 output = _dispatch(args, device)
         if output is not None and dist.is_main():
-            print(output)
+            _print(output)
         return 0
     except LdmError as err:
         _say(f"error: {err}")
@@ -270,6 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         dist.shutdown()
+
+
+def _print(output: str) -> None:
+    """The command's result on stdout; a reader that stops early (`| head`) is no error."""
+    try:
+        print(output, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
 def _say(line: str) -> None:
