@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_dataset
 from latentdiffusion.cli import main
@@ -266,6 +267,38 @@ def test_verify_real_mnist(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, err
     assert json.loads(out) == {"train": {"images": [60000, 28, 28], "labels": 60000},
                                "test": {"images": [10000, 28, 28], "labels": 10000}}
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root)  # named by content
+    assert (code, err) == (0, "")
+    described = json.loads(out)
+    assert {k: described[k] for k in ("name", "source", "num_train", "num_test")} == \
+        {"name": "mnist", "source": "idx", "num_train": 60000, "num_test": 10000}
+
+
+def test_verify_describes_a_folder_and_an_npz(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "shapes"
+    for i in range(12):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(folder / f"c{i % 2}/{i}.png")
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", folder)
+    assert (code, err) == (0, "")
+    described = json.loads(out)
+    assert (described["name"], described["source"], described["class_names"]) == \
+        ("shapes", "folder", ["c0", "c1"])
+    assert (described["image_size"], described["channels"]) == (16, 3)
+    assert described["num_train"] + described["num_test"] == 12
+    assert len(described["content_sha256"]) == 64
+
+    npz = tmp_path / "shapes.npz"
+    np.savez(npz, train_images=np.zeros((3, 16, 16), np.uint8),
+             test_images=np.ones((2, 16, 16), np.uint8))
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", npz)
+    assert (code, json.loads(out)["num_test"], json.loads(out)["class_names"]) == (0, 2, [])
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", data_dir)  # synthetic IDX
+    assert (code, json.loads(out)["name"]) == (0, "data")
+    # A published release is checked only when named; a folder is not one.
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", folder, "--dataset", "mnist",
+                 match="train-images-idx3-ubyte.gz is missing")
 
 
 def test_verify_synthetic_raw_data(capsys: pytest.CaptureFixture[str], tmp_path: Path,
