@@ -153,6 +153,19 @@ def test_grayscale_folder_and_one_colour_image(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.test_images[1], _pixels(7))
 
 
+def test_links_to_folders_are_followed_and_hidden_folders_skipped(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    _write(elsewhere, [f"{i}.png" for i in range(4)], size=16)
+    root = tmp_path / "linked"
+    _write(root, [f"real/{i}.png" for i in range(4)] + [".cache/0.png"], size=16)
+    (root / "via-link").symlink_to(elsewhere, target_is_directory=True)
+    ds = load_dataset(root)
+    assert ds.class_names == ("real", "via-link")  # not .cache
+    assert len(ds.train_images) + len(ds.test_images) == 8
+    (elsewhere / "loop").symlink_to(root, target_is_directory=True)
+    _one_line_error(lambda: load_dataset(root), "leads back to a folder already read")
+
+
 @pytest.mark.parametrize(("setup", "match"), [
     ("corrupt", r"bad\.png: not a readable PNG or JPEG image"),
     ("sizes", r"b\.png is 16x16 but .*a\.png is 32x32; every image must have the same size"),

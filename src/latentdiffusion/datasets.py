@@ -204,21 +204,24 @@ def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
     pending = [""]
     while pending:
         relative = pending.pop()
-        with os.scandir(root / relative) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                name = f"{relative}/{entry.name}" if relative else entry.name
-                if entry.is_dir():
-                    st = entry.stat()
-                    if (st.st_dev, st.st_ino) in seen:
-                        raise DataError(f"{root / name} leads back to a folder already read "
-                                        "(a link loop); remove the link")
-                    seen.add((st.st_dev, st.st_ino))
-                    dirs.append(name)
-                    pending.append(name)
-                elif sources.is_image_name(entry.name) and entry.is_file():
-                    files.append(_stamp_of(name, entry.stat()))
+        try:
+            entries = list(os.scandir(root / relative))
+        except OSError as err:
+            raise DataError(f"cannot list {root / relative}: {err.strerror}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.is_dir():
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    raise DataError(f"{root / name} leads back to a folder already read "
+                                    "(a link loop); remove the link")
+                seen.add((st.st_dev, st.st_ino))
+                dirs.append(name)
+                pending.append(name)
+            elif sources.is_image_name(entry.name) and entry.is_file():
+                files.append(_stamp_of(name, entry.stat()))
     return tuple(sorted(files)), tuple(sorted(dirs))
 
 

@@ -132,9 +132,10 @@ def _split_layout(root: Path, split: str, files: Sequence[str], dirs: Sequence[s
         return list(inside), None, ()
     index = {name: k for k, name in enumerate(classes)}
     labels = np.array([index[f[len(prefix):].split("/", 1)[0]] for f in inside], dtype=np.int64)
-    empty = [name for k, name in enumerate(classes) if not (labels == k).any()]
-    if empty:
-        raise DataError(f"{where / empty[0]}: a class folder with no .png or .jpg images")
+    counts = np.bincount(labels, minlength=len(classes))
+    if not counts.all():
+        empty = classes[int(np.argmin(counts))]
+        raise DataError(f"{where / empty}: a class folder with no .png or .jpg images")
     return list(inside), labels, classes
 
 
