@@ -270,8 +270,8 @@ def test_verify_real_mnist(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = ldm(capsys, "data", "verify", "--data-dir", root)  # named by content
     assert (code, err) == (0, "")
     described = json.loads(out)
-    assert {k: described[k] for k in ("name", "source", "num_train", "num_test")} == \
-        {"name": "mnist", "source": "idx", "num_train": 60000, "num_test": 10000}
+    assert {k: described[k] for k in ("name", "source", "train", "test")} == \
+        {"name": "mnist", "source": "idx", "train": 60000, "test": 10000}
 
 
 def test_verify_describes_a_folder_and_an_npz(capsys: pytest.CaptureFixture[str],
@@ -286,14 +286,14 @@ def test_verify_describes_a_folder_and_an_npz(capsys: pytest.CaptureFixture[str]
     assert (described["name"], described["source"], described["class_names"]) == \
         ("shapes", "folder", ["c0", "c1"])
     assert (described["image_size"], described["channels"]) == (16, 3)
-    assert described["num_train"] + described["num_test"] == 12
+    assert described["train"] + described["test"] == 12
     assert len(described["content_sha256"]) == 64
 
     npz = tmp_path / "shapes.npz"
     np.savez(npz, train_images=np.zeros((3, 16, 16), np.uint8),
              test_images=np.ones((2, 16, 16), np.uint8))
     code, out, err = ldm(capsys, "data", "verify", "--data-dir", npz)
-    assert (code, json.loads(out)["num_test"], json.loads(out)["class_names"]) == (0, 2, [])
+    assert (code, json.loads(out)["test"], json.loads(out)["class_names"]) == (0, 2, [])
     code, out, err = ldm(capsys, "data", "verify", "--data-dir", data_dir)  # synthetic IDX
     assert (code, json.loads(out)["name"]) == (0, "data")
     # A published release is checked only when named; a folder is not one.

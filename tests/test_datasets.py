@@ -374,9 +374,8 @@ def test_content_hash_follows_content_only() -> None:
     hashes = {base.content_hash} | {d.content_hash for d in changed}
     assert len(hashes) == 5 and all(len(h) == 64 for h in hashes)
     described = json.loads(json.dumps(base.describe()))
-    assert described == {"name": "toys", "source": "npz", "path": "",
-                         "content_sha256": base.content_hash, "image_size": 16, "channels": 3,
-                         "num_train": 12, "num_test": 5, "num_classes": 3,
+    assert described == {"name": "toys", "source": "npz", "content_sha256": base.content_hash,
+                         "image_size": 16, "channels": 3, "train": 12, "test": 5,
                          "class_names": ["a", "b", "c"]}
 
 

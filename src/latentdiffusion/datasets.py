@@ -121,11 +121,11 @@ class Dataset:
         return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        """What and how big it is, JSON-able; content_sha256 identifies the content."""
-        return {"name": self.name, "source": self.source, "path": self.origin,
-                "content_sha256": self.content_hash, "image_size": self.image_size,
-                "channels": self.channels, "num_train": len(self.train_images),
-                "num_test": len(self.test_images), "num_classes": self.num_classes,
+        """What it is and how big (train, test: image counts), JSON-able; content_sha256
+        identifies the content wherever it was read from."""
+        return {"name": self.name, "source": self.source, "content_sha256": self.content_hash,
+                "image_size": self.image_size, "channels": self.channels,
+                "train": len(self.train_images), "test": len(self.test_images),
                 "class_names": list(self.class_names)}
 
 
