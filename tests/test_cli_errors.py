@@ -3,20 +3,23 @@ exactly one `error: ...` line on stderr (no traceback), run in-process through `
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.data import DATASETS, DatasetInfo
+from latentdiffusion.data import DATASETS
 
 CPU = ["--device", "cpu"]
 
@@ -82,7 +85,8 @@ def test_verify_truncated_gzip(capsys: pytest.CaptureFixture[str], data_dir: Pat
 
 def test_verify_synthetic_data_is_not_the_original(capsys: pytest.CaptureFixture[str],
                                                    data_dir: Path) -> None:
-    assert_fails(capsys, 1, "data", "verify", "--data-dir", data_dir, match="MD5 mismatch")
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", data_dir, "--dataset", "mnist",
+                 match="content differs from the original mnist release")
 
 
 def test_train_on_missing_and_truncated_data(capsys: pytest.CaptureFixture[str],
@@ -258,15 +262,51 @@ def test_verify_real_mnist(capsys: pytest.CaptureFixture[str]) -> None:
     root = _real_mnist()
     if root is None or not (root / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("real MNIST not found (set LDM_TEST_MNIST or provide shared/data/mnist)")
-    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root, "--quiet")
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root, "--dataset", "mnist",
+                         "--quiet")
     assert code == 0, err
     assert json.loads(out) == {"train": {"images": [60000, 28, 28], "labels": 60000},
                                "test": {"images": [10000, 28, 28], "labels": 10000}}
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root)  # named by content
+    assert (code, err) == (0, "")
+    described = json.loads(out)
+    assert {k: described[k] for k in ("name", "source", "train", "test")} == \
+        {"name": "mnist", "source": "idx", "train": 60000, "test": 10000}
 
 
-def test_verify_synthetic_raw_data(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_verify_describes_a_folder_and_an_npz(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "shapes"
+    for i in range(12):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(folder / f"c{i % 2}/{i}.png")
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", folder)
+    assert (code, err) == (0, "")
+    described = json.loads(out)
+    assert (described["name"], described["source"], described["class_names"]) == \
+        ("shapes", "folder", ["c0", "c1"])
+    assert (described["image_size"], described["channels"]) == (16, 3)
+    assert described["train"] + described["test"] == 12
+    assert len(described["content_sha256"]) == 64
+
+    npz = tmp_path / "shapes.npz"
+    np.savez(npz, train_images=np.zeros((3, 16, 16), np.uint8),
+             test_images=np.ones((2, 16, 16), np.uint8))
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", npz)
+    assert (code, json.loads(out)["test"], json.loads(out)["class_names"]) == (0, 2, [])
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", data_dir)  # synthetic IDX
+    assert (code, json.loads(out)["name"]) == (0, "data")
+    # A published release is checked only when named; a folder is not one.
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", folder, "--dataset", "mnist",
+                 match="train-images-idx3-ubyte.gz is missing")
+
+
+def test_verify_synthetic_raw_data(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_dataset(tmp_path / "raw", n_train=12, n_test=7, gz=False)
-    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root)
+    content = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in root.iterdir()}
+    monkeypatch.setitem(DATASETS, "mnist", replace(DATASETS["mnist"], content_md5=content))
+    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root, "--dataset", "mnist")
     assert (code, err) == (0, "")
     assert json.loads(out)["test"] == {"images": [7, 28, 28], "labels": 7}
 
@@ -291,7 +331,7 @@ def test_download_without_a_reachable_mirror(capsys: pytest.CaptureFixture[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     info = DATASETS["mnist"]
     dead = (tmp_path / "offline").as_uri() + "/"
-    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (dead,), info.md5))
+    monkeypatch.setitem(DATASETS, "mnist", replace(info, mirrors=(dead,)))
     assert_fails(capsys, 1, "data", "download", "--data-dir", tmp_path / "d", "--quiet",
                  match="could not download train-images-idx3-ubyte.gz")
     assert not list((tmp_path / "d").iterdir())
@@ -302,7 +342,10 @@ def test_download_from_a_local_mirror(capsys: pytest.CaptureFixture[str], tmp_pa
     mirror = write_dataset(tmp_path / "mirror", n_train=12, n_test=7)
     md5 = {name: hashlib.md5((mirror / name).read_bytes()).hexdigest()
            for name in DATASETS["mnist"].md5}
-    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (mirror.as_uri() + "/",), md5))
+    content = {name.removesuffix(".gz"): hashlib.md5(gzip.decompress((mirror / name).read_bytes()))
+               .hexdigest() for name in md5}
+    monkeypatch.setitem(DATASETS, "mnist", replace(DATASETS["mnist"], md5=md5, content_md5=content,
+                                                   mirrors=(mirror.as_uri() + "/",)))
     code, out, err = ldm(capsys, "data", "download", "--data-dir", tmp_path / "d", "--quiet")
     assert (code, err) == (0, "")
     result = json.loads(out)

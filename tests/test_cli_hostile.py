@@ -46,6 +46,8 @@ def test_verify_a_regular_file(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     target = tmp_path / "mnist"
     target.write_text("mine")
     assert_fails(capsys, 1, "data", "verify", "--data-dir", target,
+                 match=f"{target} is not a directory, nor a regular file ending in .npz")
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", target, "--dataset", "mnist",
                  match=f"data directory {target} is not a directory")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from latentdiffusion.data import (
     DATASETS,
     IMAGE_MAGIC,
     LABEL_MAGIC,
-    DatasetInfo,
+    SPLIT_FILES,
     load_split,
     read_idx,
     resolve_data_dir,
@@ -203,33 +204,104 @@ def test_load_split_uses_env_data_dir(data_dir: Path, monkeypatch: pytest.Monkey
 # ---------------------------------------------------------------- verify
 
 
-def test_verify_rejects_gz_that_parses_but_is_not_the_original(data_dir: Path) -> None:
-    with pytest.raises(DataError, match="MD5 mismatch") as err:
+def _content_md5(path: Path) -> str:
+    raw = path.read_bytes()
+    return hashlib.md5(gzip.decompress(raw) if path.suffix == ".gz" else raw).hexdigest()
+
+
+def _register_content(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make the synthetic files in `root` the registered mnist release (by content)."""
+    content = {path.name.removesuffix(".gz"): _content_md5(path) for path in root.iterdir()}
+    monkeypatch.setitem(DATASETS, "mnist", replace(DATASETS["mnist"], content_md5=content))
+
+
+def test_registry_content_md5s_name_the_same_files_as_the_archives() -> None:
+    for info in DATASETS.values():
+        assert sorted(info.content_md5) == sorted(n.removesuffix(".gz") for n in info.md5)
+        assert sorted(info.content_md5) == sorted(s for pair in SPLIT_FILES.values()
+                                                  for s in pair)
+        assert len(info.class_names) == 10 and len(set(info.class_names)) == 10
+    assert DATASETS["fashion-mnist"].class_names[0] == "T-shirt/top"
+
+
+def test_verify_rejects_content_that_parses_but_is_not_the_original(data_dir: Path) -> None:
+    with pytest.raises(DataError, match="content differs") as err:
         data.verify(data_dir)
     message = str(err.value)
-    assert str(data_dir) in message and "not the original mnist release" in message
-    for name in DATASETS["mnist"].md5:
-        assert name in message  # all four synthetic .gz files are named
+    assert "\n" not in message
+    for stem, expected in DATASETS["mnist"].content_md5.items():
+        path = data_dir / f"{stem}.gz"  # all four synthetic files are named, with both MD5s
+        assert (f"{path}: content differs from the original mnist release (decompressed MD5 "
+                f"{_content_md5(path)}, expected {expected})") in message
 
 
-def test_verify_passes_when_md5s_match(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    md5 = {name: _md5(data_dir / name) for name in DATASETS["mnist"].md5}
-    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (), md5))
-    report = data.verify(data_dir)
-    assert report == {"train": {"images": [96, 28, 28], "labels": 96},
-                      "test": {"images": [40, 28, 28], "labels": 40}}
-    # One changed file (that still parses) is caught, and only it is named.
-    write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", np.zeros(40, dtype=np.uint8))
-    with pytest.raises(DataError, match=r"MD5 mismatch for t10k-labels-idx1-ubyte\.gz \("):
+@pytest.mark.parametrize("recompress", ["gzip-1-no-name", "gzip-9", "raw"])
+def test_verify_accepts_the_same_content_however_compressed(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recompress: str) -> None:
+    _register_content(monkeypatch, data_dir)
+    assert data.verify(data_dir) == {"train": {"images": [96, 28, 28], "labels": 96},
+                                     "test": {"images": [40, 28, 28], "labels": 40}}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in data_dir.iterdir():
+        content = gzip.decompress(path.read_bytes())
+        if recompress == "raw":
+            (copy / path.stem).write_bytes(content)
+        else:  # mtime=0 and no file name, as Debian's packages are built
+            level = 1 if recompress == "gzip-1-no-name" else 9
+            (copy / path.name).write_bytes(gzip.compress(content, compresslevel=level, mtime=0))
+            assert (copy / path.name).read_bytes() != path.read_bytes()  # other bytes
+    assert data.verify(copy)["test"] == {"images": [40, 28, 28], "labels": 40}
+
+    # One changed byte (a pixel: the file still parses) fails, and only its file is named.
+    name = "t10k-images-idx3-ubyte" + ("" if recompress == "raw" else ".gz")
+    content = bytearray(gzip.decompress((data_dir / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    content[-1] ^= 1
+    (copy / name).write_bytes(bytes(content) if recompress == "raw"
+                              else gzip.compress(bytes(content)))
+    with pytest.raises(DataError) as err:
+        data.verify(copy)
+    message = str(err.value)
+    assert message.startswith(f"{copy / name}: content differs from the original mnist release "
+                              f"(decompressed MD5 {hashlib.md5(content).hexdigest()}, expected "
+                              f"{DATASETS['mnist'].content_md5['t10k-images-idx3-ubyte']})")
+    assert message.count("content differs") == 1
+
+
+def _real_mnist() -> Path | None:
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data" / "mnist"
+        if (candidate / "train-images-idx3-ubyte.gz").is_file():
+            return candidate
+    return None
+
+
+def test_verify_real_mnist_recompressed(tmp_path: Path) -> None:
+    source = _real_mnist()
+    if source is None:
+        pytest.skip("real MNIST not found in shared/data/mnist above the tests")
+    copy = tmp_path / "mnist"
+    copy.mkdir()
+    for stem in DATASETS["mnist"].content_md5:
+        content = gzip.decompress((source / f"{stem}.gz").read_bytes())
+        if stem.startswith("t10k"):  # the test split raw, the training split at level 1
+            (copy / stem).write_bytes(content)
+        else:
+            (copy / f"{stem}.gz").write_bytes(gzip.compress(content, compresslevel=1, mtime=0))
+    assert (copy / "train-images-idx3-ubyte.gz").read_bytes() \
+        != (source / "train-images-idx3-ubyte.gz").read_bytes()
+    assert data.verify(copy) == {"train": {"images": [60000, 28, 28], "labels": 60000},
+                                 "test": {"images": [10000, 28, 28], "labels": 10000}}
+    with pytest.raises(DataError, match="original fashion-mnist release"):
+        data.verify(copy, "fashion-mnist")
+
+
+def test_verify_refuses_unusable_image_shapes_from_the_header(data_dir: Path) -> None:
+    path = data_dir / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(struct.pack(">4I", IMAGE_MAGIC, 1, 2**32 - 1, 2**32 - 1)))
+    with pytest.raises(DataError, match=f"{path}: images are 4294967295x4294967295; they must "
+                                        "be square, with a side that is a multiple of 4"):
         data.verify(data_dir)
-
-
-def test_verify_raw_files_are_parsed_not_hashed(tmp_path: Path) -> None:
-    root = write_dataset(tmp_path / "raw", n_train=20, n_test=10, gz=False)
-    assert data.verify(root)["test"] == {"images": [10, 28, 28], "labels": 10}
-    (root / TRAIN_LABELS).write_bytes(b"")
-    with pytest.raises(DataError, match="too short"):
-        data.verify(root)
 
 
 def test_verify_unknown_dataset(data_dir: Path) -> None:
@@ -245,8 +317,10 @@ def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A local file:// mirror holding synthetic .gz files, registered as the only mirror."""
     source = write_dataset(tmp_path / "mirror", n_train=20, n_test=10)
     md5 = {name: _md5(source / name) for name in DATASETS["mnist"].md5}
-    monkeypatch.setitem(DATASETS, "mnist",
-                        DatasetInfo("mnist", (source.as_uri() + "/",), md5))
+    content = {name.removesuffix(".gz"): _content_md5(source / name) for name in md5}
+    info = replace(DATASETS["mnist"], mirrors=(source.as_uri() + "/",), md5=md5,
+                   content_md5=content)
+    monkeypatch.setitem(DATASETS, "mnist", info)
     return source
 
 
@@ -273,7 +347,7 @@ def test_download_falls_back_to_the_next_mirror(mirror: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     info = DATASETS["mnist"]
     dead = (tmp_path / "dead").as_uri() + "/"
-    monkeypatch.setitem(DATASETS, "mnist", DatasetInfo("mnist", (dead, *info.mirrors), info.md5))
+    monkeypatch.setitem(DATASETS, "mnist", replace(info, mirrors=(dead, *info.mirrors)))
     target = data.download(tmp_path / "out")
     assert all((target / name).read_bytes() == (mirror / name).read_bytes()
                for name in info.md5)
@@ -292,8 +366,7 @@ def test_download_rejects_wrong_md5_leaving_no_partial_file(
         mirror: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     info = DATASETS["mnist"]
     bad = f"{TRAIN_IMAGES}.gz"
-    monkeypatch.setitem(DATASETS, "mnist",
-                        DatasetInfo("mnist", info.mirrors, {**info.md5, bad: "0" * 32}))
+    monkeypatch.setitem(DATASETS, "mnist", replace(info, md5={**info.md5, bad: "0" * 32}))
     target = tmp_path / "out"
     with pytest.raises(DataError, match="MD5 mismatch") as err:
         data.download(target)
@@ -311,7 +384,7 @@ def test_download_with_no_reachable_mirror(tmp_path: Path, monkeypatch: pytest.M
                                            ) -> None:
     info = DATASETS["mnist"]
     monkeypatch.setitem(DATASETS, "mnist",
-                        DatasetInfo("mnist", ((tmp_path / "none").as_uri() + "/",), info.md5))
+                        replace(info, mirrors=((tmp_path / "none").as_uri() + "/",)))
     target = tmp_path / "out"
     with pytest.raises(DataError, match="could not download") as err:
         data.download(target)

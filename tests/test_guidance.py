@@ -242,7 +242,9 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu"]
-    assert main(["run", "--preset", "tiny", "--conditional", *common]) == 0
+    # --dataset mnist: read the IDX files as MNIST (the name, not the content), whose report
+    # sets the post's FIDs beside its own
+    assert main(["run", "--preset", "tiny", "--conditional", "--dataset", "mnist", *common]) == 0
     capsys.readouterr()
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("ddim-5", "ddpm"):
@@ -257,6 +259,7 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
     assert (run / "figures" / "class_grid.png").is_file()
     report = (run / "report.md").read_text()
     assert "one row per requested class (0, 1, 2" in report and "guidance 1.5" in report
+    assert "Data set `mnist`" in report and "| Post's FID |" in report and "6.02" in report
     header = json.loads((run / "run.json").read_text())["config"]
     assert header["unet"]["num_classes"] == 10
 

@@ -141,11 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="download or verify a dataset")
     data_sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
-    for action in ("download", "verify"):
-        q = data_sub.add_parser(action, formatter_class=fmt)
-        q.add_argument("--dataset", default="mnist", help=", ".join(data.DATASETS))
-        q.add_argument("--data-dir", metavar="DIR")
-        q.add_argument("--quiet", action="store_true")
+    q = data_sub.add_parser("download", formatter_class=fmt,
+                            help="fetch a registered dataset's IDX files")
+    q.add_argument("--dataset", default="mnist", help=", ".join(data.DATASETS))
+    q.add_argument("--data-dir", metavar="DIR")
+    q.add_argument("--quiet", action="store_true")
+    q = data_sub.add_parser("verify",  # no defaults worth showing
+                            help="check a dataset against its release, or describe any data")
+    q.add_argument("--dataset", metavar="NAME",
+                   help=f"check the IDX files' content against this release "
+                        f"({', '.join(data.DATASETS)}); without it, print what --data-dir "
+                        "holds (IDX files, a folder of images or an .npz) and its content hash")
+    q.add_argument("--data-dir", metavar="PATH",
+                   help="IDX directory, folder of images or .npz (default: "
+                        f"${data.DATA_DIR_ENV} or the user cache)")
+    q.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="train one model", formatter_class=fmt)
     p.add_argument("model", choices=("classifier", "vae", "diffusion"))

@@ -53,7 +53,7 @@ def _class_stats(features: torch.Tensor, labels: torch.Tensor,
 
 
 def _labels_shard(labels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(labels, dtype=np.int64)[dist.shard_rows(len(labels))])
+    return torch.tensor(np.asarray(labels, dtype=np.int64)[dist.shard_rows(len(labels))])
 
 
 def class_reference(classifier: nn.Module, images: np.ndarray, labels: np.ndarray,

@@ -60,16 +60,18 @@ def shape_of(dataset: Dataset) -> ImageShape:
 
 
 def run_shape(run: RunDir) -> ImageShape:
-    """The images and classes of a run's data set, from its classifier (or VAE) file: what
-    `ldm train diffusion`, which reads no images, builds its config for."""
+    """The images and classes of a run's data set, from its classifier file, else its VAE and
+    latents files: what `ldm train diffusion`, which reads no images, builds its config for."""
     header = checkpoint.peek(run.model("classifier"))
     if header is not None and header.get("kind") == "classifier":
         return image_shape_of(from_dict(ClassifierConfig, header["config"]))
     header = checkpoint.peek(run.model("vae"))
-    if header is not None and header.get("kind") == "vae":
-        vae = from_dict(VAEConfig, header["config"])
-        return ImageShape(vae.image_size, vae.image_channels, 0)
-    return ImageShape()  # no models yet: the preset as it is (its own error will follow)
+    if header is None or header.get("kind") != "vae":
+        return ImageShape()  # no models yet: the preset as it is (its own error will follow)
+    vae = from_dict(VAEConfig, header["config"])
+    latents = checkpoint.peek(run.latents) or {}
+    classes = int(latents.get("num_classes", 0))  # as `ldm encode` found them
+    return ImageShape(vae.image_size, vae.image_channels, classes if classes >= 2 else 0)
 
 
 def _train(args: argparse.Namespace, device: Any) -> str:
@@ -218,6 +220,10 @@ def _config(args: argparse.Namespace, argv: Sequence[str]) -> str:
 
 def _data_command(args: argparse.Namespace) -> str:
     if args.action == "verify":
+        if args.dataset is None:  # any source, described by content (no published checksum)
+            from .datasets import load_dataset
+
+            return strict_json(load_dataset(args.data_dir).describe())
         return strict_json(data.verify(args.data_dir, args.dataset))
     bars: list[tqdm] = []  # made at the first byte: a refused directory prints no empty bar
 

@@ -1,7 +1,8 @@
 """MNIST-format data: IDX reading with validation, a dataset registry, download and verify.
 
 IDX layout (LeCun et al.): big-endian magic (0x0803 images, 0x0801 labels), one uint32 per
-dimension, then uint8 values. Files may be gzipped (the original release) or raw.
+dimension, then uint8 values. Files may be gzipped (the original release) or raw. Other
+sources (image folders, .npz) and the `Dataset` they all load into are in `datasets.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -29,18 +30,26 @@ from .errors import DataError, UsageError
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = ("train", "test")
 DATA_DIR_ENV = "LDM_DATA_DIR"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 # Items one IDX file may declare: 16x MNIST's training set (784 MB of 28x28 images). The limit
 # is checked against the header, so a hostile header cannot make the reader allocate more.
 MAX_IDX_ITEMS = 1_000_000
+# Square image sides a dataset may have (28 for MNIST): multiples of 4, which the VAE's padding
+# and two stride-2 stages turn into an even latent grid.
+IMAGE_SIZES = range(16, 65, 4)
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
     mirrors: tuple[str, ...]
-    md5: dict[str, str]  # file name (.gz) -> md5 of the original release
+    md5: dict[str, str]  # file name (.gz) -> MD5 of the original archive, for `download`
+    # file name (no .gz) -> MD5 of the decompressed file: what `verify` checks, so that a
+    # recompressed copy of the same content (e.g. Debian's dataset-fashion-mnist) passes
+    content_md5: dict[str, str]
+    class_names: tuple[str, ...]
 
 
 DATASETS = {
@@ -57,6 +66,13 @@ DATASETS = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
+        content_md5={
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        },
+        class_names=tuple(str(digit) for digit in range(10)),
     ),
     "fashion-mnist": DatasetInfo(
         name="fashion-mnist",
@@ -67,6 +83,16 @@ DATASETS = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
+        # The git-annex MD5E keys of github.com/datasets-mila/datasets--fashionmnist, whose
+        # .gz keys equal the MD5s above (sizes 47040016, 60008, 7840016 and 10008 bytes).
+        content_md5={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                     "Sneaker", "Bag", "Ankle boot"),
     ),
 }
 SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -89,10 +115,38 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None, dataset: str = "mn
     return cache / "latentdiffusion" / dataset
 
 
-def _find(data_dir: Path, stem: str) -> Path:
+def image_shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why images of shape (H, W) or (H, W, C) cannot be used, or None when they can."""
+    if len(shape) not in (2, 3) or shape[2:] not in ((), (3,)):
+        return (f"images of shape (N, {', '.join(map(str, shape))}) are neither (N, H, W) "
+                "grayscale nor (N, H, W, 3) RGB")
+    height, width = shape[:2]
+    if height != width or height not in IMAGE_SIZES:
+        return (f"images are {height}x{width}; they must be square, with a side that is a "
+                f"multiple of 4 from {IMAGE_SIZES[0]} to {IMAGE_SIZES[-1]}")
+    return None
+
+
+def check_image_item(path: Path, item_shape: tuple[int, ...]) -> None:
+    """`read_idx`'s check_item for images of any usable size: a DataError naming `path`."""
+    problem = image_shape_problem(item_shape)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+
+
+def idx_file(data_dir: Path, stem: str) -> Path | None:
+    """The file `stem`.gz or `stem` in `data_dir`, else None."""
     for candidate in (data_dir / f"{stem}.gz", data_dir / stem):
         if candidate.is_file():
             return candidate
+    return None
+
+
+def find_idx_file(data_dir: Path, stem: str) -> Path:
+    """The file `stem`.gz or `stem` in `data_dir`; a DataError saying what to do if missing."""
+    found = idx_file(data_dir, stem)
+    if found is not None:
+        return found
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} is not a directory; pass --data-dir DIR")
     if not data_dir.is_dir():
@@ -120,24 +174,35 @@ def _read_exactly(stream: io.BufferedIOBase, out: np.ndarray) -> int:
     return done
 
 
-def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] | None = None) -> np.ndarray:
+class Digest(Protocol):
+    """What `read_idx` feeds every byte it reads to (a hashlib object)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] | None = None, *,
+             check_item: Callable[[Path, tuple[int, ...]], None] | None = None,
+             digest: Digest | None = None) -> np.ndarray:
     """Read one IDX file (gzipped or raw), checking magic number, dimensions and size.
 
-    The header is checked before any data is read (the item shape when given, at most
-    MAX_IDX_ITEMS items), and exactly the bytes it declares are read from the stream, so a
-    file that is huge, or decompresses to far more than it says, never fills the memory.
+    The header is checked before any data is read (the item shape when given, `check_item`
+    on it, at most MAX_IDX_ITEMS items), and exactly the bytes it declares are read from the
+    stream, so a file that is huge, or decompresses to far more than it says, never fills the
+    memory. `digest` is updated with every decompressed byte, header included.
     """
     gz = path.suffix == ".gz"
     try:
         with gzip.open(path, "rb") if gz else open(path, "rb") as stream:
-            return _read_idx_stream(path, stream, magic, item_shape, gz)
+            return _read_idx_stream(path, stream, magic, item_shape, check_item, digest, gz)
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise DataError(f"{path}: truncated or corrupt gzip ({err}); delete it and run "
                         "`ldm data download`") from None
 
 
 def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
-                     item_shape: tuple[int, ...] | None, gz: bool) -> np.ndarray:
+                     item_shape: tuple[int, ...] | None,
+                     check_item: Callable[[Path, tuple[int, ...]], None] | None,
+                     digest: Digest | None, gz: bool) -> np.ndarray:
     head = stream.read(4)
     if len(head) < 4:
         raise DataError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
@@ -155,6 +220,8 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
     if item_shape is not None and dims[1:] != item_shape:
         raise DataError(f"{path}: images are {'x'.join(map(str, dims[1:]))}, expected "
                         f"{'x'.join(map(str, item_shape))}")
+    if check_item is not None:
+        check_item(path, dims[1:])
     if dims[0] > MAX_IDX_ITEMS:
         raise DataError(f"{path}: its header declares {dims[0]} items, more than the "
                         f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable "
@@ -173,6 +240,9 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
         raise DataError(f"{path}: decompresses to more than the {expected} bytes its header "
                         f"{'x'.join(map(str, dims))} declares; the file is corrupt (delete it "
                         "and run `ldm data download`)")
+    if digest is not None:  # the whole decompressed file: header, then values
+        digest.update(head + raw_dims)
+        digest.update(values.data)
     return values.reshape(dims)
 
 
@@ -184,20 +254,36 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
-def load_split(data_dir: str | os.PathLike[str] | None,
-               split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N, 28, 28) and labels int64 (N,) of one split."""
+def read_split(root: Path, split: Split, item_shape: tuple[int, ...] | None = None, *,
+               check_item: Callable[[Path, tuple[int, ...]], None] | None = None,
+               digests: dict[Path, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels, both uint8 as stored, of one split's IDX files in `root`.
+
+    `digests`, when given, receives each file's path -> MD5 of its decompressed content.
+    """
     if split not in SPLIT_FILES:
         raise UsageError(f"unknown split {split!r} (choose from train, test)")
-    root = resolve_data_dir(data_dir)
     image_stem, label_stem = SPLIT_FILES[split]
-    image_path, label_path = _find(root, image_stem), _find(root, label_stem)
-    images = read_idx(image_path, IMAGE_MAGIC, item_shape=(28, 28))
-    labels = read_idx(label_path, LABEL_MAGIC)
+    image_path, label_path = find_idx_file(root, image_stem), find_idx_file(root, label_stem)
+    image_md5, label_md5 = hashlib.md5(), hashlib.md5()
+    images = read_idx(image_path, IMAGE_MAGIC, item_shape, check_item=check_item,
+                      digest=image_md5 if digests is not None else None)
+    labels = read_idx(label_path, LABEL_MAGIC, digest=label_md5 if digests is not None else None)
+    if digests is not None:
+        digests.update({image_path: image_md5.hexdigest(), label_path: label_md5.hexdigest()})
     if len(images) != len(labels):
         raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
                         f"{len(labels)} labels; one of them is from another release")
+    return images, labels
+
+
+def load_split(data_dir: str | os.PathLike[str] | None,
+               split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 28, 28) and labels int64 (N,) of one MNIST-format split."""
+    root = resolve_data_dir(data_dir)
+    images, labels = read_split(root, split, item_shape=(28, 28))
     if labels.size and labels.max() > 9:
+        label_path = find_idx_file(root, SPLIT_FILES[split][1])
         raise DataError(f"{label_path}: labels must be 0..9, found {labels.max()}")
     return images, labels.astype(np.int64)
 
@@ -224,21 +310,25 @@ def md5sum(path: Path) -> str:
 
 
 def verify(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist") -> dict[str, dict]:
-    """Check every file: MD5 of original .gz files, then parse and count; raises DataError."""
+    """Parse every file and check the MD5 of its decompressed content against the registry.
+
+    Gzipped or raw, at any compression level: only the content counts. Raises DataError.
+    """
     info = dataset_info(dataset)
     root = resolve_data_dir(data_dir, dataset)
     report: dict[str, dict] = {}
-    for split in ("train", "test"):
-        for stem in SPLIT_FILES[split]:
-            path = _find(root, stem)
-            if path.suffix == ".gz" and md5sum(path) != info.md5[path.name]:
-                report[path.name] = {"md5_ok": False}
-        images, labels = load_split(root, split)  # type: ignore[arg-type]
+    digests: dict[Path, str] = {}
+    for split in SPLITS:
+        images, labels = read_split(root, split, check_item=check_image_item, digests=digests)
         report[split] = {"images": list(images.shape), "labels": len(labels)}
-    bad = [name for name, entry in report.items() if entry.get("md5_ok") is False]
-    if bad:
-        raise DataError(f"{root}: MD5 mismatch for {', '.join(bad)} (parses, but is not the "
-                        f"original {dataset} release)")
+    differs = []
+    for path, md5 in digests.items():
+        expected = info.content_md5[path.name.removesuffix(".gz")]
+        if md5 != expected:
+            differs.append(f"{path}: content differs from the original {dataset} release "
+                           f"(decompressed MD5 {md5}, expected {expected})")
+    if differs:
+        raise DataError("; ".join(differs))
     return report
 
 

@@ -1,28 +1,86 @@
-"""TEMPORARY STUB (replaced by the datasources branch)."""
+"""The `Dataset` every stage reads, and `load_dataset`, which loads one from any source.
+
+Sources: the four IDX files of an MNIST-format release (`data.py`), a folder of images in
+torchvision's ImageFolder layout, or an .npz of arrays (`sources.py`). A command loads its
+dataset once per stage; an in-process cache keyed by the files' stamps decodes it once.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
-from . import data
-from .data import Split
+from . import data, sources
+from .data import DATASETS, SPLIT_FILES, SPLITS, Split
+from .errors import DataError, UsageError
+
+Source = Literal["idx", "folder", "npz"]
+EXPECTED = ("--data-dir takes a directory with the four IDX files (`ldm data download` fetches "
+            "them), a folder of .png/.jpg images, or an .npz holding train_images and "
+            "test_images")
+CACHE_SIZE = 2  # datasets kept decoded: one command's, and one more
+# A file changed less than this before it was read may change again within one tick of the
+# filesystem clock and keep its stamp (git's "racy clean" problem): such reads are not cached.
+SETTLE_NS = 2_000_000_000
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    name: str
-    source: str
+    """Both splits of one image dataset, validated on construction.
+
+    Images are uint8 (N, H, W) grayscale or (N, H, W, 3) RGB with H == W; labels int64 (N,)
+    in 0..K-1 with K = len(class_names), or None for unlabelled data. The arrays must not
+    change afterwards (`load_dataset` hands out read-only ones): the content hash is cached.
+    """
+
+    name: str  # "mnist", "fashion-mnist", a folder's or an .npz's name
+    source: str  # "idx", "folder" or "npz"
     train_images: np.ndarray
     train_labels: np.ndarray | None
     test_images: np.ndarray
     test_labels: np.ndarray | None
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # K names; () when unlabelled
+    origin: str = ""  # the path it was read from, for messages
+
+    def __post_init__(self) -> None:
+        where = f"{self.origin or self.name} ({self.source})"
+        if (self.train_labels is None) != (self.test_labels is None):
+            raise DataError(f"{where}: one split has labels and the other not; label both "
+                            "splits or neither")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise DataError(f"{where}: class names repeat ({', '.join(self.class_names)})")
+        if self.labelled != bool(self.class_names):
+            raise DataError(f"{where}: {len(self.class_names)} class names for "
+                            f"{'labelled' if self.labelled else 'unlabelled'} images")
+        for split in SPLITS:
+            images, labels = self.split(split)
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+                raise DataError(f"{where}: {split} images must be uint8 0..255, got "
+                                f"{getattr(images, 'dtype', type(images).__name__)}")
+            problem = data.image_shape_problem(images.shape[1:]) if images.ndim else "scalar"
+            if problem:
+                raise DataError(f"{where}: {split} {problem}")
+            if images.shape[1:] != self.train_images.shape[1:]:
+                raise DataError(f"{where}: test images are {images.shape[1:]}, train images "
+                                f"{self.train_images.shape[1:]}; both splits must match")
+            if len(images) == 0:
+                raise DataError(f"{where}: the {split} split has no images")
+            if labels is not None:
+                if labels.dtype != np.int64 or labels.shape != images.shape[:1]:
+                    raise DataError(f"{where}: {split} labels must be int64 ({len(images)},), "
+                                    f"got {labels.dtype} {labels.shape}")
+                wrong = labels[(labels < 0) | (labels >= self.num_classes)]
+                if wrong.size:
+                    raise DataError(f"{where}: {split} labels must be in "
+                                    f"0..{self.num_classes - 1}, found {wrong[0]}")
 
     @property
     def labelled(self) -> bool:
@@ -30,7 +88,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names) if self.labelled else 0
+        return len(self.class_names)
 
     @property
     def image_size(self) -> int:
@@ -38,38 +96,157 @@ class Dataset:
 
     @property
     def channels(self) -> int:
-        return 1 if self.train_images.ndim == 3 else 3
+        return 3 if self.train_images.ndim == 4 else 1
 
     def split(self, split: Split) -> tuple[np.ndarray, np.ndarray | None]:
-        return ((self.train_images, self.train_labels) if split == "train"
-                else (self.test_images, self.test_labels))
+        """Images and labels (None when unlabelled) of "train" or "test"."""
+        if split == "train":
+            return self.train_images, self.train_labels
+        if split == "test":
+            return self.test_images, self.test_labels
+        raise UsageError(f"unknown split {split!r} (choose from train, test)")
 
     @cached_property
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
-            if a is not None:
-                h.update(str(a.shape).encode())
-                h.update(np.ascontiguousarray(a).tobytes())
-        h.update(repr(self.class_names).encode())
-        return h.hexdigest()
+        """sha256 over both splits' shapes, dtypes and bytes, and the class names."""
+        digest = hashlib.sha256()
+        for array in (self.train_images, self.train_labels, self.test_images,
+                      self.test_labels):
+            if array is None:
+                digest.update(b"none;")
+            else:  # dtype.str and shape first: the bytes alone do not say how they are laid out
+                digest.update(f"{array.dtype.str}{array.shape};".encode())
+                digest.update(np.ascontiguousarray(array).data)
+        digest.update(json.dumps(self.class_names).encode())
+        return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
+        """What it is and how big (train, test: image counts), JSON-able; content_sha256
+        identifies the content wherever it was read from."""
         return {"name": self.name, "source": self.source, "content_sha256": self.content_hash,
                 "image_size": self.image_size, "channels": self.channels,
                 "train": len(self.train_images), "test": len(self.test_images),
                 "class_names": list(self.class_names)}
 
 
-def load_dataset(data_dir: str | os.PathLike[str] | None, dataset: str | None = None) -> Dataset:
-    if data_dir is not None and str(data_dir).endswith(".npz"):
-        with np.load(data_dir) as f:
-            tl = f["train_labels"] if "train_labels" in f else None
-            return Dataset("npz", "npz", f["train_images"], tl, f["test_images"],
-                           f["test_labels"] if tl is not None else None,
-                           tuple(str(i) for i in range(int(tl.max()) + 1)) if tl is not None
-                           else ())
-    tr = data.load_split(data_dir, "train")
-    te = data.load_split(data_dir, "test")
-    return Dataset(dataset or "mnist", "idx", tr[0], tr[1], te[0], te[1],
-                   tuple(str(i) for i in range(10)))
+def load_dataset(data_dir: str | os.PathLike[str] | None,
+                 dataset: str | None = None) -> Dataset:
+    """Load a registered IDX dataset, an IDX directory, a folder of images or an .npz.
+
+    `data_dir` defaults as in `data.resolve_data_dir`. Without `dataset`, an IDX directory is
+    named by its content: a registered name when its MD5s match, else the directory's name.
+    """
+    if dataset is not None:
+        data.dataset_info(dataset)  # a UsageError for an unknown name
+    path = data.resolve_data_dir(data_dir, dataset or "mnist")
+    source, stamp = _locate(path, dataset)
+    key = (str(path.resolve()), dataset)
+    cached = _CACHE.pop(key, None)
+    if cached is not None and cached[0] == stamp:
+        _CACHE[key] = cached  # most recently used last
+        return cached[1]
+    started = time.time_ns()
+    loaded = _read(path, source, stamp, dataset)
+    for array in (loaded.train_images, loaded.train_labels, loaded.test_images,
+                  loaded.test_labels):
+        if array is not None:
+            array.setflags(write=False)  # shared by every caller in this process
+    if all(max(s[2], s[3]) < started - SETTLE_NS for s in stamp[0]):
+        _CACHE[key] = (stamp, loaded)
+        while len(_CACHE) > CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
+    return loaded
+
+
+# A file's stamp: (path relative to the data dir, size, mtime_ns, ctime_ns, inode); a dataset's
+# stamp: its files' stamps and, for a folder, its subfolders (relative, sorted).
+FileStamp = tuple[str, int, int, int, int]
+Stamp = tuple[tuple[FileStamp, ...], tuple[str, ...]]
+_CACHE: dict[tuple[str, str | None], tuple[Stamp, Dataset]] = {}
+
+
+def _stamp_of(relative: str, st: os.stat_result) -> FileStamp:
+    return (relative, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _locate(path: Path, dataset: str | None) -> tuple[Source, Stamp]:
+    """Which source `path` is, and the stamp of every file and folder it would read."""
+    if path.is_dir():
+        stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
+        if dataset is not None or any(data.idx_file(path, stem) for stem in stems):
+            files = [data.find_idx_file(path, stem) for stem in stems]
+            return "idx", (tuple(_stamp_of(f.name, f.stat()) for f in files), ())
+        stamps, dirs = _walk(path)
+        if not stamps:
+            raise DataError(f"{path} holds neither the four IDX files nor any .png or .jpg "
+                            f"image; {EXPECTED}")
+        return "folder", (stamps, dirs)
+    if dataset is not None:
+        data.find_idx_file(path, SPLIT_FILES["train"][0])  # says what is wrong with `path`
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz", ((_stamp_of(path.name, path.stat()),), ())
+    if path.exists():
+        raise DataError(f"{path} is not a directory, nor a regular file ending in .npz; "
+                        f"{EXPECTED}")
+    raise DataError(f"data directory {path} does not exist; {EXPECTED}")
+
+
+def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
+    """Stamps of the image files under `root` and its subfolders, relative and sorted.
+
+    Hidden files and folders are skipped; links to folders are followed, as ImageFolder does,
+    but a folder reached twice (a link loop) is an error.
+    """
+    files: list[FileStamp] = []
+    dirs: list[str] = []
+    top = root.stat()
+    seen = {(top.st_dev, top.st_ino)}
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        try:
+            entries = list(os.scandir(root / relative))
+        except OSError as err:
+            raise DataError(f"cannot list {root / relative}: {err.strerror}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.is_dir():
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    raise DataError(f"{root / name} leads back to a folder already read "
+                                    "(a link loop); remove the link")
+                seen.add((st.st_dev, st.st_ino))
+                dirs.append(name)
+                pending.append(name)
+            elif sources.is_image_name(entry.name) and entry.is_file():
+                files.append(_stamp_of(name, entry.stat()))
+    return tuple(sorted(files)), tuple(sorted(dirs))
+
+
+def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Dataset:
+    files = [file_stamp[0] for file_stamp in stamp[0]]
+    if source == "npz":
+        return Dataset(path.stem, "npz", *sources.read_npz(path), origin=str(path))
+    if source == "folder":
+        splits = sources.read_folder(path, files, stamp[1])
+        return Dataset(path.resolve().name, "folder", *splits, origin=str(path))
+    digests: dict[Path, str] | None = None if dataset else {}  # MD5s name it by content
+    arrays = [data.read_split(path, split, check_item=data.check_image_item, digests=digests)
+              for split in SPLITS]
+    name = dataset or _name_by_content(digests or {}) or path.resolve().name
+    labels = [split_labels.astype(np.int64) for _, split_labels in arrays]
+    class_names = (DATASETS[name].class_names if name in DATASETS
+                   else sources.default_class_names(labels, path))
+    return Dataset(name, "idx", arrays[0][0], labels[0], arrays[1][0], labels[1], class_names,
+                   origin=str(path))
+
+
+def _name_by_content(digests: dict[Path, str]) -> str | None:
+    """The registered dataset whose decompressed files these are (path -> MD5), if any."""
+    found = {path.name.removesuffix(".gz"): md5 for path, md5 in digests.items()}
+    for info in DATASETS.values():
+        if info.content_md5 == found:
+            return info.name
+    return None

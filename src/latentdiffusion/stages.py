@@ -110,10 +110,11 @@ def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConf
     train_images = to_unit_tensor(dataset.train_images)
     test_images = to_unit_tensor(dataset.test_images)
     # The rotation task's validation set turns test image i by i mod 4 quarter turns.
-    test_classes = (torch.from_numpy(dataset.test_labels) if labelled
+    # (torch.tensor copies: the data set's arrays are read-only, shared by the stages)
+    test_classes = (torch.tensor(dataset.test_labels) if labelled
                     else torch.arange(len(test_images)) % 4)
     test_inputs = test_images if labelled else rotate(test_images, test_classes)
-    train_set = ((train_images, torch.from_numpy(dataset.train_labels)) if labelled
+    train_set = ((train_images, torch.tensor(dataset.train_labels)) if labelled
                  else (train_images,))
     test_set = (test_inputs.to(device), test_classes.to(device))
     shift = model_config.augment_shift
@@ -179,7 +180,8 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
     latent_set = latents.build(vae, vae_hash, dataset.train_images, dataset.test_images, mode,
                                norm, seed, device, dataset.train_labels, dataset.test_labels)
     if dist.is_main():
-        latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields)
+        latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields,
+                     num_classes=dataset.num_classes, class_names=list(dataset.class_names))
     dist.barrier()
     return checkpoint.load(run.latents, kind=latents.KIND)[1]
 
