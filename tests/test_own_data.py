@@ -1,0 +1,132 @@
+"""Own data end to end: a labelled folder of 32x32 colour PNGs and an unlabelled .npz, each
+through `ldm run --preset tiny`, and the data's content in every stage key."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentdiffusion.cli import main
+from latentdiffusion.datasets import load_dataset
+from latentdiffusion.metrics import load_samples
+
+CLASSES = ("red", "green", "blue")
+
+
+def _discs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 32, 32, 3): a disc of the label's colour on black, at a random place."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    images = np.zeros((n, 32, 32, 3), np.uint8)
+    rows, cols = np.mgrid[:32, :32]
+    for i, label in enumerate(labels):
+        y, x = rng.integers(10, 22, size=2)
+        images[i][(rows - y) ** 2 + (cols - x) ** 2 < rng.integers(16, 64)] = 0
+        images[i][(rows - y) ** 2 + (cols - x) ** 2 < rng.integers(16, 64), label] = 220
+    return images, labels
+
+
+def _stages(err: str) -> dict[str, str]:
+    return {m.group(1): "skipped" if "skipped" in m.group(2) else "ran"
+            for m in re.finditer(r"^\[(\w+)\] (.*)$", err.replace("\r", "\n"), flags=re.M)}
+
+
+def _is_colour(png: Path) -> bool:
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return bool((np.abs(pixels[..., 0] - pixels[..., 1]) > 30).any())
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A labelled ImageFolder: one subfolder per class, no test/ split (a hold-out is made)."""
+    images, labels = _discs(120, seed=0)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "discs" / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "discs" / CLASSES[label] / f"{i:03d}.png")
+    return tmp_path / "discs"
+
+
+def test_labelled_colour_folder_end_to_end(folder: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["run", "--preset", "tiny", "--data-dir", str(folder), "--run-dir", str(run),
+            "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for name in ("random", "vae-prior", "vae-reconstruction", "ddim-5", "ddpm"):
+        images, _ = load_samples(run / "samples" / f"{name}.npz")
+        assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
+    assert _is_colour(run / "figures" / "reconstructions.png")  # the test images, in colour
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["ddpm"]["class_histogram"]) == 3
+    assert 0 <= metrics["validation"]["accuracy"] <= 1  # a classifier of the folder's labels
+    dataset = load_dataset(folder)
+    recorded = json.loads((run / "run.json").read_text())["data"]
+    assert recorded["content_sha256"] == dataset.content_hash
+    assert recorded["class_names"] == sorted(CLASSES) and recorded["source"] == "folder"
+    report = (run / "report.md").read_text()
+    assert "Data set `discs` (folder" in report and "32x32 RGB, 3 classes (blue, green, red)" \
+        in report
+    assert "digit" not in report.lower() and "Post's FID" not in report
+
+    # Changing one pixel of the data set is another data set: everything is redone.
+    path = next((folder / "red").glob("*.png"))
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(path)
+    assert main(argv) == 0
+    stages = _stages(capsys.readouterr().err)
+    assert stages["classifier"] == stages["vae"] == stages["diffusion"] == "ran"
+
+
+def test_unlabelled_npz_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, _ = _discs(96, seed=1)
+    test, _ = _discs(40, seed=2)
+    path = tmp_path / "discs.npz"
+    np.savez(path, train_images=train, test_images=test)
+    run = tmp_path / "run"
+    argv = ["run", "--preset", "tiny", "--data-dir", str(path), "--run-dir", str(run),
+            "--device", "cpu"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    images, labels = load_samples(run / "samples" / "ddpm.npz")
+    assert images.shape == (24, 32, 32, 3) and labels is None
+    _, labels = load_samples(run / "samples" / "vae-reconstruction.npz")
+    assert labels is None
+    header = json.loads((run / "run.json").read_text())["config"]["classifier"]
+    assert header["task"] == "rotation" and header["num_classes"] == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    for entry in metrics.values():  # rotations are not classes of the data: no class columns
+        assert entry["class_histogram"] is None and "accuracy" not in entry
+        assert entry["fid"] is not None
+    report = (run / "report.md").read_text()
+    assert "rotation-prediction network" in report and "NOT comparable" in report
+    assert not (run / "figures" / "class_histogram.png").exists()
+    # A conditional model needs labels this data set does not have: one line, nothing made.
+    assert main([*argv[:-4], "--run-dir", str(tmp_path / "cond"), "--device", "cpu",
+                 "--conditional"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: a class-conditional model needs a labelled data set"
+    assert not (tmp_path / "cond").exists()
+
+
+def test_config_of_another_data_set_is_refused(folder: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "mnist.toml"
+    assert main(["config", "--preset", "tiny"]) == 0  # MNIST's shape: 28x28x1, 10 classes
+    config.write_text(capsys.readouterr().out)
+    assert main(["run", "--config", str(config), "--data-dir", str(folder), "--run-dir",
+                 str(tmp_path / "run"), "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == ("error: the config is for images 28x28x1, 10 classes but the data set has "
+                    "32x32x3, 3 classes; print one for it with `ldm config --data-dir ...`")
+    assert not (tmp_path / "run").exists()
+    # The config printed for the folder runs on it: same stage keys as the scaled preset.
+    assert main(["config", "--preset", "tiny", "--data-dir", str(folder)]) == 0
+    config.write_text(capsys.readouterr().out)
+    assert "image_size = 32" in config.read_text() and "image_channels = 3" in config.read_text()
