@@ -130,3 +130,21 @@ def test_config_of_another_data_set_is_refused(folder: Path, tmp_path: Path,
     assert main(["config", "--preset", "tiny", "--data-dir", str(folder)]) == 0
     config.write_text(capsys.readouterr().out)
     assert "image_size = 32" in config.read_text() and "image_channels = 3" in config.read_text()
+
+
+def test_conditional_run_on_three_classes(folder: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--conditional", "--data-dir", str(folder),
+                 "--run-dir", str(run), "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    images, labels = load_samples(run / "samples" / "ddpm.npz")
+    assert labels is not None and list(labels) == [i % 3 for i in range(24)]  # balanced over K
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["ddpm"]["fid_per_class"]) == 3
+    grid = np.asarray(Image.open(run / "figures" / "class_grid.png"))
+    assert grid.shape[0] * 10 < grid.shape[1] * 4  # 3 rows of 10 cells: wider than tall
+    assert "FID of classes blue, green, red" in (run / "report.md").read_text()
+    assert main(["sample", "--run-dir", str(run), "--model", "diffusion", "--labels", "3",
+                 "-n", "2", "--out", str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
+    assert "label 3 is not a class of this model (0..2)" in capsys.readouterr().err
