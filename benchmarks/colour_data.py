@@ -2,8 +2,8 @@
 
 Image i is digit i of MNIST padded to 32x32, its strokes in a bright random colour over a dark
 random background (colours drawn per image from `--seed`), so colour, not only shape, must be
-learned. Writes a labelled folder of PNGs (`FOLDER/train/<digit>/*.png`, `FOLDER/test/...`)
-and an unlabelled `.npz` of the same images, and prints a JSON summary.
+learned. Writes a labelled folder of PNGs (`OUT/colour-mnist/train/<digit>/*.png`, `.../test/`)
+and an unlabelled `OUT/colour-mnist.npz` of the same images, and prints a JSON summary.
 
     python benchmarks/colour_data.py --data-dir ../shared/data/mnist --out bench-out/colour
 """
@@ -46,11 +46,12 @@ def main() -> None:
         images = tint(digits[:n], rng)
         arrays[f"{split}_images"] = images
         for i, (image, label) in enumerate(zip(images, labels[:n], strict=True)):
-            folder = args.out / "folder" / split / str(label)
+            folder = args.out / "colour-mnist" / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(folder / f"{i:05d}.png")
-    np.savez(args.out / "unlabelled.npz", **arrays)
-    print(json.dumps({"folder": str(args.out / "folder"), "npz": str(args.out / "unlabelled.npz"),
+    np.savez(args.out / "colour-mnist.npz", **arrays)
+    print(json.dumps({"folder": str(args.out / "colour-mnist"),
+                      "npz": str(args.out / "colour-mnist.npz"),
                       "train": args.train, "test": args.test,
                       "seconds": round(time.perf_counter() - start, 1)}))
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from latentdiffusion.cli import main
 from latentdiffusion.datasets import load_dataset
+from latentdiffusion.evaluation import validation_rows
 from latentdiffusion.metrics import load_samples
 
 CLASSES = ("red", "green", "blue")
@@ -148,3 +149,13 @@ def test_conditional_run_on_three_classes(folder: Path, tmp_path: Path,
     assert main(["sample", "--run-dir", str(run), "--model", "diffusion", "--labels", "3",
                  "-n", "2", "--out", str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
     assert "label 3 is not a class of this model (0..2)" in capsys.readouterr().err
+
+
+def test_validation_rows_are_a_fixed_subset_across_the_classes() -> None:
+    labels = np.repeat(np.arange(10), 100)  # sorted by class, as a folder is read
+    rows = validation_rows(len(labels), 200)
+    assert len(set(rows.tolist())) == 200 and (np.diff(rows) > 0).all()  # distinct, file order
+    assert np.array_equal(rows, validation_rows(len(labels), 200))  # the same every time
+    counts = np.bincount(labels[rows], minlength=10)
+    assert counts.min() >= 10  # every class scored, not the first two
+    assert np.array_equal(validation_rows(50, 200), np.arange(50))  # all when n >= count

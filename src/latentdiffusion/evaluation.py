@@ -69,3 +69,14 @@ def evaluate(dataset: Dataset, run: RunDir, images: np.ndarray,
         classes = class_reference(dataset, run, classifier, device)
         result.update(class_fids(classifier, images, labels, classes, device))
     return result
+
+
+def validation_rows(count: int, n: int) -> np.ndarray:
+    """Indices of the `n` of `count` test images a run scores (the Validation and
+    reconstruction rows): all of them when n >= count, else a fixed random subset in file
+    order, since a data set sorted by class (an image folder) would otherwise be scored on its
+    first classes only."""
+    if n >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(0).choice(count, n, replace=False))
+

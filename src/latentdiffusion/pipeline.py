@@ -226,8 +226,9 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
     n = c.eval_samples
     if c.classifier.task != "labels":  # labels the feature network cannot check
         test_labels = None
-    sets["vae-reconstruction"] = (reconstructions[:n],
-                                  None if test_labels is None else test_labels[:n])
+    rows = evaluation.validation_rows(len(reconstructions), n)
+    sets["vae-reconstruction"] = (reconstructions[rows],
+                                  None if test_labels is None else test_labels[rows])
     timings: dict[str, dict[str, float]] = {}
     for spec in s.samplers:
         start = time.perf_counter()
@@ -268,14 +269,15 @@ def _evaluate_all(run: RunDir, dataset: Dataset, sets: list[str],
 
     for name in sets:
         results[name] = score(*load_samples(run.samples(name)))
-    # The first eval_samples test images, like the reconstruction row: FID is biased upwards
-    # at small N, so Validation must have the N of the rows it is the floor of.
+    # The reconstruction row's eval_samples test images: FID is biased upwards at small N, so
+    # Validation must have the N of the rows it is the floor of.
     test_images, test_labels = dataset.split("test")
     n = eval_samples
     if not data_classes(classifier):
         test_labels = None
-    results["validation"] = score(test_images[:n],
-                                  None if test_labels is None else test_labels[:n])
+    rows = evaluation.validation_rows(len(test_images), n)
+    results["validation"] = score(test_images[rows],
+                                  None if test_labels is None else test_labels[rows])
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
@@ -304,8 +306,9 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
         plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
                                     dataset.class_names, figures / "class_histogram.png")
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
-    plots.save_reconstructions(dataset.test_images, reconstructions,
-                               figures / "reconstructions.png")
+    originals = dataset.test_images[evaluation.validation_rows(len(dataset.test_images),
+                                                               c.eval_samples)]
+    plots.save_reconstructions(originals, reconstructions, figures / "reconstructions.png")
     if c.unet.num_classes:  # one row per requested class, from the first sampler's set
         images, labels = load_samples(run.samples(c.sampling.samplers[0]))
         if labels is not None:

@@ -97,7 +97,8 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
         sweep = {"key": key, "n": num_samples, "seed": seed, "denoisers": {}}
     classifier, reference = evaluation.reference(dataset, run, device)
     if "validation" not in sweep:
-        test_images = dataset.test_images[:num_samples]
+        test_images = dataset.test_images[evaluation.validation_rows(len(dataset.test_images),
+                                                                     num_samples)]
         sweep["validation"] = _scores(evaluate_images(classifier, test_images, reference, None,
                                                       device))
     entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
