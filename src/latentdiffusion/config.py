@@ -255,9 +255,9 @@ class SamplingConfig:
             raise UsageError(f"SamplingConfig.guidance must be >= 0, got {self.guidance}")
         if self.guidance != 1.0 and not self.labels:
             raise UsageError("guidance needs labels to guide towards (--labels)")
-        from .diffusion.guidance import parse_labels
+        from .diffusion.guidance import listed_labels
 
-        parse_labels(self.labels)
+        listed_labels(self.labels)  # the form: the classes are the model's (RunConfig, sample)
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"SamplingConfig.eta must be in [0, 1], got {self.eta}")
         from .diffusion.samplers import parse_sampler  # here: the diffusion package imports config
@@ -300,6 +300,10 @@ class RunConfig:
                              "(classifier.num_classes)")
         if self.sampling.labels and not self.unet.num_classes:
             raise UsageError("sampling.labels needs a class-conditional model (--conditional)")
+        if self.sampling.labels:
+            from .diffusion.guidance import parse_labels
+
+            parse_labels(self.sampling.labels, self.unet.num_classes)  # each a class of its data
 
 
 # The presets' denoiser objective: v-prediction with min-SNR-2, t drawn by importance
