@@ -220,8 +220,8 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
         check_item(path, dims[1:])
     if dims[0] > MAX_IDX_ITEMS:
         raise DataError(f"{path}: its header declares {dims[0]} items, more than the "
-                        f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable "
-                        "MNIST-format file")
+                        f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable IDX "
+                        "file")
     count = math.prod(dims)  # exact: numpy's prod would wrap around past 2**63
     expected = header + count
     if not gz:  # a raw file's size is known without reading it
