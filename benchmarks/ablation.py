@@ -21,8 +21,9 @@ import shutil
 import time
 
 from common import emit, parser, setup
-from latentdiffusion import data, stages
+from latentdiffusion import stages
 from latentdiffusion.config import ObjectiveConfig, RunConfig, SamplingConfig, preset
+from latentdiffusion.datasets import load_dataset
 from latentdiffusion.evaluation import evaluate
 from latentdiffusion.generation import generate
 from latentdiffusion.rundir import RunDir
@@ -72,8 +73,8 @@ def main() -> None:
             p.error("variance_beta samples the baseline's denoiser: add baseline")
         variants = {name: variants[name] for name in variants if name in chosen}
     base = RunDir(args.run_dir)
-    test_images, test_labels = data.load_split(args.data_dir, "test")
-    validation = evaluate(args.data_dir, base, test_images, test_labels, device=device)
+    dataset = load_dataset(args.data_dir)
+    validation = evaluate(dataset, base, *dataset.split("test"), device=device)
     result: dict = {"benchmark": "ablation", "epochs": args.epochs, "n": args.num_samples,
                     "sampler": args.sampler, "validation_fid": validation["fid"]}
     for name, (v, variance) in variants.items():
@@ -84,7 +85,7 @@ def main() -> None:
         if v.latent_norm == config.latent_norm:
             shutil.copy(base.latents, run.latents)
         else:
-            stages.encode(args.data_dir, run, v.latent_mode, v.latent_norm, device=device,
+            stages.encode(dataset, run, v.latent_mode, v.latent_norm, device=device,
                           seed=v.vae_train.seed)
         start = time.perf_counter()
         if name != "variance_beta":  # same denoiser as the baseline, other sampler variance
@@ -99,7 +100,7 @@ def main() -> None:
             images = generate(run, "diffusion", args.num_samples, seed=1, sampler=sampler,
                               sampling=SamplingConfig(variance=variance), device=device,
                               progress=False)
-            m = evaluate(args.data_dir, base, images, None, device=device)
+            m = evaluate(dataset, base, images, None, device=device)
             scores[sampler] = {"fid": m["fid"], "fid_over_validation": m["fid"] / validation["fid"],
                                "class_entropy_bits": m["class_entropy_bits"],
                                "precision": m["precision"], "recall": m["recall"]}

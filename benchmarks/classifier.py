@@ -11,6 +11,7 @@ import time
 from common import emit, parser, setup
 from latentdiffusion import stages
 from latentdiffusion.config import preset
+from latentdiffusion.datasets import load_dataset
 from latentdiffusion.rundir import RunDir
 
 
@@ -19,8 +20,8 @@ def main() -> None:
     device = setup(args)
     config = preset(args.preset)
     start = time.perf_counter()
-    header = stages.train_classifier(args.data_dir, RunDir(args.run_dir), config.classifier,
-                                     config.classifier_train, device=device,
+    header = stages.train_classifier(load_dataset(args.data_dir), RunDir(args.run_dir),
+                                     config.classifier, config.classifier_train, device=device,
                                      progress=False).header
     seconds = time.perf_counter() - start
     emit({"benchmark": "classifier", "preset": args.preset, "seconds": seconds,

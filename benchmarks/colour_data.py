@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from latentdiffusion import data
+from latentdiffusion.datasets import load_dataset
 
 
 def tint(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -40,9 +40,10 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
+    mnist = load_dataset(args.data_dir, "mnist")
     arrays = {}
     for split, n in (("train", args.train), ("test", args.test)):
-        digits, labels = data.load_split(args.data_dir, split)  # type: ignore[arg-type]
+        digits, labels = mnist.split(split)  # type: ignore[arg-type]
         images = tint(digits[:n], rng)
         arrays[f"{split}_images"] = images
         for i, (image, label) in enumerate(zip(images, labels[:n], strict=True)):

@@ -16,8 +16,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import emit, parser, setup
-from latentdiffusion import data, stages
+from latentdiffusion import stages
 from latentdiffusion.config import SamplingConfig, preset
+from latentdiffusion.datasets import load_dataset
 from latentdiffusion.evaluation import evaluate
 from latentdiffusion.generation import generate
 from latentdiffusion.models import UNet
@@ -46,12 +47,13 @@ def main() -> None:
     if args.epochs:
         train_config = dataclasses.replace(train_config, epochs=args.epochs)
     run = RunDir(args.run_dir)
+    dataset = load_dataset(args.data_dir)
     result: dict = {"benchmark": "diffusion", "preset": args.preset,
                     "unet_parameters": sum(p.numel() for p in UNet(config.unet).parameters()),
                     "unet_flops_per_sample_step": unet_flops(config.unet)}
     if not args.skip_train:
         start = time.perf_counter()
-        stages.encode(args.data_dir, run, config.latent_mode, config.latent_norm, device=device,
+        stages.encode(dataset, run, config.latent_mode, config.latent_norm, device=device,
                       seed=config.vae_train.seed)
         result["encode_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -59,15 +61,14 @@ def main() -> None:
                                         train_config, device=device, progress=False).header
         result["train_seconds"] = time.perf_counter() - start
         result["history"] = header["history"]
-    test_images, test_labels = data.load_split(args.data_dir, "test")
-    validation = evaluate(args.data_dir, run, test_images, test_labels, device=device)
+    validation = evaluate(dataset, run, *dataset.split("test"), device=device)
     result["validation_fid"] = validation["fid"]
     for spec in args.samplers.split(","):
         start = time.perf_counter()
         images = generate(run, "diffusion", args.num_samples, seed=1, sampler=spec,
                                  sampling=SamplingConfig(), device=device, progress=False)
         seconds = time.perf_counter() - start
-        m = evaluate(args.data_dir, run, images, None, device=device)
+        m = evaluate(dataset, run, images, None, device=device)
         result[spec] = {"n": m["n"], "fid": m["fid"], "fid_over_validation":
                         m["fid"] / validation["fid"], "kid_mean": m["kid_mean"],
                         "precision": m["precision"], "recall": m["recall"],

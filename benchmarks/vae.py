@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 
 from common import emit, parser, setup
-from latentdiffusion import data, stages
+from latentdiffusion import stages
 from latentdiffusion.config import preset
+from latentdiffusion.datasets import load_dataset
 from latentdiffusion.evaluation import evaluate
 from latentdiffusion.generation import generate, reconstruct
 from latentdiffusion.metrics import random_images
@@ -26,28 +27,27 @@ def main() -> None:
     device = setup(args)
     config = preset(args.preset)
     run = RunDir(args.run_dir)
+    dataset = load_dataset(args.data_dir)
     start = time.perf_counter()
     if not args.skip_train:
-        stages.train_vae(args.data_dir, run, config.vae, config.vae_train, device=device,
+        stages.train_vae(dataset, run, config.vae, config.vae_train, device=device,
                          progress=False)
     train_seconds = time.perf_counter() - start
-    test_images, test_labels = data.load_split(args.data_dir, "test")
-    train_images = data.load_split(args.data_dir, "train")[0]
-    recon, labels = reconstruct(args.data_dir, run, "test", device=device)
+    recon, labels = reconstruct(dataset, run, "test", device=device)
     prior = generate(run, "vae", 10_000, seed=1, device=device, progress=False)
 
     def score(images, labels=None):  # type: ignore[no-untyped-def]
-        m = evaluate(args.data_dir, run, images, labels, device=device)
+        m = evaluate(dataset, run, images, labels, device=device)
         return {k: m[k] for k in ("n", "fid", "kid_mean", "precision", "recall", "accuracy",
                                   "class_entropy_bits") if k in m}
 
-    validation = score(test_images, test_labels)
+    validation = score(dataset.test_images, dataset.test_labels)
     reconstruction = score(recon, labels)
     emit({"benchmark": "vae", "preset": args.preset, "train_seconds": train_seconds,
           "bar_seconds": 240, "validation": validation, "reconstruction": reconstruction,
           "reconstruction_fid_over_validation": reconstruction["fid"] / validation["fid"],
           "bar_fid_ratio": 2.0, "bar_reconstruction_accuracy": 0.985,
-          "prior": score(prior), "random": score(random_images(train_images, 10_000, 1))})
+          "prior": score(prior), "random": score(random_images(dataset.train_images, 10_000, 1))})
 
 
 if __name__ == "__main__":

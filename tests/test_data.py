@@ -1,4 +1,7 @@
-"""IDX reading and validation, data-dir resolution, verify and download (local file:// only)."""
+"""IDX reading and validation, data-dir resolution, verify and download (local file:// only).
+
+An IDX directory is read as every stage reads it, through `load_dataset`; the tests of one
+split's files use `read_split`, the IDX reader itself."""
 
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from latentdiffusion.data import (
     IMAGE_MAGIC,
     LABEL_MAGIC,
     SPLIT_FILES,
-    load_split,
     read_idx,
+    read_split,
     resolve_data_dir,
     write_idx,
 )
+from latentdiffusion.datasets import load_dataset
 from latentdiffusion.errors import DataError, UsageError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -55,20 +59,24 @@ def test_idx_round_trip(tmp_path: Path, gz: bool) -> None:
 
 
 @pytest.mark.parametrize("gz", [True, False])
-def test_load_split_shapes_and_dtypes(tmp_path: Path, gz: bool) -> None:
+def test_idx_dataset_shapes_and_dtypes(tmp_path: Path, gz: bool) -> None:
     root = write_dataset(tmp_path / "d", n_train=30, n_test=20, gz=gz)
-    images, labels = load_split(root, "train")
+    dataset = load_dataset(root)
+    images, labels = dataset.split("train")
     expected_images, expected_labels = synthetic_digits(30, seed=0)
     assert images.shape == (30, 28, 28) and images.dtype == np.uint8
-    assert labels.dtype == np.int64
+    assert labels is not None and labels.dtype == np.int64
     np.testing.assert_array_equal(images, expected_images)
     np.testing.assert_array_equal(labels, expected_labels)
-    assert load_split(root, "test")[0].shape == (20, 28, 28)
+    assert dataset.split("test")[0].shape == (20, 28, 28)
+    assert (dataset.source, dataset.class_names) == ("idx", tuple("0123456789"))
 
 
-def test_load_split_rejects_unknown_split(data_dir: Path) -> None:
-    with pytest.raises(UsageError, match="valid"):
-        load_split(data_dir, "valid")  # type: ignore[arg-type]
+@pytest.mark.parametrize("read", [lambda root: load_dataset(root).split("valid"),
+                                  lambda root: read_split(root, "valid")])
+def test_unknown_split_is_a_usage_error(data_dir: Path, read) -> None:
+    with pytest.raises(UsageError, match="unknown split 'valid'"):
+        read(data_dir)
 
 
 def test_unit_tensor_and_uint8_are_inverse() -> None:
@@ -86,16 +94,16 @@ def test_unit_tensor_and_uint8_are_inverse() -> None:
 def test_missing_data_dir_names_it(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError, match="does not exist") as err:
-        load_split(missing, "train")
+        load_dataset(missing)
     assert str(missing) in str(err.value) and "--data-dir" in str(err.value)
 
 
 def test_missing_one_file_names_it(data_dir: Path) -> None:
     (data_dir / f"{TRAIN_LABELS}.gz").unlink()
     with pytest.raises(DataError, match="is missing") as err:
-        load_split(data_dir, "train")
+        load_dataset(data_dir)
     assert str(data_dir / f"{TRAIN_LABELS}.gz") in str(err.value)
-    assert load_split(data_dir, "test")[0].shape == (40, 28, 28)  # the other split still loads
+    assert read_split(data_dir, "test")[0].shape == (40, 28, 28)  # the other split's files read
 
 
 def test_truncated_gzip(data_dir: Path) -> None:
@@ -103,7 +111,7 @@ def test_truncated_gzip(data_dir: Path) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="truncated or corrupt gzip") as err:
-        load_split(data_dir, "train")
+        load_dataset(data_dir)
     assert str(path) in str(err.value)
 
 
@@ -113,7 +121,7 @@ def test_garbled_gzip(data_dir: Path) -> None:
     raw[len(raw) // 2] ^= 0xFF  # corrupt deflate data or its CRC
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError) as err:
-        load_split(data_dir, "train")
+        load_dataset(data_dir)
     assert str(path) in str(err.value)
 
 
@@ -121,7 +129,7 @@ def test_labels_where_images_are_expected(data_dir: Path) -> None:
     path = data_dir / f"{TRAIN_IMAGES}.gz"
     write_idx(path, np.zeros(96, dtype=np.uint8))  # a label file under the image name
     with pytest.raises(DataError, match=f"wrong magic number {LABEL_MAGIC}") as err:
-        load_split(data_dir, "train")
+        load_dataset(data_dir)
     assert str(path) in str(err.value)
 
 
@@ -132,7 +140,7 @@ def test_patched_magic_byte(tmp_path: Path) -> None:
     raw[2] = 0x0D  # data type byte: 0x08 (uint8) -> 0x0d (float32)
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="wrong magic number") as err:
-        load_split(root, "train")
+        load_dataset(root)
     assert str(path) in str(err.value)
 
 
@@ -143,7 +151,7 @@ def test_size_not_matching_header(tmp_path: Path, change: int) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[:change] if change < 0 else raw + b"\0")
     with pytest.raises(DataError, match="does not match its header") as err:
-        load_split(root, "train")
+        load_dataset(root)
     message = str(err.value)
     assert str(path) in message and "10x28x28" in message and str(len(raw) + change) in message
 
@@ -154,26 +162,44 @@ def test_file_cut_inside_the_header(tmp_path: Path, size: int) -> None:
     path = root / TRAIN_IMAGES
     path.write_bytes(path.read_bytes()[:size])  # 12 bytes: magic and 2 of the 3 dimensions
     with pytest.raises(DataError) as err:
-        load_split(root, "train")
+        load_dataset(root)
     assert str(path) in str(err.value)
 
 
 def test_image_label_count_mismatch(data_dir: Path) -> None:
     write_idx(data_dir / f"{TRAIN_LABELS}.gz", np.zeros(95, dtype=np.uint8))
     with pytest.raises(DataError, match="96 images but .* 95 labels") as err:
-        load_split(data_dir, "train")
+        load_dataset(data_dir)
     assert str(data_dir / f"{TRAIN_IMAGES}.gz") in str(err.value)
     assert str(data_dir / f"{TRAIN_LABELS}.gz") in str(err.value)
 
 
-def test_wrong_image_size_and_label_range(data_dir: Path) -> None:
-    write_idx(data_dir / f"{TRAIN_IMAGES}.gz", np.zeros((96, 32, 32), dtype=np.uint8))
-    with pytest.raises(DataError, match="expected 28x28"):
-        load_split(data_dir, "train")
-    write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", np.full(40, 10, dtype=np.uint8))
-    with pytest.raises(DataError, match="labels must be 0..9, found 10") as err:
-        load_split(data_dir, "test")
-    assert "t10k-labels-idx1-ubyte.gz" in str(err.value)
+def test_idx_image_sizes(data_dir: Path) -> None:
+    # Any square side the models take (a multiple of 4 in 16..64), the same in both splits.
+    for split, n in (("train", 96), ("t10k", 40)):
+        write_idx(data_dir / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 32, 32), np.uint8))
+    assert load_dataset(data_dir).image_size == 32
+    path = data_dir / f"{TRAIN_IMAGES}.gz"
+    write_idx(path, np.zeros((96, 30, 30), dtype=np.uint8))
+    with pytest.raises(DataError) as err:  # refused from the header, before the pixels
+        load_dataset(data_dir)
+    assert str(err.value) == (f"{path}: images are 30x30; they must be square, with a side "
+                              "that is a multiple of 4 from 16 to 64")
+    write_idx(path, np.zeros((96, 28, 28), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"test images are \(32, 32\), train images \(28, 28\); "
+                                        "both splits must match"):
+        load_dataset(data_dir)
+
+
+def test_idx_labels_beyond_the_class_list(data_dir: Path) -> None:
+    labels = np.arange(40, dtype=np.uint8) % 11
+    write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", labels)
+    # An unregistered directory takes its classes from its labels: 0..10 are 11 classes.
+    assert load_dataset(data_dir).class_names == tuple(str(k) for k in range(11))
+    # Read as MNIST, whose registry lists 10 classes, label 10 has no class.
+    with pytest.raises(DataError) as err:
+        load_dataset(data_dir, "mnist")
+    assert str(err.value) == f"{data_dir} (idx): test labels must be in 0..9, found 10"
 
 
 # ---------------------------------------------------------------- data dir
@@ -196,9 +222,10 @@ def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert resolve_data_dir(None) == tmp_path / "home" / ".cache" / "latentdiffusion" / "mnist"
 
 
-def test_load_split_uses_env_data_dir(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_dataset_uses_env_data_dir(data_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(data.DATA_DIR_ENV, str(data_dir))
-    assert load_split(None, "test")[0].shape == (40, 28, 28)
+    assert load_dataset(None).test_images.shape == (40, 28, 28)
 
 
 # ---------------------------------------------------------------- verify

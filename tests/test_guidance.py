@@ -3,6 +3,7 @@ labels that depend on the sample index alone, and the conditional run end to end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -14,7 +15,16 @@ import torch
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.config import CONDITIONAL_GUIDANCE, TrainConfig, UNetConfig
+from latentdiffusion.config import (
+    CONDITIONAL_GUIDANCE,
+    ImageShape,
+    SamplingConfig,
+    TrainConfig,
+    UNetConfig,
+    conditional,
+    for_images,
+    preset,
+)
 from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import guided, labels_for, parse_labels, with_labels
@@ -218,15 +228,34 @@ def test_guided_oracle_moves_towards_the_requested_point() -> None:
 
 
 def test_labels_depend_on_the_index_alone() -> None:
-    assert labels_for("balanced", range(12)) == [*range(10), 0, 1]
-    assert labels_for("balanced", [13, 4]) == [3, 4]
-    assert labels_for("0,1,2", range(5)) == [0, 1, 2, 0, 1]
-    assert labels_for("7", range(3)) == [7, 7, 7]
-    assert parse_labels("") == ()
-    for bad, match in (("11", "label 11 is not a class"), ("seven", "comma-separated digits"),
-                       ("-1", "label -1")):
+    assert labels_for("balanced", range(12), 10) == [*range(10), 0, 1]
+    assert labels_for("balanced", [13, 4], 10) == [3, 4]
+    assert labels_for("balanced", range(14), 12) == [*range(12), 0, 1]
+    assert labels_for("0,1,2", range(5), 10) == [0, 1, 2, 0, 1]
+    assert labels_for("7", range(3), 10) == [7, 7, 7]
+    assert parse_labels("", 10) == ()
+    for bad, match in (("11", r"label 11 is not a class of this model \(0..9\)"),
+                       ("seven", "comma-separated class indices"),
+                       ("-1", "label -1 is not a class: classes count from 0")):
         with pytest.raises(UsageError, match=match):
-            parse_labels(bad)
+            parse_labels(bad, 10)
+
+
+def test_labels_are_checked_against_the_classes_of_the_data_set() -> None:
+    # A sampling config alone does not know the classes: it checks the form of its labels.
+    assert SamplingConfig(labels="15").labels == "15"
+    with pytest.raises(UsageError, match="comma-separated class indices"):
+        SamplingConfig(labels="seven")
+    # A run config does: its conditional model takes the data set's classes.
+    for classes, ok in ((20, True), (10, False)):
+        config = conditional(for_images(preset("tiny"), ImageShape(28, 1, classes)))
+        sampling = SamplingConfig(labels="15", guidance=config.sampling.guidance)
+        if ok:
+            assert dataclasses.replace(config, sampling=sampling).sampling.labels == "15"
+        else:
+            with pytest.raises(UsageError, match=r"label 15 is not a class of this model "
+                                                 r"\(0..9\)"):
+                dataclasses.replace(config, sampling=sampling)
 
 
 # ---------------------------------------------------------------- the CLI, end to end
@@ -274,6 +303,9 @@ def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
                  str(out), "--device", "cpu", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["guidance"] == 3.0
     assert list(load_samples(out)[1]) == [7] * 5  # type: ignore[arg-type]
+    assert_fails(capsys, 2, "sample", "--run-dir", run, "--model", "diffusion", "--labels", "10",
+                 "--out", tmp_path / "tens.npz", "--device", "cpu",
+                 match="label 10 is not a class of this model (0..9)")
     assert main(["evaluate", "--samples", str(out), *common, "--quiet"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert "accuracy" in scores and scores["fid_per_class"][7] is not None
@@ -311,8 +343,10 @@ SAMPLE = ["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "2",
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    (["--labels", "11"], "error: label 11 is not a class of this model (0..9)"),
-    (["--labels", "seven"], "error: labels: expected 'balanced' or comma-separated digits"),
+    (["--labels", "-1"], "error: label -1 is not a class: classes count from 0"),
+    (["--labels", "seven"], "error: labels: expected 'balanced' or comma-separated class "
+                            "indices"),
+    (["--labels", "11"], "error: labels and guidance need a class-conditional model, and "),
     (["--guidance", "2"], "error: guidance needs labels to guide towards (--labels)"),
     (["--labels", "7", "--guidance", "-1"], "error: SamplingConfig.guidance must be >= 0"),
     (["--labels", "7"], "error: labels and guidance need a class-conditional model, and "),

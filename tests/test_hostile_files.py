@@ -21,6 +21,7 @@ import torch
 from latentdiffusion import checkpoint, metrics
 from latentdiffusion.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from latentdiffusion.errors import CheckpointError, DataError
+from latentdiffusion.fileio import npz_headers
 from latentdiffusion.metrics import load_samples
 from test_cli_errors import CPU, assert_fails
 
@@ -129,6 +130,25 @@ def _npz_declaring(path: Path, shape: tuple[int, ...], data: bytes, descr: str =
                                                   "shape": shape})
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("images.npy", header.getvalue() + data)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_headers_name_shape_and_dtype_of_each_array(tmp_path: Path, save) -> None:
+    path = tmp_path / "arrays.npz"
+    save(path, images=np.zeros((3, 5, 5, 3), np.uint8), labels=np.arange(3, dtype=np.int64),
+         names=np.array(["a", "bc"]), scalar=np.float32(1.0))
+    assert npz_headers(path) == {"images": ((3, 5, 5, 3), np.dtype(np.uint8)),
+                                 "labels": ((3,), np.dtype(np.int64)),
+                                 "names": ((2,), np.dtype("<U2")),
+                                 "scalar": ((), np.dtype(np.float32))}
+
+
+def test_npz_headers_refuse_a_header_that_does_not_fit_its_member(tmp_path: Path) -> None:
+    path = tmp_path / "short.npz"
+    _npz_declaring(path, (4, 28, 28), bytes(3 * 784))  # one image short
+    with pytest.raises(DataError, match=r"images.npy declares \(4, 28, 28\) uint8 \(3264 bytes\) "
+                                        "but holds 2480 bytes; the file is corrupt"):
+        npz_headers(path)
 
 
 def test_npz_declaring_a_billion_images(capsys: pytest.CaptureFixture[str],

@@ -126,8 +126,8 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", help="the denoiser's objective: vp (the post's) or flow "
                                        "(flow matching; default: the preset's)")
     p.add_argument("--conditional", action="store_true",
-                   help="a class-conditional denoiser; its sets are balanced over the digits "
-                        "and guided")
+                   help="a class-conditional denoiser; its sets are balanced over the "
+                        "classes and guided")
     p.add_argument("--guidance", type=float, metavar="S",
                    help=f"with --conditional: the sets' guidance scale (default "
                         f"{CONDITIONAL_GUIDANCE:g})")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global (one 1/std factor) or channel (standardise each channel)")
     p.add_argument("--seed", type=seed_value, default=0)
 
-    p = sub.add_parser("sample", help="generate digits into a samples .npz", formatter_class=fmt)
+    p = sub.add_parser("sample", help="generate images into a samples .npz", formatter_class=fmt)
     _common(p)
     p.add_argument("--model", required=True, choices=("vae", "diffusion"))
     p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLERS)}, or NAME-STEPS")
@@ -204,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=500)
     p.add_argument("--reconstruct", metavar="SPLIT", help="vae only: reconstruct train or test")
     p.add_argument("--labels", default="", metavar="Y",
-                   help="conditional diffusion only: a digit (7), a list cycled over the "
-                        "samples (0,1,2) or 'balanced' (sample i draws i mod 10); written "
-                        "into the .npz")
+                   help="conditional diffusion only: a class index (7), a list cycled over "
+                        "the samples (0,1,2) or 'balanced' (sample i draws class i mod K, of "
+                        "the model's K); written into the .npz")
     p.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale: 1 unguided, 0 unconditional, "
                         "> 1 closer to the label")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .metrics import _BAD_NPZ, FeatureStats, classify_shard, data_classes, frechet_distance
+from .fileio import BAD_NPZ, write_npz
+from .metrics import FeatureStats, classify_shard, data_classes, frechet_distance
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,6 @@ class ClassReference:
     classifier_hash: str
 
     def save(self, path: Path) -> None:
-        from .fileio import write_npz
-
         write_npz(path, counts=self.counts, means=self.means, covs=self.covs,
                   classifier_hash=np.array(self.classifier_hash))
 
@@ -42,7 +41,7 @@ class ClassReference:
                 if str(f["classifier_hash"]) != classifier_hash:
                     return None
                 return cls(f["counts"], f["means"], f["covs"], classifier_hash)
-        except (OSError, KeyError, ValueError, TypeError, *_BAD_NPZ):
+        except (OSError, KeyError, ValueError, TypeError, *BAD_NPZ):
             return None
 
 

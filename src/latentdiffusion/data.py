@@ -180,27 +180,26 @@ class Digest(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
 
 
-def read_idx(path: Path, magic: int, item_shape: tuple[int, ...] | None = None, *,
+def read_idx(path: Path, magic: int, *,
              check_item: Callable[[Path, tuple[int, ...]], None] | None = None,
              digest: Digest | None = None) -> np.ndarray:
     """Read one IDX file (gzipped or raw), checking magic number, dimensions and size.
 
-    The header is checked before any data is read (the item shape when given, `check_item`
-    on it, at most MAX_IDX_ITEMS items), and exactly the bytes it declares are read from the
-    stream, so a file that is huge, or decompresses to far more than it says, never fills the
-    memory. `digest` is updated with every decompressed byte, header included.
+    The header is checked before any data is read (`check_item` on the item shape, at most
+    MAX_IDX_ITEMS items), and exactly the bytes it declares are read from the stream, so a
+    file that is huge, or decompresses to far more than it says, never fills the memory.
+    `digest` is updated with every decompressed byte, header included.
     """
     gz = path.suffix == ".gz"
     try:
         with gzip.open(path, "rb") if gz else open(path, "rb") as stream:
-            return _read_idx_stream(path, stream, magic, item_shape, check_item, digest, gz)
+            return _read_idx_stream(path, stream, magic, check_item, digest, gz)
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise DataError(f"{path}: truncated or corrupt gzip ({err}); delete it and run "
                         "`ldm data download`") from None
 
 
 def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
-                     item_shape: tuple[int, ...] | None,
                      check_item: Callable[[Path, tuple[int, ...]], None] | None,
                      digest: Digest | None, gz: bool) -> np.ndarray:
     head = stream.read(4)
@@ -217,15 +216,12 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
         raise DataError(f"{path}: size {4 + len(raw_dims)} bytes is shorter than its "
                         f"{header}-byte header; the file is truncated")
     dims = struct.unpack(f">{ndim}I", raw_dims)
-    if item_shape is not None and dims[1:] != item_shape:
-        raise DataError(f"{path}: images are {'x'.join(map(str, dims[1:]))}, expected "
-                        f"{'x'.join(map(str, item_shape))}")
     if check_item is not None:
         check_item(path, dims[1:])
     if dims[0] > MAX_IDX_ITEMS:
         raise DataError(f"{path}: its header declares {dims[0]} items, more than the "
-                        f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable "
-                        "MNIST-format file")
+                        f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable IDX "
+                        "file")
     count = math.prod(dims)  # exact: numpy's prod would wrap around past 2**63
     expected = header + count
     if not gz:  # a raw file's size is known without reading it
@@ -254,7 +250,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
-def read_split(root: Path, split: Split, item_shape: tuple[int, ...] | None = None, *,
+def read_split(root: Path, split: Split, *,
                check_item: Callable[[Path, tuple[int, ...]], None] | None = None,
                digests: dict[Path, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels, both uint8 as stored, of one split's IDX files in `root`.
@@ -266,7 +262,7 @@ def read_split(root: Path, split: Split, item_shape: tuple[int, ...] | None = No
     image_stem, label_stem = SPLIT_FILES[split]
     image_path, label_path = find_idx_file(root, image_stem), find_idx_file(root, label_stem)
     image_md5, label_md5 = hashlib.md5(), hashlib.md5()
-    images = read_idx(image_path, IMAGE_MAGIC, item_shape, check_item=check_item,
+    images = read_idx(image_path, IMAGE_MAGIC, check_item=check_item,
                       digest=image_md5 if digests is not None else None)
     labels = read_idx(label_path, LABEL_MAGIC, digest=label_md5 if digests is not None else None)
     if digests is not None:
@@ -275,17 +271,6 @@ def read_split(root: Path, split: Split, item_shape: tuple[int, ...] | None = No
         raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
                         f"{len(labels)} labels; one of them is from another release")
     return images, labels
-
-
-def load_split(data_dir: str | os.PathLike[str] | None,
-               split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N, 28, 28) and labels int64 (N,) of one MNIST-format split."""
-    root = resolve_data_dir(data_dir)
-    images, labels = read_split(root, split, item_shape=(28, 28))
-    if labels.size and labels.max() > 9:
-        label_path = find_idx_file(root, SPLIT_FILES[split][1])
-        raise DataError(f"{label_path}: labels must be 0..9, found {labels.max()}")
-    return images, labels.astype(np.int64)
 
 
 def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Crash-safe file writes (temp file, fsync, rename) and the one-writer lock of a run directory."""
+"""Crash-safe file writes (temp file, fsync, rename), the one-writer lock of a run directory
+and the .npy headers of an .npz, read before its arrays are."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import logging
 import math
 import os
 import socket
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import LdmError
+from .errors import DataError, LdmError
 
 try:
     import fcntl
@@ -24,6 +27,10 @@ except ImportError:  # Windows: the O_EXCL protocol alone, see run_dir_lock
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
+# What np.load (and npz_headers) raise for a truncated or garbled .npz besides OSError /
+# ValueError (zipfile: RuntimeError for an encrypted member, NotImplementedError for an unknown
+# compression).
+BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -121,6 +128,33 @@ def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     atomic_write(path, buffer.getvalue())
+
+
+def npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
+
+    Each header is checked against the size the zip records for its member, so a header that
+    declares a billion images is refused (DataError) before numpy allocates them. A file that
+    is not a zip, or a garbled one, raises OSError, ValueError or one of BAD_NPZ: callers say
+    what the file should have been.
+    """
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{member.filename}: .npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                declared = f.tell() + math.prod(shape) * dtype.itemsize
+            if declared != member.file_size:
+                raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
+                                f"({declared} bytes) but holds {member.file_size} bytes; the "
+                                "file is corrupt")
+            arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
+    return arrays
 
 
 def _pid_alive(pid: int) -> bool:

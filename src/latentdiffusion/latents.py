@@ -37,7 +37,7 @@ class LatentSet:
     scale: tuple[float, ...]  # (C,)
     vae_hash: str
     mode: LatentMode
-    # (N,) int64 digit labels of each split, for class-conditional models; None in caches
+    # (N,) int64 class labels of each split, for class-conditional models; None in caches
     # written before labels were kept
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
@@ -76,7 +76,8 @@ def statistics(train: torch.Tensor, norm: LatentNorm) -> tuple[tuple[float, ...]
 @torch.no_grad()
 def encode_images(vae: VAE, images: np.ndarray, mode: LatentMode, seed: int,
                   device: torch.device, batch_size: int = 1000) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> latents (N, C, S, S): posterior means or one posterior sample."""
+    """uint8 (N, H, W) or (N, H, W, 3) -> latents (N, C, S, S): posterior means or one posterior
+    sample."""
     vae.eval()
     out = []
     for i, start in enumerate(range(0, len(images), batch_size)):

@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import stat
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +23,13 @@ from torch import nn
 from . import distributed as dist
 from .data import to_unit_tensor
 from .errors import DataError
+from .fileio import BAD_NPZ, npz_headers, write_npz
 
 log = logging.getLogger(__name__)
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
 PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
 # Images one samples file may hold: evaluation keeps them and their features in memory.
 MAX_SAMPLES = 1_000_000
-# What np.load raises for a truncated or garbled .npz besides OSError / ValueError (zipfile:
-# RuntimeError for an encrypted member, NotImplementedError for an unknown compression).
-_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -141,8 +137,6 @@ class Reference:
     classifier_hash: str
 
     def save(self, path: Path) -> None:
-        from .fileio import write_npz
-
         write_npz(path, n=np.array(self.stats.n), mean=self.stats.mean, cov=self.stats.cov,
                   subset=self.subset, classifier_hash=np.array(self.classifier_hash))
 
@@ -154,7 +148,7 @@ class Reference:
                     return None
                 stats = FeatureStats(int(f["n"]), f["mean"], f["cov"])
                 return cls(stats, f["subset"], classifier_hash)
-        except (OSError, KeyError, ValueError, TypeError, *_BAD_NPZ):  # TypeError: a .npy
+        except (OSError, KeyError, ValueError, TypeError, *BAD_NPZ):  # TypeError: a .npy
             return None
 
 
@@ -265,36 +259,14 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     return result
 
 
-def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
-
-    Each header is checked against the size the zip records for its member, so a header
-    that declares a billion images is refused before numpy allocates them.
-    """
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:  # FileNotFoundError / IsADirectoryError: the caller's
-            magic = f.read(6)
-        if magic == b"\x93NUMPY":
-            raise DataError(f"{path} is a single .npy array; save samples with "
-                            "np.savez(path, images=...)")
-        raise DataError(f"{path} is not a readable .npz samples file (not a zip archive)")
-    arrays = {}
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.infolist():
-            with archive.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"{member.filename}: .npy format version {version}")
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
-                declared = f.tell() + math.prod(shape) * dtype.itemsize
-            if declared != member.file_size:
-                raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
-                                f"({declared} bytes) but holds {member.file_size} bytes; the "
-                                "file is corrupt")
-            arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
-    return arrays
+def _not_npz(path: Path) -> DataError:
+    """Why a file that is not a zip archive is no samples file."""
+    with open(path, "rb") as f:  # FileNotFoundError: load_samples says so in its own line
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        return DataError(f"{path} is a single .npy array; save samples with "
+                         "np.savez(path, images=...)")
+    return DataError(f"{path} is not a readable .npz samples file (not a zip archive)")
 
 
 def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
@@ -327,14 +299,16 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"{path} is not a regular file (a directory, device or pipe); pass a "
                         ".npz samples file")
     try:
-        arrays = _npz_arrays(path)
+        if not zipfile.is_zipfile(path):
+            raise _not_npz(path)
+        arrays = npz_headers(path)
         _check_samples(path, arrays)
         with np.load(path, allow_pickle=False) as f:
             images = f["images"]
             labels = f["labels"] if "labels" in arrays else None
     except FileNotFoundError:
         raise DataError(f"samples file {path} does not exist") from None
-    except (OSError, ValueError, *_BAD_NPZ) as err:
+    except (OSError, ValueError, *BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
     if labels is not None:
         if labels.min() < 0:

@@ -111,10 +111,9 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, Any],
           records: dict[str, Any], headers: dict[str, dict[str, Any]],
           sweep: dict[str, Any] | None = None,
-          guidance: dict[str, Any] | None = None,
-          dataset: dict[str, Any] | None = None) -> None:
+          guidance: dict[str, Any] | None = None, *,
+          dataset: dict[str, Any]) -> None:
     """`dataset`: the data set's `describe()` (run.json's "data")."""
-    dataset = dataset or {"name": "mnist", "class_names": [str(d) for d in range(10)]}
     name, class_names = dataset["name"], list(dataset.get("class_names") or [])
     images = "images"
     post = name == "mnist"  # the post's figures are of MNIST: beside no other data set's

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import struct
 import zipfile
 import zlib
@@ -22,6 +21,7 @@ from PIL import Image
 
 from .data import MAX_IDX_ITEMS, image_shape_problem
 from .errors import DataError
+from .fileio import BAD_NPZ, npz_headers
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -31,9 +31,6 @@ MAX_CLASSES = 10_000  # a bound on the class names made up for labels 0..max
 NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names")
 NPZ_EXPECTED = ("an .npz holds uint8 train_images and test_images, (N, H, W) or (N, H, W, 3), "
                 "and optionally integer train_labels, test_labels (N,) and class_names (str)")
-# What a truncated or garbled .npz raises besides OSError / ValueError (zipfile: RuntimeError
-# for an encrypted member, NotImplementedError for an unknown compression).
-_BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 # What Pillow raises for a corrupt or hostile image besides OSError (UnidentifiedImageError).
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
               Image.DecompressionBombError)
@@ -179,7 +176,12 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 def read_npz(path: Path) -> Splits:
     """The arrays of an .npz dataset, their dtypes and shapes checked before they are loaded."""
-    headers = _npz_headers(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is not a zip archive; {NPZ_EXPECTED} (np.savez)")
+        headers = npz_headers(path)
+    except (OSError, ValueError, *BAD_NPZ) as err:
+        raise DataError(f"{path} is not a readable .npz ({err})") from None
     unknown = sorted(set(headers) - set(NPZ_KEYS))
     missing = [key for key in ("train_images", "test_images") if key not in headers]
     if unknown or missing:
@@ -209,7 +211,7 @@ def read_npz(path: Path) -> Splits:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {key: f[key] for key in headers}
-    except (OSError, ValueError, *_BAD_NPZ) as err:
+    except (OSError, ValueError, *BAD_NPZ) as err:
         raise DataError(f"{path} is not a readable .npz ({err})") from None
     train_labels, test_labels = arrays.get("train_labels"), arrays.get("test_labels")
     class_names: tuple[str, ...] = ()
@@ -232,34 +234,3 @@ def read_npz(path: Path) -> Splits:
 def _int64(labels: np.ndarray | None) -> np.ndarray | None:
     """Labels of an unusable dataset, int64 for `Dataset` to refuse with its own message."""
     return None if labels is None else labels.astype(np.int64)
-
-
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
-
-    Each header is checked against the size the zip records for its member, so a header
-    that declares a billion images is refused before numpy allocates them (the same check as
-    `metrics.load_samples`).
-    """
-    try:
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"{path} is not a zip archive; {NPZ_EXPECTED} (np.savez)")
-        arrays = {}
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                with archive.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version not in ((1, 0), (2, 0)):
-                        raise ValueError(f"{member.filename}: .npy format version {version}")
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                    declared = f.tell() + math.prod(shape) * dtype.itemsize
-                if declared != member.file_size:
-                    raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
-                                    f"({declared} bytes) but holds {member.file_size} bytes; "
-                                    "the file is corrupt")
-                arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
-    except (OSError, ValueError, *_BAD_NPZ) as err:
-        raise DataError(f"{path} is not a readable .npz ({err})") from None
-    return arrays

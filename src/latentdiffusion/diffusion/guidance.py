@@ -25,29 +25,38 @@ import torch
 from ..errors import UsageError
 from .denoiser import Denoiser, Network
 
-NUM_DIGITS = 10
 BALANCED = "balanced"
 
 
-def parse_labels(spec: str, num_classes: int = NUM_DIGITS) -> tuple[int, ...]:
-    """'7' -> (7,), '0,1,2' -> (0, 1, 2), 'balanced' -> (0, .., K - 1), '' -> () (no labels)."""
-    if not spec:
+def listed_labels(spec: str) -> tuple[int, ...]:
+    """The labels a spec lists: '7' -> (7,), '0,1,2' -> (0, 1, 2); '' and 'balanced' -> ().
+
+    The form alone, for a config that does not know its classes yet: integers from 0 up."""
+    if spec in ("", BALANCED):
         return ()
-    if spec == BALANCED:
-        return tuple(range(num_classes))
     try:
         labels = tuple(int(part) for part in spec.split(","))
     except ValueError:
-        raise UsageError(f"labels: expected '{BALANCED}' or comma-separated digits, "
+        raise UsageError(f"labels: expected '{BALANCED}' or comma-separated class indices, "
                          f"got {spec!r}") from None
-    outside = [y for y in labels if not 0 <= y < num_classes]
+    negative = [y for y in labels if y < 0]
+    if negative:
+        raise UsageError(f"label {negative[0]} is not a class: classes count from 0")
+    return labels
+
+
+def parse_labels(spec: str, num_classes: int) -> tuple[int, ...]:
+    """'7' -> (7,), '0,1,2' -> (0, 1, 2), 'balanced' -> (0, .., K - 1), '' -> () (no labels)."""
+    if spec == BALANCED:
+        return tuple(range(num_classes))
+    labels = listed_labels(spec)
+    outside = [y for y in labels if y >= num_classes]
     if outside:
         raise UsageError(f"label {outside[0]} is not a class of this model (0..{num_classes - 1})")
     return labels
 
 
-def labels_for(spec: str, indices: list[int] | range, num_classes: int = NUM_DIGITS
-               ) -> list[int]:
+def labels_for(spec: str, indices: list[int] | range, num_classes: int) -> list[int]:
     """The label sample i asks for: the spec's labels cycled over the sample index."""
     cycle = parse_labels(spec, num_classes)
     if not cycle:

@@ -86,7 +86,7 @@ def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
     """Mean per-pixel BCE + kl_weight * mean per-latent-element KL (a beta-VAE objective).
 
     kl_weight trades sharpness for a Gaussian latent: too small and the posterior means drift
-    far from N(0, I) (prior samples decode to garbage), too large and digits blur.
+    far from N(0, I) (prior samples decode to garbage), too large and images blur.
     """
     logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
     reconstruction = F.binary_cross_entropy_with_logits(logits, images)
