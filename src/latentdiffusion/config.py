@@ -335,7 +335,10 @@ def _quick() -> RunConfig:
         classifier_train=TrainConfig(epochs=1, batch_size=128, lr=3e-3, weight_decay=1e-4,
                                      warmup_steps=50),
         vae=VAEConfig(channels=(8, 16)),
-        vae_train=TrainConfig(epochs=1, batch_size=128, lr=8e-3, warmup_steps=50),
+        # 2 VAE epochs, not 1: one learns shapes but not yet colour (gray reconstructions of
+        # colour images, FID 365x -> 10.4x Validation; samples 462x -> 121x); on MNIST the
+        # samples score as before (110.8 vs 109.1) for 8 s more (README, own data).
+        vae_train=TrainConfig(epochs=2, batch_size=128, lr=8e-3, warmup_steps=50),
         unet=UNetConfig(channels=(16, 32), time_dim=32),
         objective=_OBJECTIVE,
         diffusion_train=TrainConfig(epochs=1, batch_size=256, lr=8e-3, ema_decay=0.99,
