@@ -275,8 +275,9 @@ def read_split(root: Path, split: Split, *,
 
 def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, 3) in 0..255 -> float32 (N, C, H, W) in [0, 1]."""
-    tensor = torch.as_tensor(np.array(images, copy=True)).to(torch.float32).div(255.0)
-    return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+    pixels = torch.as_tensor(np.array(images, copy=True))  # uint8: lay it out before widening
+    pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2).contiguous()
+    return pixels.to(torch.float32).div_(255.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
