@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_digits, write_dataset
+from conftest import register, synthetic_digits, write_dataset
 from latentdiffusion import data
 from latentdiffusion.data import (
     DATASETS,
@@ -191,12 +191,14 @@ def test_idx_image_sizes(data_dir: Path) -> None:
         load_dataset(data_dir)
 
 
-def test_idx_labels_beyond_the_class_list(data_dir: Path) -> None:
+def test_idx_labels_beyond_the_class_list(data_dir: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     labels = np.arange(40, dtype=np.uint8) % 11
     write_idx(data_dir / "t10k-labels-idx1-ubyte.gz", labels)
     # An unregistered directory takes its classes from its labels: 0..10 are 11 classes.
     assert load_dataset(data_dir).class_names == tuple(str(k) for k in range(11))
-    # Read as MNIST, whose registry lists 10 classes, label 10 has no class.
+    # Registered as MNIST, whose registry lists 10 classes, label 10 has no class.
+    register(monkeypatch, data_dir, "mnist")
     with pytest.raises(DataError) as err:
         load_dataset(data_dir, "mnist")
     assert str(err.value) == f"{data_dir} (idx): test labels must be in 0..9, found 10"

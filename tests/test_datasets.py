@@ -4,20 +4,18 @@ files, the content hash and the in-process cache, on tiny data the tests write t
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_digits, write_dataset
+from conftest import register, synthetic_digits, write_dataset
 from latentdiffusion import datasets
-from latentdiffusion.data import DATASETS, write_idx
+from latentdiffusion.data import write_idx
 from latentdiffusion.datasets import Dataset, load_dataset
 from latentdiffusion.errors import DataError, UsageError
 from latentdiffusion.sources import held_out
@@ -177,6 +175,7 @@ def test_links_to_folders_are_followed_and_hidden_folders_skipped(tmp_path: Path
     ("classes", r"same class folders \(only in train/: dog; only in test/: -\)"),
     ("layouts", "one of train/ and test/ has class folders and the other holds images"),
     ("single", "one image cannot make both a train and a test split"),
+    ("test-only", "has test/ but no train/; give both splits, or put the class folders"),
 ])
 def test_folder_errors(tmp_path: Path, setup: str, match: str) -> None:
     root = tmp_path / "bad"
@@ -199,6 +198,8 @@ def test_folder_errors(tmp_path: Path, setup: str, match: str) -> None:
         _write(root, ["train/cat/0.png", "train/dog/0.png", "test/cat/0.png"])
     elif setup == "layouts":
         _write(root, ["train/cat/0.png", "test/0.png"])
+    elif setup == "test-only":  # not one class called "test"
+        _write(root, ["test/cat/0.png", "test/cat/1.png", "test/dog/0.png"])
     elif setup == "single":
         _write(root, ["only.png"])
     message = _one_line_error(lambda: load_dataset(root), match)
@@ -292,12 +293,6 @@ def test_npz_header_declaring_more_images_than_it_holds(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- IDX directories
 
 
-def _register(monkeypatch: pytest.MonkeyPatch, root: Path, name: str = "mnist") -> None:
-    content = {p.name.removesuffix(".gz"): hashlib.md5(gzip.decompress(p.read_bytes()))
-               .hexdigest() for p in root.iterdir()}
-    monkeypatch.setitem(DATASETS, name, replace(DATASETS[name], content_md5=content))
-
-
 def test_idx_directory_named_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_dataset(tmp_path / "digits", n_train=20, n_test=10)
     ds = load_dataset(root)
@@ -306,8 +301,7 @@ def test_idx_directory_named_by_content(tmp_path: Path, monkeypatch: pytest.Monk
     np.testing.assert_array_equal(ds.train_images, images)
     assert ds.train_labels is not None and ds.train_labels.tolist() == labels.tolist()
 
-    _register(monkeypatch, root, "fashion-mnist")
-    datasets._CACHE.clear()  # the registry changed, not the files
+    register(monkeypatch, root, "fashion-mnist")
     copy = tmp_path / "copy"
     copy.mkdir()
     for path in root.iterdir():  # level 1, no file name: other bytes, the same content
@@ -319,7 +313,10 @@ def test_idx_directory_named_by_content(tmp_path: Path, monkeypatch: pytest.Monk
         np.testing.assert_array_equal(named.test_images, ds.test_images)
     write_idx(copy / "t10k-labels-idx1-ubyte.gz", np.zeros(10, np.uint8))
     assert load_dataset(copy).name == "copy"  # parses, but is another content
-    assert load_dataset(root, "mnist").name == "mnist"  # a name given is taken as it is
+    # A registered name given is a promise of that release's content, and is checked.
+    assert load_dataset(root, "fashion-mnist").name == "fashion-mnist"
+    with pytest.raises(DataError, match="does not hold the mnist release"):
+        load_dataset(root, "mnist")
 
 
 def test_idx_of_another_size_and_an_unusable_one(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
+from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, register, write_dataset
 from latentdiffusion.cli import main
 from latentdiffusion.config import (
     CONDITIONAL_GUIDANCE,
@@ -268,11 +268,12 @@ def _stages(err: str) -> dict[str, str]:
 
 
 def test_conditional_run_end_to_end(data_dir: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                    capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu"]
-    # --dataset mnist: read the IDX files as MNIST (the name, not the content), whose report
-    # sets the post's FIDs beside its own
+    # As if the files were MNIST's release, whose report sets the post's FIDs beside its own
+    register(monkeypatch, data_dir, "mnist")
     assert main(["run", "--preset", "tiny", "--conditional", "--dataset", "mnist", *common]) == 0
     capsys.readouterr()
     metrics = json.loads((run / "metrics.json").read_text())

@@ -232,10 +232,14 @@ def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Data
     if source == "folder":
         splits = sources.read_folder(path, files, stamp[1])
         return Dataset(path.resolve().name, "folder", *splits, origin=str(path))
-    digests: dict[Path, str] | None = None if dataset else {}  # MD5s name it by content
+    digests: dict[Path, str] = {}  # MD5s of the decompressed files: they name it by content
     arrays = [data.read_split(path, split, check_item=data.check_image_item, digests=digests)
               for split in SPLITS]
-    name = dataset or _name_by_content(digests or {}) or path.resolve().name
+    name = _name_by_content(digests) or path.resolve().name
+    if dataset is not None and name != dataset:  # a registered name is its release's content
+        raise DataError(f"{path} does not hold the {dataset} release (its content differs; "
+                        f"`ldm data verify --dataset {dataset} --data-dir {path}` says where); "
+                        "leave out --dataset to use it as a data set of its own")
     labels = [split_labels.astype(np.int64) for _, split_labels in arrays]
     class_names = (DATASETS[name].class_names if name in DATASETS
                    else sources.default_class_names(labels, path))

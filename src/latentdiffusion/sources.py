@@ -74,6 +74,10 @@ def read_folder(root: Path, files: Sequence[str], dirs: Sequence[str]) -> Splits
         raise DataError(f"{root}: {len(files)} images, more than the {2 * MAX_IDX_ITEMS} this "
                         "toolkit reads from one folder")
     top = {d for d in dirs if "/" not in d}
+    if len({"train", "test"} & top) == 1:  # not a class called "test": a split half given
+        there, missing = ("train", "test") if "train" in top else ("test", "train")
+        raise DataError(f"{root} has {there}/ but no {missing}/; give both splits, or put the "
+                        "class folders (or images) directly in it for a held-out test split")
     if {"train", "test"} <= top:
         ignored = [f for f in files if not f.startswith(("train/", "test/"))]
         if ignored:
