@@ -71,7 +71,7 @@ def test_mnist_shape_leaves_every_preset_unchanged() -> None:
 def test_unlabelled_data_gets_the_rotation_task() -> None:
     config = for_images(preset("quick"), ImageShape(32, 3, 0))
     assert config.classifier.task == "rotation" and config.classifier.num_classes == 4
-    with pytest.raises(UsageError, match="needs a labelled data set"):
+    with pytest.raises(UsageError, match="needs a data set labelled with 2 classes or more"):
         conditional(config)
     labelled = conditional(for_images(preset("quick"), ImageShape(32, 3, 5)))
     assert labelled.unet.num_classes == 5 and labelled.sampling.labels == "balanced"

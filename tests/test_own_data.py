@@ -13,6 +13,7 @@ from PIL import Image
 
 from latentdiffusion.cli import main
 from latentdiffusion.datasets import load_dataset
+from latentdiffusion.errors import DataError
 from latentdiffusion.evaluation import validation_rows
 from latentdiffusion.metrics import load_samples
 
@@ -112,7 +113,7 @@ def test_unlabelled_npz_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main([*argv[:-4], "--run-dir", str(tmp_path / "cond"), "--device", "cpu",
                  "--conditional"]) == 2
     assert capsys.readouterr().err.strip() == \
-        "error: a class-conditional model needs a labelled data set"
+        "error: a class-conditional model needs a data set labelled with 2 classes or more"
     assert not (tmp_path / "cond").exists()
 
 
@@ -159,3 +160,71 @@ def test_validation_rows_are_a_fixed_subset_across_the_classes() -> None:
     counts = np.bincount(labels[rows], minlength=10)
     assert counts.min() >= 10  # every class scored, not the first two
     assert np.array_equal(validation_rows(50, 200), np.arange(50))  # all when n >= count
+
+
+# ---------------------------------------------------------------- QA round: nothing is lost
+
+
+def test_outputs_never_replace_other_files(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data.npz"
+    train, _ = _discs(8, seed=3)
+    np.savez(data, train_images=train, test_images=train[:2])
+    record = tmp_path / "run.json"
+    record.write_text('{"stages": {}}')
+    before = data.read_bytes(), record.read_bytes()
+    run = ["--run-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(["sample", "--model", "vae", "-n", "2", "--out", str(data), *run]) == 2
+    assert "exists and is not an earlier samples file" in capsys.readouterr().err
+    assert main(["evaluate", "--samples", str(data), "--out", str(record), *run]) == 2
+    assert "exists and is not an earlier evaluation file" in capsys.readouterr().err
+    assert main(["evaluate", "--samples", str(data), "--out", str(tmp_path / "a.png"),
+                 *run]) == 2
+    assert (data.read_bytes(), record.read_bytes()) == before
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("setting", "line"), [
+    ("vae_train.batch_size=97", "error: vae_train.batch_size 97 is larger than the 96 "
+                                "training images of discs"),
+    ("eval_samples=10000000000", "error: --set eval_samples: RunConfig.eval_samples must be at "
+                                 "most 1000000, got "
+                                 "10000000000"),
+])
+def test_a_run_that_cannot_finish_is_refused_first(tmp_path: Path, setting: str, line: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    train, _ = _discs(96, seed=1)
+    np.savez(tmp_path / "discs.npz", train_images=train, test_images=train[:8])
+    assert main(["run", "--preset", "tiny", "--data-dir", str(tmp_path / "discs.npz"),
+                 "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                 "--set", setting]) == 2
+    assert capsys.readouterr().err.strip() == line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pickled_npz_array_is_named_not_called_corrupt(tmp_path: Path) -> None:
+    train, labels = _discs(6, seed=4)
+    path = tmp_path / "objects.npz"
+    np.savez(path, train_images=train, test_images=train[:3], train_labels=labels,
+             test_labels=labels[:3], class_names=np.array(CLASSES, dtype=object))
+    with pytest.raises(DataError, match="class_names.npy is an array of Python objects"):
+        load_dataset(path)
+
+
+def test_config_copies_follow_the_latest_run(tmp_path: Path, folder: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    toml, json_file = tmp_path / "a.toml", tmp_path / "a.json"
+    assert main(["config", "--preset", "tiny", "--data-dir", str(folder)]) == 0
+    toml.write_text(capsys.readouterr().out)
+    assert main(["config", "--preset", "tiny", "--data-dir", str(folder), "--format",
+                 "json"]) == 0
+    json_file.write_text(capsys.readouterr().out)
+    common = ["run", "--data-dir", str(folder), "--run-dir", str(run), "--device", "cpu",
+              "--quiet"]
+    assert main([*common, "--config", str(toml)]) == 0
+    assert (run / "config.toml").is_file()
+    assert main([*common, "--config", str(json_file)]) == 0  # same values: every stage skipped
+    assert (run / "config.json").is_file() and not (run / "config.toml").exists()
+    assert main([*common, "--preset", "tiny"]) == 0
+    assert not list(run.glob("config.*"))  # no file made this run: run.json alone says it

@@ -171,8 +171,8 @@ def test_a_bad_batch_size_deletes_nothing(finished: tuple[Path, Path], run: Path
     before = files(run, "vae")
     for again in ("--resume", "--force"):  # checked before any checkpoint is read or removed
         code, err = ldm(capsys, "train", "vae", again, *common)
-        assert (code, err) == (1, "error: batch size 100000 is larger than the 96 training "
-                                  "examples\n")
+        assert (code, err) == (2, "error: vae_train.batch_size 100000 is larger than the 96 "
+                                  "training images of data\n")
         assert files(run, "vae") == before
     code, err = ldm(capsys, "train", "vae", "--resume", *common[:-1], "32")
     assert code == 2 and "(train.batch_size: 16 -> 32)" in err, err

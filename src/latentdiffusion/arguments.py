@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import data, recipe
 from .config import (
     CONDITIONAL_GUIDANCE,
+    MAX_SAMPLES,
     PRESETS,
     ImageShape,
     RunConfig,
@@ -22,7 +24,8 @@ from .config import (
     preset,
 )
 from .diffusion import SAMPLERS, parse_sampler
-from .errors import UsageError
+from .errors import DataError, UsageError
+from .fileio import BAD_NPZ, npz_headers
 
 DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
                "FID report. `ldm run` does it all.")
@@ -85,6 +88,34 @@ def npz_out(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"must end in .npz (the samples file; a .png grid is "
                                          f"written beside it), got {text!r}")
     return Path(text)
+
+
+def json_out(text: str) -> Path:
+    if not text.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"must end in .json, got {text!r}")
+    return Path(text)
+
+
+SAMPLES_KEYS = {"images", "labels", "sampler", "nfe", "guidance"}  # what a samples file holds
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """An existing --out may only be an earlier output of the same command: never a data set,
+    a run's record or any other file the user has (UsageError)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    ours = False
+    try:
+        if kind == "samples":
+            ours = path.is_file() and set(npz_headers(path)) <= SAMPLES_KEYS
+        else:
+            found = json.loads(path.read_text())
+            ours = isinstance(found, dict) and ("fid" in found or "validation" in found)
+    except (OSError, ValueError, DataError, *BAD_NPZ):
+        ours = False
+    if not ours:
+        raise UsageError(f"--out {path} exists and is not an earlier {kind} file of ldm; "
+                         "it is left as it is: pick another --out")
 
 
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
@@ -219,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--samples", type=Path, metavar="FILE.npz")
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=json_out, help="also write the JSON here (.json)")
     p.add_argument("--seed", type=seed_value, default=0)
 
     p = sub.add_parser("sweep", help="FID against model calls for several samplers",
@@ -338,6 +369,12 @@ def check_command(args: argparse.Namespace) -> None:
         sampling_config(args)
     elif args.command == "sample" and (args.labels or args.guidance != 1.0):
         raise UsageError("--labels and --guidance work with --model diffusion")
+    if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
+        raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
+    if args.command == "sample":
+        check_replaceable(args.out, "samples")
+    elif args.command == "evaluate" and args.out is not None:
+        check_replaceable(args.out, "evaluation")
     elif args.command == "sweep":
         from .sweep import MIN_SAMPLES, pairs
 

@@ -4,6 +4,7 @@ that prints."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -57,6 +58,16 @@ def shape_of(dataset: Dataset) -> ImageShape:
     """What the models must take; a single class is no classes to learn."""
     classes = dataset.num_classes if dataset.num_classes >= 2 else 0
     return ImageShape(dataset.image_size, dataset.channels, classes)
+
+
+def check_batches(config: RunConfig, dataset: Dataset, *stages: str) -> None:
+    """Every training batch fits the data, before any stage runs (UsageError naming the key)."""
+    n = len(dataset.train_images)
+    for name in stages:
+        batch = getattr(config, f"{name}_train").batch_size
+        if batch > n:
+            raise UsageError(f"{name}_train.batch_size {batch} is larger than the {n} training "
+                             f"images of {dataset.name}")
 
 
 def run_shape(run: RunDir) -> ImageShape:
@@ -196,7 +207,7 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
     config = run_config(args, shape_of(_dataset(args)))
-    if args.config is not None and dist.is_main():  # beside run.json's resolved config
+    if dist.is_main():  # beside run.json's resolved config
         recipe.save_copy(args.config, args.run_dir)
 
     def show(event: StageEvent) -> None:
@@ -258,10 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_command(args)  # every value, before any data is read
             device = dist.resolve_device(args.device)
             if args.command == "run":  # the config fits the data, before the run dir exists
-                run_config(args, shape_of(_dataset(args)))
+                check_batches(run_config(args, shape_of(_dataset(args))), _dataset(args),
+                              "classifier", "vae", "diffusion")
+            elif args.command == "train" and args.model != "diffusion":
+                config, train_config, _ = train_configs(args, shape_of(_dataset(args)))
+                check_batches(dataclasses.replace(config, **{f"{args.model}_train": train_config}),
+                              _dataset(args), args.model)
             elif args.command == "train":
-                train_configs(args, shape_of(_dataset(args)) if args.model != "diffusion"
-                              else run_shape(RunDir(args.run_dir)))
+                train_configs(args, run_shape(RunDir(args.run_dir)))
             dist.init(device)
             writes = args.command in ("train", "encode", "run", "sweep")
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):

@@ -29,6 +29,8 @@ TimestepSampling = Literal["uniform", "importance"]
 ObjectiveKind = Literal["vp", "flow"]
 TimeDensity = Literal["uniform", "logit-normal"]
 ClassifierTask = Literal["labels", "rotation"]
+# Images one set may hold: generating and scoring keep them and their features in memory.
+MAX_SAMPLES = 1_000_000
 # Image sizes the models take: square, a multiple of 4 (the classifier pools twice) in this range.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 64
 
@@ -249,6 +251,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _validate(self, positive=("num_samples", "batch_size"), nonnegative=("seed",))
+        if self.num_samples > MAX_SAMPLES:
+            raise UsageError(f"SamplingConfig.num_samples must be at most {MAX_SAMPLES}, got "
+                             f"{self.num_samples}")
         if not self.samplers:
             raise UsageError("SamplingConfig.samplers needs at least one sampler")
         if self.guidance < 0:
@@ -285,6 +290,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self, positive=("eval_samples",))
+        if self.eval_samples > MAX_SAMPLES:
+            raise UsageError(f"RunConfig.eval_samples must be at most {MAX_SAMPLES}, got "
+                             f"{self.eval_samples}")
         if self.unet.in_channels != self.vae.latent_channels:
             raise UsageError("unet.in_channels must equal vae.latent_channels")
         if self.unet.latent_size != self.vae.latent_size:
@@ -387,7 +395,8 @@ def conditional(config: RunConfig, guidance: float = CONDITIONAL_GUIDANCE) -> Ru
     """The run with a class-conditional denoiser (the classifier's classes) whose sets are
     balanced over the classes and guided at `guidance`."""
     if config.classifier.task != "labels":
-        raise UsageError("a class-conditional model needs a labelled data set")
+        raise UsageError("a class-conditional model needs a data set labelled with 2 classes "
+                         "or more")
     r = dataclasses.replace
     return r(config, unet=r(config.unet, num_classes=config.classifier.num_classes),
              sampling=r(config.sampling, labels="balanced", guidance=guidance))
@@ -427,7 +436,8 @@ def for_images(config: RunConfig, shape: ImageShape) -> RunConfig:
         unet = r(unet, num_classes=shape.num_classes)
     sampling = config.sampling
     if not shape.num_classes and (unet.num_classes or sampling.labels):
-        raise UsageError("a class-conditional model needs a labelled data set")
+        raise UsageError("a class-conditional model needs a data set labelled with 2 classes "
+                         "or more")
     return r(config, classifier=classifier, vae=vae, unet=unet, sampling=sampling)
 
 

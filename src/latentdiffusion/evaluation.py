@@ -26,7 +26,7 @@ def _check_data(dataset: Dataset, header: dict, path: Path) -> None:
     if trained_on != dataset.content_hash:
         raise UsageError(f"{path} was trained on another data set than {dataset.name} "
                          f"(content {str(trained_on)[:12]}, given {dataset.content_hash[:12]}); "
-                         "pass the run's --data-dir (run.json names it)")
+                         "pass the run's --data-dir (run.json's data_dir names it)")
 
 
 def reference(dataset: Dataset, run: RunDir, device: torch.device

@@ -149,6 +149,10 @@ def npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...]
                                else np.lib.format.read_array_header_2_0)
                 shape, _, dtype = read_header(f)
                 declared = f.tell() + math.prod(shape) * dtype.itemsize
+            if declared != member.file_size and dtype.hasobject:  # pickled, never loaded
+                raise DataError(f"{path}: {member.filename} is an array of Python objects "
+                                "(pickled), which is never loaded; save strings as str and "
+                                "pixels as uint8")
             if declared != member.file_size:
                 raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
                                 f"({declared} bytes) but holds {member.file_size} bytes; the "

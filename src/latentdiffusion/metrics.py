@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from .config import MAX_SAMPLES
 from .data import to_unit_tensor
 from .errors import DataError
 from .fileio import BAD_NPZ, npz_headers, write_npz
@@ -28,8 +29,6 @@ from .fileio import BAD_NPZ, npz_headers, write_npz
 log = logging.getLogger(__name__)
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
 PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
-# Images one samples file may hold: evaluation keeps them and their features in memory.
-MAX_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)

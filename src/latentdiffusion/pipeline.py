@@ -92,7 +92,8 @@ class _Run:
             if dist.is_main():
                 write_json(self.run.root / "run.json", {
                     "stages": self.records, "preset": self.preset_name,
-                    "config": to_dict(self.config), "data": self.dataset.describe()})
+                    "config": to_dict(self.config), "data": self.dataset.describe(),
+                    "data_dir": self.dataset.origin})
         dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
         if self.on_stage and dist.is_main():
             self.on_stage(StageEvent(name, skip, seconds, summary))

@@ -135,10 +135,18 @@ def load(path: Path, base: C) -> C:
     return _build(cls, _merge(to_dict(base), read(path), cls, "", where), where)
 
 
-def save_copy(path: Path, run_dir: Path) -> Path:
-    """Copy the config file into the run directory as config.toml or config.json."""
-    target = run_dir / f"config.{path.suffix.lower().lstrip('.')}"
-    atomic_write(target, read_bytes(path))
+def save_copy(path: Path | None, run_dir: Path) -> Path | None:
+    """Copy the config file into the run directory as config.toml or config.json; a copy of
+    an earlier run's file, which no longer describes the run, goes once this one is written
+    (without a file: the copies go; run.json holds the config either way)."""
+    target = None
+    if path is not None:
+        target = run_dir / f"config.{path.suffix.lower().lstrip('.')}"
+        atomic_write(target, read_bytes(path))
+    for fmt in FORMATS:
+        stale = run_dir / f"config.{fmt}"
+        if stale != target:
+            stale.unlink(missing_ok=True)
     return target
 
 

@@ -140,8 +140,8 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     figures = _figures(root, metrics, images, class_names)
     c = config.classifier
     shape = f"{c.image_size}x{c.image_size}" + (" RGB" if c.image_channels == 3 else "")
-    classes = (f"{len(class_names)} classes ({', '.join(class_names)})" if class_names
-               else "no labels")
+    classes = (f"{len(class_names)} class{'es' if len(class_names) > 1 else ''} "
+               f"({', '.join(class_names)})" if class_names else "no labels")
     data_line = (f"Data set `{name}` ({dataset.get('source', 'idx')}, content sha256 "
                  f"{str(dataset.get('content_sha256', ''))[:16]}): {dataset.get('train', '?')} "
                  f"training and {dataset.get('test', '?')} test images, {shape}, {classes}.")
@@ -155,7 +155,8 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
         features = (f"the features of a rotation-prediction network ({c.feature_dim}-d "
                     "penultimate layer of a CNN trained, without labels, to tell which of four "
                     "quarter turns an image was given)")
-        caveat = ("this data set has no labels, so these FIDs are NOT comparable with FIDs in "
+        caveat = ("this data set has no classes to learn (no labels, or one class), so these "
+                  "FIDs are NOT comparable with FIDs in "
                   "a classifier's feature space (the post's, or a labelled run's); compare "
                   "ratios to the Validation row within this report only. Class columns are "
                   "n/a.")
