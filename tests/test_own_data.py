@@ -228,3 +228,15 @@ def test_config_copies_follow_the_latest_run(tmp_path: Path, folder: Path,
     assert (run / "config.json").is_file() and not (run / "config.toml").exists()
     assert main([*common, "--preset", "tiny"]) == 0
     assert not list(run.glob("config.*"))  # no file made this run: run.json alone says it
+
+
+def test_a_registered_name_on_other_data_says_what_to_do(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset(folder, "fashion-mnist")
+    assert str(err.value) == (f"{folder} holds images, not the IDX files of fashion-mnist; "
+                              "leave out --dataset to read it as a folder of images")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"run `ldm data download --dataset fashion-mnist "
+                                        f"--data-dir {empty}`"):
+        load_dataset(empty, "fashion-mnist")

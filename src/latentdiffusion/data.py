@@ -142,18 +142,21 @@ def idx_file(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def find_idx_file(data_dir: Path, stem: str) -> Path:
-    """The file `stem`.gz or `stem` in `data_dir`; a DataError saying what to do if missing."""
+def find_idx_file(data_dir: Path, stem: str, dataset: str = "mnist") -> Path:
+    """The file `stem`.gz or `stem` in `data_dir`; a DataError saying what to do if missing
+    (downloading `dataset`)."""
     found = idx_file(data_dir, stem)
     if found is not None:
         return found
+    download = ("ldm data download" + ("" if dataset == "mnist" else f" --dataset {dataset}")
+                + f" --data-dir {data_dir}")
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} is not a directory; pass --data-dir DIR")
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR or run "
-                        f"`ldm data download --data-dir {data_dir}`")
-    raise DataError(f"{data_dir / (stem + '.gz')} is missing; run "
-                    f"`ldm data download --data-dir {data_dir}` or point --data-dir elsewhere")
+                        f"`{download}`")
+    raise DataError(f"{data_dir / (stem + '.gz')} is missing; run `{download}` or point "
+                    "--data-dir elsewhere")
 
 
 def _size_error(path: Path, size: int, dims: tuple[int, ...], expected: int,
@@ -304,6 +307,8 @@ def verify(data_dir: str | os.PathLike[str] | None, dataset: str = "mnist") -> d
     root = resolve_data_dir(data_dir, dataset)
     report: dict[str, dict] = {}
     digests: dict[Path, str] = {}
+    for stem in (stem for pair in SPLIT_FILES.values() for stem in pair):
+        find_idx_file(root, stem, dataset)  # a missing file: how to download this dataset
     for split in SPLITS:
         images, labels = read_split(root, split, check_item=check_image_item, digests=digests)
         report[split] = {"images": list(images.shape), "labels": len(labels)}

@@ -173,16 +173,20 @@ def _locate(path: Path, dataset: str | None) -> tuple[Source, Stamp]:
     """Which source `path` is, and the stamp of every file and folder it would read."""
     if path.is_dir():
         stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
-        if dataset is not None or any(data.idx_file(path, stem) for stem in stems):
-            files = [data.find_idx_file(path, stem) for stem in stems]
+        if any(data.idx_file(path, stem) for stem in stems) or (
+                dataset is not None and not _walk(path)[0]):  # (no images either: download)
+            files = [data.find_idx_file(path, stem, dataset or "mnist") for stem in stems]
             return "idx", (tuple(_stamp_of(f.name, f.stat()) for f in files), ())
+        if dataset is not None:
+            raise DataError(f"{path} holds images, not the IDX files of {dataset}; leave out "
+                            "--dataset to read it as a folder of images")
         stamps, dirs = _walk(path)
         if not stamps:
             raise DataError(f"{path} holds neither the four IDX files nor any .png or .jpg "
                             f"image; {EXPECTED}")
         return "folder", (stamps, dirs)
     if dataset is not None:
-        data.find_idx_file(path, SPLIT_FILES["train"][0])  # says what is wrong with `path`
+        data.find_idx_file(path, SPLIT_FILES["train"][0], dataset)  # says what is wrong
     if path.is_file() and path.suffix.lower() == ".npz":
         return "npz", ((_stamp_of(path.name, path.stat()),), ())
     if path.exists():
