@@ -118,8 +118,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None, dataset: str = "mn
 def image_shape_problem(shape: tuple[int, ...]) -> str | None:
     """Why images of shape (H, W) or (H, W, C) cannot be used, or None when they can."""
     if len(shape) not in (2, 3) or shape[2:] not in ((), (3,)):
+        hint = " (drop the last axis: images[..., 0])" if shape[2:] == (1,) else ""
         return (f"images of shape (N, {', '.join(map(str, shape))}) are neither (N, H, W) "
-                "grayscale nor (N, H, W, 3) RGB")
+                f"grayscale nor (N, H, W, 3) RGB{hint}")
     height, width = shape[:2]
     if height != width or height not in IMAGE_SIZES:
         return (f"images are {height}x{width}; they must be square, with a side that is a "

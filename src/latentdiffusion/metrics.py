@@ -278,8 +278,9 @@ def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype
                         "with (x * 255).round().clip(0, 255).astype(np.uint8))")
     square = len(shape) in (3, 4) and shape[1] == shape[2] and shape[3:] in ((), (3,))
     if not square or shape[0] == 0:
+        hint = " (drop the last axis: images[..., 0])" if shape[3:] == (1,) else ""
         raise DataError(f"{path}: images must have shape (N, H, H) or (N, H, H, 3) with N > 0, "
-                        f"got {shape}")
+                        f"got {shape}{hint}")
     if shape[0] > MAX_SAMPLES:
         raise DataError(f"{path}: {shape[0]} images, more than the {MAX_SAMPLES} one "
                         "evaluation holds in memory; score a subset")

@@ -46,7 +46,8 @@ def _rows(metrics: dict[str, Any], config: RunConfig, post: bool) -> list[list[s
         m = metrics[name]
         post_fid = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
         label = ROW_NAMES.get(name, f"Diffusion ({name}{guided})")
-        row = [label, str(m["n"]), _num(m["fid"], ".3f"),
+        fid_format = ".3g" if m["fid"] is not None and abs(m["fid"]) < 1 else ".3f"  # not 0.000
+        row = [label, str(m["n"]), _num(m["fid"], fid_format),
                _num(m["fid_over_validation"], ".1f") + "x",
                f"{_num(m['kid_mean'], '.4f')} ± {_num(m['kid_std'], '.4f')}",
                f"{_num(m['precision'], '.3f')} / {_num(m['recall'], '.3f')}",
