@@ -16,7 +16,7 @@ from latentdiffusion.config import (
     VAEConfig,
     conditional,
     for_images,
-    image_shape,
+    image_shape_of,
     preset,
 )
 from latentdiffusion.data import to_uint8, to_unit_tensor
@@ -46,7 +46,7 @@ def test_unit_tensor_round_trip(channels: int) -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_models_take_the_data_shape(shape: ImageShape) -> None:
     config = for_images(preset("tiny"), shape)
-    assert image_shape(config) == shape
+    assert image_shape_of(config.classifier) == shape
     s, c = shape.size, shape.channels
     images = torch.rand(2, c, s, s)
     vae = init_model(VAE, config.vae, seed=0)

@@ -109,6 +109,18 @@ def test_unlabelled_npz_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     report = (run / "report.md").read_text()
     assert "rotation-prediction network" in report and "NOT comparable" in report
     assert not (run / "figures" / "class_histogram.png").exists()
+    # Data of the same shape but other content is not this run's: not encoded, reconstructed
+    # or scored with its models.
+    other = tmp_path / "other.npz"
+    np.savez(other, train_images=255 - train, test_images=test)
+    latents = (run / "latents.safetensors").read_bytes()
+    for command in (["encode"], ["sample", "--model", "vae", "--reconstruct", "test", "--out",
+                                 str(tmp_path / "r.npz")]):
+        assert main([*command, "--data-dir", str(other), "--run-dir", str(run), "--device",
+                     "cpu"]) == 2
+        assert "vae.safetensors was trained on another data set than other" in \
+            capsys.readouterr().err
+    assert (run / "latents.safetensors").read_bytes() == latents
     # A conditional model needs labels this data set does not have: one line, nothing made.
     assert main([*argv[:-4], "--run-dir", str(tmp_path / "cond"), "--device", "cpu",
                  "--conditional"]) == 2

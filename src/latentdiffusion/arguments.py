@@ -20,7 +20,7 @@ from .config import (
     ScheduleConfig,
     conditional,
     for_images,
-    image_shape,
+    image_shape_of,
     preset,
 )
 from .diffusion import SAMPLERS, parse_sampler
@@ -317,9 +317,10 @@ def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> Run
         config = recipe.load(args.config, config)
     config = with_objective(with_seed(config, args.seed), args.objective)
     config = recipe.apply_sets(with_conditional(config, args), args.set)
-    if shape is not None and image_shape(config) != shape:
-        raise UsageError(f"the config is for images {image_shape(config)} but the data set has "
-                         f"{shape}; print one for it with `ldm config --data-dir ...`")
+    made_for = image_shape_of(config.classifier)
+    if shape is not None and made_for != shape:
+        raise UsageError(f"the config is for images {made_for} but the data set has {shape}; "
+                         "print one for it with `ldm config --data-dir ...`")
     return config
 
 

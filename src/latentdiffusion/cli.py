@@ -131,8 +131,9 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
         if args.model == "diffusion":
             generation.check_conditioning(run, sampling)
             meta = {"sampler": spec, "nfe": generation.model_calls(run, spec, device)}
-            labels = generation.sample_labels(sampling, args.num_samples,
-                                              generation.num_classes(run))
+            labels = (generation.sample_labels(sampling, args.num_samples,
+                                               generation.num_classes(run))
+                      if sampling.labels else None)
             if labels is not None:
                 meta["guidance"] = sampling.guidance
         images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,

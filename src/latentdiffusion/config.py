@@ -431,19 +431,9 @@ def for_images(config: RunConfig, shape: ImageShape) -> RunConfig:
     vae = r(config.vae, **image)
     while vae.latent_size > _PRESET_LATENT and len(vae.channels) < 4:
         vae = r(vae, channels=(*vae.channels, 2 * vae.channels[-1]))
-    unet = r(config.unet, latent_size=vae.latent_size)
-    if unet.num_classes:
-        unet = r(unet, num_classes=shape.num_classes)
-    sampling = config.sampling
-    if not shape.num_classes and (unet.num_classes or sampling.labels):
-        raise UsageError("a class-conditional model needs a data set labelled with 2 classes "
-                         "or more")
-    return r(config, classifier=classifier, vae=vae, unet=unet, sampling=sampling)
-
-
-def image_shape(config: RunConfig) -> ImageShape:
-    """The images and classes a run config was made for."""
-    return image_shape_of(config.classifier)
+    # (a conditional config keeps its class count: RunConfig refuses it for other classes)
+    return r(config, classifier=classifier, vae=vae,
+             unet=r(config.unet, latent_size=vae.latent_size))
 
 
 def image_shape_of(c: ClassifierConfig) -> ImageShape:

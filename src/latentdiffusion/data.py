@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from .config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 MAX_IDX_ITEMS = 1_000_000
 # Square image sides a dataset may have (28 for MNIST): multiples of 4, which the VAE's padding
 # and two stride-2 stages turn into an even latent grid.
-IMAGE_SIZES = range(16, 65, 4)
+IMAGE_SIZES = range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE + 1, 4)  # the models' rule (config.py)
 
 
 @dataclass(frozen=True)

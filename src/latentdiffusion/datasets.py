@@ -120,6 +120,15 @@ class Dataset:
         digest.update(json.dumps(self.class_names).encode())
         return digest.hexdigest()
 
+    def check_trained_on(self, header: dict[str, Any], path: Path) -> None:
+        """UsageError unless the model file at `path` (its header) was trained on this
+        content: its stage key holds the data set's content hash."""
+        trained_on = (header.get("key_fields") or {}).get("data")
+        if trained_on != self.content_hash:
+            raise UsageError(f"{path} was trained on another data set than {self.name} "
+                             f"(content {str(trained_on)[:12]}, given {self.content_hash[:12]});"
+                             " pass the run's --data-dir (run.json's data_dir names it)")
+
     def describe(self) -> dict[str, Any]:
         """What it is and how big (train, test: image counts), JSON-able; content_sha256
         identifies the content wherever it was read from."""

@@ -4,8 +4,6 @@ by classifier hash."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -20,20 +18,11 @@ from .models import Classifier
 from .rundir import RunDir
 
 
-def _check_data(dataset: Dataset, header: dict, path: Path) -> None:
-    """The FID reference is the data the classifier was trained on, and no other."""
-    trained_on = (header.get("key_fields") or {}).get("data")
-    if trained_on != dataset.content_hash:
-        raise UsageError(f"{path} was trained on another data set than {dataset.name} "
-                         f"(content {str(trained_on)[:12]}, given {dataset.content_hash[:12]}); "
-                         "pass the run's --data-dir (run.json's data_dir names it)")
-
-
 def reference(dataset: Dataset, run: RunDir, device: torch.device
               ) -> tuple[Classifier, Reference]:
     """The run's classifier and the training-set statistics, cached by classifier hash."""
     classifier, header = checkpoint.load_model(run.model("classifier"), Classifier, device)
-    _check_data(dataset, header, run.model("classifier"))
+    dataset.check_trained_on(header, run.model("classifier"))
     digest = checkpoint.model_hash_of(header)
     cached = Reference.load(run.reference(digest), digest)
     if cached is None:

@@ -103,7 +103,7 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
             if sampling.labels:  # (B,) labels of these samples, guided at scale s
-                labels = torch.tensor(labels_for(sampling.labels, indices, unet.null_label),
+                labels = torch.tensor(labels_for(sampling.labels, indices, unet.config.num_classes),
                                       device=device)
                 denoiser = guided(objective.denoiser, unet, labels, unet.null_label,
                                   sampling.guidance)
@@ -126,13 +126,9 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
 def reconstruct(dataset: Dataset, run: RunDir, split: data.Split, *, device: torch.device,
                 batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
     """VAE reconstructions (decoded posterior means) of a split, with its labels if any."""
-    vae, _ = checkpoint.load_model(run.model("vae"), VAE, device)
+    vae, header = checkpoint.load_model(run.model("vae"), VAE, device)
+    dataset.check_trained_on(header, run.model("vae"))
     images, labels = dataset.split(split)
-    expected = (vae.config.image_size, vae.config.image_channels)
-    if (dataset.image_size, dataset.channels) != expected:
-        raise UsageError(f"{dataset.name} has {dataset.image_size}x{dataset.image_size}x"
-                         f"{dataset.channels} images; this run's VAE takes "
-                         f"{expected[0]}x{expected[0]}x{expected[1]}")
     out = []
     for start in range(0, len(images), batch_size):
         mean, _ = vae.encode(data.to_unit_tensor(images[start:start + batch_size]).to(device))

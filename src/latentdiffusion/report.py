@@ -84,20 +84,20 @@ def _class_head(class_names: list[str]) -> list[str]:
             "FID of classes " + ", ".join(class_names)]
 
 
-def _figures(root: Path, metrics: dict[str, Any], images: str,
+def _figures(root: Path, metrics: dict[str, Any],
              class_names: list[str]) -> list[tuple[str, Path]]:
     diffusion = [k for k in metrics if k not in ROW_NAMES]
     figures = [(f"Conditional samples: one row per requested class ({', '.join(class_names)})",
                 root / "figures" / "class_grid.png")]
     figures += [(f"Diffusion samples ({k}), the post's 8 x 9 grid",
                  root / "samples" / f"{k}.png") for k in diffusion]
-    figures += [(f"VAE: test {images} (top) and reconstructions (bottom)",
+    figures += [("VAE: test images (top) and reconstructions (bottom)",
                  root / "figures" / "reconstructions.png"),
                 ("VAE prior samples", root / "samples" / "vae-prior.png"),
                 ("Random baseline", root / "samples" / "random.png"),
                 ("Noise schedules: alphas_cumprod over t", root / "figures" / "schedules.png"),
                 ("Loss curves", root / "figures" / "losses.png"),
-                (f"Predicted class of generated {images}",
+                ("Predicted class of generated images",
                  root / "figures" / "class_histogram.png")]
     return [(title, path) for title, path in figures if path.exists()]
 
@@ -116,7 +116,6 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
           dataset: dict[str, Any]) -> None:
     """`dataset`: the data set's `describe()` (run.json's "data")."""
     name, class_names = dataset["name"], list(dataset.get("class_names") or [])
-    images = "images"
     post = name == "mnist"  # the post's figures are of MNIST: beside no other data set's
     rows = _rows(metrics, config, post)
     head = HEAD if post else HEAD[:-1]
@@ -138,7 +137,7 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     seeds = {"classifier": config.classifier_train.seed, "vae": config.vae_train.seed,
              "diffusion": config.diffusion_train.seed, "sampling": config.sampling.seed}
     hashes = {name: model_hash_of(h)[:16] for name, h in headers.items()}
-    figures = _figures(root, metrics, images, class_names)
+    figures = _figures(root, metrics, class_names)
     c = config.classifier
     shape = f"{c.image_size}x{c.image_size}" + (" RGB" if c.image_channels == 3 else "")
     classes = (f"{len(class_names)} class{'es' if len(class_names) > 1 else ''} "
@@ -162,14 +161,14 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
                   "ratios to the Validation row within this report only. Class columns are "
                   "n/a.")
     intro = (f"Preset `{preset_name}`. {data_line} FID is the Fréchet distance between "
-             f"{features} of each set and of the training {images}; {caveat}")
+             f"{features} of each set and of the training images; {caveat}")
 
     md = [f"# latentdiffusion run: {root.name} ({name})", "", intro, "", "## FID table", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     class_head = _class_head(class_names)
     if class_rows:
-        md += ["", f"Labelled sets against each class's training {images}:", "",
+        md += ["", "Labelled sets against each class's training images:", "",
                "| " + " | ".join(class_head) + " |", "|" + "---|" * len(class_head)]
         md += ["| " + " | ".join(r) + " |" for r in class_rows]
     if guidance:
@@ -208,7 +207,7 @@ def write(root: Path, config: RunConfig, preset_name: str, metrics: dict[str, An
     body = [f"<h1>latentdiffusion run: {e(root.name)} ({e(name)})</h1>", f"<p>{e(intro)}</p>",
             "<h2>FID table</h2>", fid_table]
     if class_rows:
-        body += [f"<p>Labelled sets against each class's training {e(images)}:</p>",
+        body += ["<p>Labelled sets against each class's training images:</p>",
                  _html_table(class_head, class_rows)]
     if guidance:
         body += [f"<h2>{e(guidance_title)}</h2>", _html_table(guidance_head, guidance_rows)]

@@ -174,7 +174,7 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
            device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
-    _check_images(dataset, vae.config.image_size, vae.config.image_channels)
+    dataset.check_trained_on(vae_header, run.model("vae"))  # latents of the VAE's own data
     vae_hash = checkpoint.model_hash_of(vae_header)
     key = identity.latents_key(vae_hash, mode, norm, seed)
     latent_set = latents.build(vae, vae_hash, dataset.train_images, dataset.test_images, mode,

@@ -65,8 +65,14 @@ class Classifier(nn.Module):
 def pixel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of (N, C, H, W) images, rounded to 4 decimals (MNIST's are the
     familiar 0.1307 and 0.3081)."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double()  # (C, N H W)
-    rounded = [torch.round(v * 1e4) / 1e4 for v in (x.mean(1), x.std(1))]
+    sums = torch.zeros(2, images.shape[1], dtype=torch.float64)  # [sum x, sum x^2] per channel
+    for chunk in images.split(4096):  # float64 a chunk at a time, not a copy of the whole set
+        x = chunk.transpose(0, 1).reshape(images.shape[1], -1).double()  # (C, B H W)
+        sums += torch.stack([x.sum(1), x.square().sum(1)])
+    n = images.numel() // images.shape[1]
+    mean = sums[0] / n
+    std = ((sums[1] - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()  # unbiased
+    rounded = [torch.round(v * 1e4) / 1e4 for v in (mean, std)]
     return rounded[0].float(), rounded[1].clamp_min(1e-4).float()
 
 
