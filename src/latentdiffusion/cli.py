@@ -87,8 +87,7 @@ def run_shape(run: RunDir) -> ImageShape:
 
 def _train(args: argparse.Namespace, device: Any) -> str:
     dataset = _dataset(args) if args.model != "diffusion" else None
-    shape = shape_of(dataset) if dataset else run_shape(RunDir(args.run_dir))
-    config, train_config, schedule = train_configs(args, shape)
+    config, train_config, schedule = args.resolved  # main built them for this data
     run = RunDir(args.run_dir)
     name = args.model
     has_state = any(run.state_dir(name).glob("step-*.safetensors"))
@@ -207,7 +206,7 @@ def _guidance_sweep(args: argparse.Namespace, device: Any) -> str:
 def _run(args: argparse.Namespace, device: Any) -> str:
     from .pipeline import StageEvent, run_pipeline
 
-    config = run_config(args, shape_of(_dataset(args)))
+    config = args.resolved  # main built it for this data
     if dist.is_main():  # beside run.json's resolved config
         recipe.save_copy(args.config, args.run_dir)
 
@@ -269,15 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             check_command(args)  # every value, before any data is read
             device = dist.resolve_device(args.device)
-            if args.command == "run":  # the config fits the data, before the run dir exists
-                check_batches(run_config(args, shape_of(_dataset(args))), _dataset(args),
-                              "classifier", "vae", "diffusion")
+            # The config for the data (it must fit), before the run dir exists.
+            if args.command == "run":
+                args.resolved = run_config(args, shape_of(_dataset(args)))
+                check_batches(args.resolved, _dataset(args), "classifier", "vae", "diffusion")
             elif args.command == "train" and args.model != "diffusion":
-                config, train_config, _ = train_configs(args, shape_of(_dataset(args)))
+                args.resolved = train_configs(args, shape_of(_dataset(args)))
+                config, train_config, _ = args.resolved
                 check_batches(dataclasses.replace(config, **{f"{args.model}_train": train_config}),
                               _dataset(args), args.model)
             elif args.command == "train":
-                train_configs(args, run_shape(RunDir(args.run_dir)))
+                args.resolved = train_configs(args, run_shape(RunDir(args.run_dir)))
             dist.init(device)
             writes = args.command in ("train", "encode", "run", "sweep")
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
