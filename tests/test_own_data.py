@@ -252,3 +252,17 @@ def test_a_registered_name_on_other_data_says_what_to_do(folder: Path, tmp_path:
     with pytest.raises(DataError, match=r"run `ldm data download --dataset fashion-mnist "
                                         f"--data-dir {empty}`"):
         load_dataset(empty, "fashion-mnist")
+
+
+def test_torchrun_does_not_download_from_every_rank(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("LDM_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--device",
+                 "cpu"]) == 2
+    assert "under torchrun, fetch it first (`ldm data download --dataset mnist`)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "cache" / "latentdiffusion").exists()  # nothing fetched

@@ -48,6 +48,9 @@ def _load_dataset(args: argparse.Namespace) -> Dataset:
     if args.command == "run" and not args.data_dir and name in data.DATASETS:
         root = data.resolve_data_dir(None, name)
         if not all((root / f).exists() for f in data.DATASETS[name].md5):
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would fetch it at once
+                raise UsageError(f"{name} is not in {root}; under torchrun, fetch it first "
+                                 f"(`ldm data download --dataset {name}`) or pass --data-dir")
             print(f"{name} not found in {root}; downloading it there (use --data-dir DIR to "
                   "point at a copy)", file=sys.stderr)
             data.download(root, name)
