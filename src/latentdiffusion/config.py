@@ -123,6 +123,12 @@ class ClassifierConfig:
         if self.task == "rotation" and self.num_classes != 4:
             raise UsageError("ClassifierConfig: the rotation task has num_classes = 4")
 
+    @property
+    def data_classes(self) -> int:
+        """The data set's classes it predicts; 0 for the rotation task, whose outputs are not
+        classes of the data."""
+        return self.num_classes if self.task == "labels" else 0
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -302,8 +308,7 @@ class RunConfig:
         if image != (self.vae.image_size, self.vae.image_channels):
             raise UsageError("classifier and vae must take the same image_size and "
                              "image_channels")
-        if self.unet.num_classes and (self.classifier.task != "labels"
-                                      or self.unet.num_classes != self.classifier.num_classes):
+        if self.unet.num_classes and self.unet.num_classes != self.classifier.data_classes:
             raise UsageError("unet.num_classes must equal the data set's classes "
                              "(classifier.num_classes)")
         if self.sampling.labels and not self.unet.num_classes:
@@ -394,7 +399,7 @@ CONDITIONAL_GUIDANCE = 1.5
 def conditional(config: RunConfig, guidance: float = CONDITIONAL_GUIDANCE) -> RunConfig:
     """The run with a class-conditional denoiser (the classifier's classes) whose sets are
     balanced over the classes and guided at `guidance`."""
-    if config.classifier.task != "labels":
+    if not config.classifier.data_classes:
         raise UsageError("a class-conditional model needs a data set labelled with 2 classes "
                          "or more")
     r = dataclasses.replace
@@ -438,7 +443,7 @@ def for_images(config: RunConfig, shape: ImageShape) -> RunConfig:
 
 def image_shape_of(c: ClassifierConfig) -> ImageShape:
     """The images and classes a classifier config takes (0 classes: the rotation task)."""
-    return ImageShape(c.image_size, c.image_channels, c.num_classes if c.task == "labels" else 0)
+    return ImageShape(c.image_size, c.image_channels, c.data_classes)
 
 
 PRESETS = {"tiny": _tiny, "quick": _quick, "default": _default}

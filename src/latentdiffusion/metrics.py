@@ -171,10 +171,8 @@ def data_classes(classifier: nn.Module) -> int:
     """How many of the data set's classes the feature network predicts; 0 when its task is
     not the labels (the rotation task of unlabelled data), so its predictions say nothing of
     classes."""
-    config = getattr(classifier, "config", None)
-    if config is None or getattr(config, "task", "labels") != "labels":
-        return 0
-    return int(config.num_classes)
+    config = getattr(classifier, "config", None)  # a stand-in without one has no classes
+    return int(config.data_classes) if config is not None else 0
 
 
 def check_images(classifier: nn.Module, images: np.ndarray, where: str) -> None:

@@ -225,7 +225,7 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
                                              batch_size=s.batch_size, progress=progress), None)
     reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device)
     n = c.eval_samples
-    if c.classifier.task != "labels":  # labels the feature network cannot check
+    if not c.classifier.data_classes:  # labels the feature network cannot check
         test_labels = None
     rows = evaluation.validation_rows(len(reconstructions), n)
     sets["vae-reconstruction"] = (reconstructions[rows],

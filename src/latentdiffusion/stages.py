@@ -103,7 +103,7 @@ def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConf
                      progress: bool = True) -> Trained:
     """The FID feature network on the data set's labels, or on the rotation task without."""
     _check_images(dataset, model_config.image_size, model_config.image_channels)
-    labelled = model_config.task == "labels"
+    labelled = bool(model_config.data_classes)
     if labelled and (not dataset.labelled or dataset.num_classes != model_config.num_classes):
         raise UsageError(f"the classifier config expects {model_config.num_classes} classes but "
                          f"{dataset.name} has {dataset.num_classes or 'no labels'}")
