@@ -15,9 +15,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import write_dataset
-from latentdiffusion import checkpoint, training
+from latentdiffusion import checkpoint, identity, training
 from latentdiffusion.cli import main
-from latentdiffusion.config import PRESETS, RunConfig, preset
+from latentdiffusion.config import PRESETS, RunConfig, SamplingConfig, preset
+from latentdiffusion.diffusion.denoiser import LADDERS
 
 CPU = ["--device", "cpu"]
 STAGES = ["classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report"]
@@ -288,3 +289,17 @@ def test_sampling_accepts_a_resumed_vae_and_refuses_another(
     assert code == 0, err
     code, err = ldm(capsys, *sample)
     assert code == 1 and "was trained on latents of another VAE" in err, err
+
+
+def test_sets_of_ladder_samplers_are_keyed_by_the_ladder_rule(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A set sampled on karras or logsnr levels is made again when the ladders' rule changes;
+    a set of timestep samplers keeps its key."""
+    def key(*samplers: str) -> identity.StageKey:
+        return identity.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100)
+
+    grid, ladder = key("ddpm-20"), key("ddpm-20", "dpmpp-2m-10")
+    assert "ladders" not in grid.fields and ladder.fields["ladders"] == LADDERS
+    monkeypatch.setitem(LADDERS, "sigma_min", 0.05)
+    assert key("ddpm-20").digest == grid.digest
+    assert key("ddpm-20", "dpmpp-2m-10").digest != ladder.digest

@@ -13,6 +13,7 @@ from latentdiffusion.diffusion import SAMPLERS, NoiseSchedule, VPDenoiser, parse
 from latentdiffusion.diffusion.denoiser import (
     FlowDenoiser,
     karras_sigmas,
+    logsnr_sigmas,
     noise_levels,
     timesteps,
 )
@@ -89,7 +90,10 @@ def _gaussian_error(name: str, num_steps: int) -> float:
     """Distance to the exact ODE solution for Gaussian data N(X0, 0.5^2): along the flow,
     x - X0 scales with sqrt(0.5^2 + sigma^2), so x_0 = X0 + (x - X0) 0.5 / sqrt(0.25 + s^2)."""
     denoiser = VPDenoiser(oracle(X0, SCHEDULE, spread=0.5), SCHEDULE, "noise")
-    sigmas = noise_levels(denoiser, SAMPLERS[name].spacing, num_steps)
+    # The solver's order on one fixed range (noise_levels would raise the bottom for few steps)
+    ladder = karras_sigmas if SAMPLERS[name].spacing == "karras" else logsnr_sigmas
+    sigmas = (noise_levels(denoiser, "timesteps", num_steps) if name == "ddim" else torch.cat(
+        [ladder(num_steps, denoiser.sigma_min, denoiser.sigma_max), torch.zeros(1).double()]))
     x = denoiser.prior(_noise(4), float(sigmas[0]))
     exact = X0 + (x - X0) * 0.5 / math.sqrt(0.25 + float(sigmas[0]) ** 2)
     return float((SAMPLERS[name].function(denoiser, x, sigmas) - exact).abs().max())
@@ -239,11 +243,27 @@ def test_karras_and_logsnr_ladders_stop_at_sigma_80() -> None:
     cosine = VPDenoiser(oracle(X0, COSINE), COSINE, "noise")
     assert float(cosine.sigmas[-1]) > 1000 and cosine.sigma_max == 80.0
     for spacing in ("karras", "logsnr"):
-        levels = noise_levels(cosine, spacing, 10)  # type: ignore[arg-type]
+        levels = noise_levels(cosine, spacing, 50)  # type: ignore[arg-type]
         assert levels[0] == pytest.approx(80.0) and levels[-2] == pytest.approx(cosine.sigma_min)
     assert noise_levels(cosine, "timesteps", 10)[0] == cosine.sigmas[-1]  # the grid is whole
     linear = VPDenoiser(oracle(X0), SCHEDULE, "noise")  # its top level, 157, is also capped
     assert linear.sigma_max == 80.0
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_few_step_ladders_end_higher(spacing: str) -> None:
+    """The bottom of a K-step ladder is min(0.1, 10 / K^2), never below the model's own
+    smallest level: few steps are not spent below the decoder's resolution (README, samplers)."""
+    schedule = NoiseSchedule.from_config(ScheduleConfig(kind="cosine"))
+    cosine = VPDenoiser(oracle(X0, schedule), schedule, "noise")  # its smallest level: 0.0064
+    flow = FlowDenoiser(oracle(X0))  # 0.002
+    for denoiser, bottoms in ((cosine, {5: 0.1, 10: 0.1, 20: 0.025, 50: cosine.sigma_min}),
+                              (flow, {10: 0.1, 20: 0.025, 50: 0.004, 100: 0.002})):
+        for num_steps, bottom in bottoms.items():
+            levels = noise_levels(denoiser, spacing, num_steps)  # type: ignore[arg-type]
+            assert len(levels) == num_steps + 1 and levels[-1] == 0
+            assert levels[-2] == pytest.approx(bottom) and levels[0] == pytest.approx(80.0)
+            assert (levels.diff() < 0).all()
 
 
 def test_parse_sampler() -> None:

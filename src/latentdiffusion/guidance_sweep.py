@@ -25,6 +25,8 @@ from . import distributed as dist
 from .classwise import class_fids
 from .config import SamplingConfig, config_hash
 from .datasets import Dataset
+from .diffusion.denoiser import LADDERS
+from .diffusion.samplers import uses_ladder
 from .errors import UsageError
 from .fileio import write_json
 from .metrics import evaluate_images
@@ -57,7 +59,8 @@ def run_guidance_sweep(run: RunDir, dataset: Dataset, spec: str,
     hashes = [checkpoint.model_hash_of(checkpoint.load(run.model(name), kind=kind)[1])
               for name, kind in (("classifier", "classifier"), ("vae", "vae"),
                                  ("diffusion", "unet"))]
-    key = config_hash(*hashes, spec, num_samples, seed)
+    ladders = [LADDERS] if uses_ladder(spec) else []  # (keys of ddpm sweeps stay as they were)
+    key = config_hash(*hashes, spec, num_samples, seed, *ladders)
     path = run.root / "guidance.json"
     sweep = load(path)
     if sweep is None or sweep.get("key") != key:

@@ -28,6 +28,8 @@ from .config import (
     config_hash,
     to_dict,
 )
+from .diffusion.denoiser import LADDERS
+from .diffusion.samplers import uses_ladder
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
@@ -88,8 +90,11 @@ def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: Objecti
 
 def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,
                 eval_samples: int) -> StageKey:
+    """With the ladders' rule when a sampler uses one (so sets of timestep samplers keep their
+    key)."""
+    ladders = {"ladders": LADDERS} if any(map(uses_ladder, sampling.samplers)) else {}
     return StageKey.of(vae=vae_hash, diffusion=diffusion_hash, sampling=sampling,
-                       eval_samples=eval_samples)
+                       eval_samples=eval_samples, **ladders)
 
 
 def evaluation_key(samples_digest: str, classifier_hash: str) -> StageKey:

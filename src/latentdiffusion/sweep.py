@@ -24,6 +24,7 @@ from . import distributed as dist
 from .config import SamplingConfig, config_hash
 from .datasets import Dataset
 from .diffusion import SAMPLERS, model_calls, parse_sampler
+from .diffusion.denoiser import LADDERS
 from .diffusion.samplers import MAX_STEPS
 from .errors import UsageError
 from .fileio import write_json
@@ -90,7 +91,7 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
                                   ("diffusion", "unet"))}
     hashes = {name: checkpoint.model_hash_of(header) for name, header in headers.items()}
     denoiser = generation.load_denoiser(run, hashes["vae"], device)[0]  # for each pair's NFE
-    key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed)
+    key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed, LADDERS)
     path = run.root / "sweep.json"
     sweep = load(path)
     if sweep is None or sweep.get("key") != key:  # another classifier, VAE, N or seed

@@ -37,6 +37,18 @@ Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> pr
 # denoiser (its own top level is 20,291) it took heun-10 from FID 180.7 to 40.0 and dpmpp-2m-10
 # from 66.2 to 46.4 (2,000 digits; README, samplers); a cap of 20 was worse for both.
 LADDER_SIGMA_MAX = 80.0
+# The bottom of those ladders for K steps is min(0.1, 10 / K^2) (or the model's own smallest
+# level if higher); from there the sampler's last step jumps to D(x, sigma_min). The latents have
+# unit standard deviation, so 0.1 is noise at a tenth of the data's spread. Steps below it refine
+# what the decoder cannot see, and a few-step solver needs them higher up: against the converged
+# ODE (DDIM-500 from the same noise, 2,000 samples) ending at 0.1 instead of the trained 0.0064
+# cut the latent RMS error of dpmpp-2m-10 from 0.081 to 0.055 and of heun-10 from 0.053 to 0.036
+# on the default MNIST run (0.067 -> 0.050 and 0.066 -> 0.037 on 32x32 colour digits); the final
+# jump's own error (~0.03) outweighs that gain from about 20 steps on, hence the 1 / K^2 fall.
+LADDER_SIGMA_MIN = 0.1
+# The ladders' rule, in the key of every sample set and sweep that uses them: images made under
+# another rule are made again, not reused.
+LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "sigma_min_fall": "10/K^2"}
 Prediction = Literal["noise", "v"]
 Spacing = Literal["timesteps", "karras", "logsnr"]
 
@@ -44,7 +56,7 @@ Spacing = Literal["timesteps", "karras", "logsnr"]
 class Denoiser(Protocol):
     """What a sampler needs of a trained model."""
 
-    sigma_min: float  # the smallest noise level the model was trained on
+    sigma_min: float  # the smallest noise level the model was trained on (ladder_sigma_min)
     sigma_max: float  # the top of the karras and logsnr ladders (at most LADDER_SIGMA_MAX)
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
@@ -165,14 +177,18 @@ def logsnr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.T
                           dtype=torch.float64).exp()
 
 
+def ladder_sigma_min(denoiser: Denoiser, num_steps: int) -> float:
+    """The lowest level of a karras or logsnr ladder of K steps (LADDER_SIGMA_MIN)."""
+    return max(denoiser.sigma_min, min(LADDER_SIGMA_MIN, 10 / num_steps**2))
+
+
 def noise_levels(denoiser: Denoiser, spacing: Spacing, num_steps: int | None) -> torch.Tensor:
     """(K + 1,) float64 decreasing noise levels for K steps, ending at 0."""
     if spacing == "timesteps":
         levels = denoiser.timestep_sigmas(num_steps)
     elif num_steps is None:
         raise ValueError(f"spacing {spacing!r} needs a number of steps")
-    elif spacing == "karras":
-        levels = karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
     else:
-        levels = logsnr_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
+        ladder = karras_sigmas if spacing == "karras" else logsnr_sigmas
+        levels = ladder(num_steps, ladder_sigma_min(denoiser, num_steps), denoiser.sigma_max)
     return torch.cat([levels.double(), levels.new_zeros(1, dtype=torch.float64)])

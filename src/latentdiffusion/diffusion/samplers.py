@@ -216,6 +216,11 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, spec: str, *, generator: Gen
                             **kwargs)
 
 
+def uses_ladder(spec: str) -> bool:
+    """Whether `spec` places its levels on a karras or logsnr ladder (denoiser.LADDERS)."""
+    return SAMPLERS[parse_sampler(spec)[0]].spacing != "timesteps"
+
+
 def model_calls(spec: str, denoiser: Denoiser) -> int:
     """The NFE of `spec` on this denoiser (its grid decides 'ddpm' with every step)."""
     name, num_steps = parse_sampler(spec)
