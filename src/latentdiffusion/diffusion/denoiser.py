@@ -45,10 +45,10 @@ LADDER_SIGMA_MAX = 80.0
 # cut the latent RMS error of dpmpp-2m-10 from 0.081 to 0.055 and of heun-10 from 0.053 to 0.036
 # on the default MNIST run (0.067 -> 0.050 and 0.066 -> 0.037 on 32x32 colour digits); the final
 # jump's own error (~0.03) outweighs that gain from about 20 steps on, hence the 1 / K^2 fall.
-LADDER_SIGMA_MIN = 0.1
+LADDER_SIGMA_MIN, LADDER_FALL = 0.1, 10.0  # bottom: min(LADDER_SIGMA_MIN, LADDER_FALL / K^2)
 # The ladders' rule, in the key of every sample set and sweep that uses them: images made under
 # another rule are made again, not reused.
-LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "sigma_min_fall": "10/K^2"}
+LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "fall": LADDER_FALL}
 Prediction = Literal["noise", "v"]
 Spacing = Literal["timesteps", "karras", "logsnr"]
 
@@ -179,7 +179,7 @@ def logsnr_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.T
 
 def ladder_sigma_min(denoiser: Denoiser, num_steps: int) -> float:
     """The lowest level of a karras or logsnr ladder of K steps (LADDER_SIGMA_MIN)."""
-    return max(denoiser.sigma_min, min(LADDER_SIGMA_MIN, 10 / num_steps**2))
+    return max(denoiser.sigma_min, min(LADDER_SIGMA_MIN, LADDER_FALL / num_steps**2))
 
 
 def noise_levels(denoiser: Denoiser, spacing: Spacing, num_steps: int | None) -> torch.Tensor:
