@@ -10,7 +10,9 @@ target with uniform weights and t; each of v and min-SNR alone; uniformly drawn 
 (the paper's gamma); AdamW's default beta2 = 0.999; per-channel latent standardisation; the
 post's linear schedule; no EMA; InstanceNorm (the post's block); batch 256; and DDPM with
 sigma^2 = beta instead of beta_tilde. Flow matching variants (same UNet and latents): the
-preset with `kind="flow"` (logit-normal t), with uniform t, and at half the learning rate.
+preset with `kind="flow"` (logit-normal t), with uniform t, at half and at twice the learning
+rate, with t drawn toward the noise or the data (logit mean +-0.5: 69% of draws on that side of
+t = 0.5), closer to the middle (logit std 0.5 and 0.3), and without EMA.
 `--sampler a,b` scores each variant with every sampler named (the first gives `fid`).
 """
 
@@ -63,6 +65,19 @@ def main() -> None:
         "flow_lr_half": (r(c, objective=r(c.objective, kind="flow"),
                            diffusion_train=r(c.diffusion_train, lr=c.diffusion_train.lr / 2)),
                          "beta_tilde"),
+        "flow_lr_double": (r(c, objective=r(c.objective, kind="flow"),
+                             diffusion_train=r(c.diffusion_train, lr=c.diffusion_train.lr * 2)),
+                           "beta_tilde"),
+        "flow_time_noisier": (r(c, objective=r(c.objective, kind="flow", logit_mean=0.5)),
+                              "beta_tilde"),
+        "flow_time_cleaner": (r(c, objective=r(c.objective, kind="flow", logit_mean=-0.5)),
+                              "beta_tilde"),
+        "flow_time_narrow": (r(c, objective=r(c.objective, kind="flow", logit_std=0.5)),
+                             "beta_tilde"),
+        "flow_time_narrower": (r(c, objective=r(c.objective, kind="flow", logit_std=0.3)),
+                               "beta_tilde"),
+        "flow_no_ema": (r(c, objective=r(c.objective, kind="flow"),
+                          diffusion_train=r(c.diffusion_train, ema_decay=0.0)), "beta_tilde"),
     }
     if args.variants:
         chosen = args.variants.split(",")
