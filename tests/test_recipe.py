@@ -17,6 +17,7 @@ from latentdiffusion import recipe
 from latentdiffusion.arguments import build_parser, run_config
 from latentdiffusion.cli import main
 from latentdiffusion.config import (
+    FLOW_LOGIT_STD,
     RunConfig,
     ScheduleConfig,
     UNetConfig,
@@ -77,6 +78,23 @@ def test_printed_config_reads_back_identically(capsys: pytest.CaptureFixture[str
         k: type(v) for k, v in leaves(expected).items()}
     if flags[1:] == ("--conditional",):
         assert got.unet.num_classes == 10 and got.sampling.labels == "balanced"
+
+
+def test_objective_flow_brings_the_flow_time_density(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    """--objective flow switches a VP preset to flow with its logit-normal std (0.5); --set
+    comes after it, and a config that is flow already keeps its own."""
+    flow = config_of("--preset", "default", "--objective", "flow").objective
+    assert (flow.kind, flow.logit_std) == ("flow", FLOW_LOGIT_STD) and FLOW_LOGIT_STD != 1.0
+    assert config_of("--preset", "default", "--objective", "vp") == preset("default")
+    assert config_of("--preset", "default", "--objective", "flow", "--set",
+                     "objective.logit_std=1.0").objective.logit_std == 1.0
+    path = tmp_path / "flow.toml"
+    path.write_text(printed(capsys, "--preset", "default", "--objective", "flow", "--set",
+                            "objective.logit_std=0.8"))
+    assert config_of("--config", path, "--objective", "flow").objective.logit_std == 0.8
+    back = config_of("--config", path, "--objective", "vp").objective
+    assert back == preset("default").objective  # the VP preset's key again
 
 
 def test_toml_layout(capsys: pytest.CaptureFixture[str]) -> None:

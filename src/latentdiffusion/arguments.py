@@ -22,6 +22,7 @@ from .config import (
     for_images,
     image_shape_of,
     preset,
+    with_objective_kind,
 )
 from .diffusion import SAMPLERS, parse_sampler
 from .errors import DataError, UsageError
@@ -293,9 +294,7 @@ def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
 def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
     if kind is None:
         return config
-    # The config checks the value, with the same one-line error as every other.
-    objective = dataclasses.replace(config.objective, kind=kind)  # type: ignore[arg-type]
-    return dataclasses.replace(config, objective=objective)
+    return dataclasses.replace(config, objective=with_objective_kind(config.objective, kind))
 
 
 def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
