@@ -22,14 +22,12 @@ from common import emit, parser, setup
 from latentdiffusion import checkpoint, data, evaluation, latents
 from latentdiffusion.datasets import load_dataset
 from latentdiffusion.diffusion import SAMPLERS
-from latentdiffusion.diffusion.denoiser import karras_sigmas, logsnr_sigmas, noise_levels
+from latentdiffusion.diffusion.denoiser import noise_levels
 from latentdiffusion.generation import load_diffusion
 from latentdiffusion.metrics import FeatureStats, classify, frechet_distance
 from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
 from latentdiffusion.rundir import RunDir
-
-LADDERS = {"karras": karras_sigmas, "logsnr": logsnr_sigmas}
 
 
 def main() -> None:
@@ -71,8 +69,8 @@ def main() -> None:
                "model_sigma_min": denoiser.sigma_min, "variants": {}}
     for variant in args.variants.split(":"):
         name, spacing, steps, sigma_min = variant.split(",")
-        levels = LADDERS[spacing](int(steps), float(sigma_min), denoiser.sigma_max)
-        x0 = solve(name, torch.cat([levels, levels.new_zeros(1)]))
+        levels = noise_levels(denoiser, spacing, int(steps), float(sigma_min))  # type: ignore[arg-type]
+        x0 = solve(name, levels)
         results["variants"][variant] = {
             "nfe": SAMPLERS[name].model_calls(int(steps)),
             "rms_to_reference": (x0 - exact).square().mean().sqrt().item(), "fid": fid(x0)}

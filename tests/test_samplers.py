@@ -13,7 +13,6 @@ from latentdiffusion.diffusion import SAMPLERS, NoiseSchedule, VPDenoiser, parse
 from latentdiffusion.diffusion.denoiser import (
     FlowDenoiser,
     karras_sigmas,
-    logsnr_sigmas,
     noise_levels,
     timesteps,
 )
@@ -90,10 +89,8 @@ def _gaussian_error(name: str, num_steps: int) -> float:
     """Distance to the exact ODE solution for Gaussian data N(X0, 0.5^2): along the flow,
     x - X0 scales with sqrt(0.5^2 + sigma^2), so x_0 = X0 + (x - X0) 0.5 / sqrt(0.25 + s^2)."""
     denoiser = VPDenoiser(oracle(X0, SCHEDULE, spread=0.5), SCHEDULE, "noise")
-    # The solver's order on one fixed range (noise_levels would raise the bottom for few steps)
-    ladder = karras_sigmas if SAMPLERS[name].spacing == "karras" else logsnr_sigmas
-    sigmas = (noise_levels(denoiser, "timesteps", num_steps) if name == "ddim" else torch.cat(
-        [ladder(num_steps, denoiser.sigma_min, denoiser.sigma_max), torch.zeros(1).double()]))
+    # The solver's order on one fixed range (the default bottom rises for few steps)
+    sigmas = noise_levels(denoiser, SAMPLERS[name].spacing, num_steps, denoiser.sigma_min)
     x = denoiser.prior(_noise(4), float(sigmas[0]))
     exact = X0 + (x - X0) * 0.5 / math.sqrt(0.25 + float(sigmas[0]) ** 2)
     return float((SAMPLERS[name].function(denoiser, x, sigmas) - exact).abs().max())

@@ -45,11 +45,7 @@ from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_dp
 
 from latentdiffusion.config import ScheduleConfig
 from latentdiffusion.diffusion import NoiseSchedule, VPDenoiser, sample
-from latentdiffusion.diffusion.denoiser import (
-    karras_sigmas,
-    logsnr_sigmas,
-    timesteps,
-)
+from latentdiffusion.diffusion.denoiser import logsnr_sigmas, noise_levels, timesteps
 from latentdiffusion.diffusion.samplers import (
     SAMPLERS,
     ddim_sample,
@@ -406,8 +402,7 @@ def test_karras_levels_match_diffusers(schedule: NoiseSchedule, num_steps: int) 
     denoiser = VPDenoiser(GaussianNoise(schedule), schedule, "noise")
     # diffusers' whole range (ours is capped at 80 and raised at the bottom for few steps)
     denoiser.sigma_max = float(denoiser.sigmas[-1])
-    ours = torch.cat([karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max),
-                      torch.zeros(1, dtype=torch.float64)])
+    ours = noise_levels(denoiser, "karras", num_steps, denoiser.sigma_min)
     for cls in (EulerDiscreteScheduler, HeunDiscreteScheduler):
         scheduler = _make(cls, schedule, use_karras_sigmas=True)
         in_sigmas = denoiser.sigmas.flip(0).numpy()  # decreasing, as set_timesteps passes them

@@ -182,13 +182,16 @@ def ladder_sigma_min(denoiser: Denoiser, num_steps: int) -> float:
     return max(denoiser.sigma_min, min(LADDER_SIGMA_MIN, LADDER_FALL / num_steps**2))
 
 
-def noise_levels(denoiser: Denoiser, spacing: Spacing, num_steps: int | None) -> torch.Tensor:
-    """(K + 1,) float64 decreasing noise levels for K steps, ending at 0."""
+def noise_levels(denoiser: Denoiser, spacing: Spacing, num_steps: int | None,
+                 sigma_min: float | None = None) -> torch.Tensor:
+    """(K + 1,) float64 decreasing noise levels for K steps, ending at 0; a karras or logsnr
+    ladder ends at `sigma_min` if given (measurements), else at ladder_sigma_min."""
     if spacing == "timesteps":
         levels = denoiser.timestep_sigmas(num_steps)
     elif num_steps is None:
         raise ValueError(f"spacing {spacing!r} needs a number of steps")
     else:
         ladder = karras_sigmas if spacing == "karras" else logsnr_sigmas
-        levels = ladder(num_steps, ladder_sigma_min(denoiser, num_steps), denoiser.sigma_max)
+        bottom = ladder_sigma_min(denoiser, num_steps) if sigma_min is None else sigma_min
+        levels = ladder(num_steps, bottom, denoiser.sigma_max)
     return torch.cat([levels.double(), levels.new_zeros(1, dtype=torch.float64)])
