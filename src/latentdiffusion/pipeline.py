@@ -224,12 +224,10 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
     sets["vae-prior"] = (generation.generate(run, "vae", c.eval_samples, s.seed, device=device,
                                              batch_size=s.batch_size, progress=progress), None)
     reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device)
-    n = c.eval_samples
     if not c.classifier.data_classes:  # labels the feature network cannot check
         test_labels = None
-    rows = evaluation.validation_rows(len(reconstructions), n)
-    sets["vae-reconstruction"] = (reconstructions[rows],
-                                  None if test_labels is None else test_labels[rows])
+    sets["vae-reconstruction"] = evaluation.scored_subset(reconstructions, test_labels,
+                                                          c.eval_samples)
     timings: dict[str, dict[str, float]] = {}
     for spec in s.samplers:
         start = time.perf_counter()
@@ -273,12 +271,10 @@ def _evaluate_all(run: RunDir, dataset: Dataset, sets: list[str],
     # The reconstruction row's eval_samples test images: FID is biased upwards at small N, so
     # Validation must have the N of the rows it is the floor of.
     test_images, test_labels = dataset.split("test")
-    n = eval_samples
     if not data_classes(classifier):
         test_labels = None
-    rows = evaluation.validation_rows(len(test_images), n)
-    results["validation"] = score(test_images[rows],
-                                  None if test_labels is None else test_labels[rows])
+    results["validation"] = score(*evaluation.scored_subset(test_images, test_labels,
+                                                            eval_samples))
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
@@ -307,8 +303,7 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
         plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
                                     dataset.class_names, figures / "class_histogram.png")
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
-    originals = dataset.test_images[evaluation.validation_rows(len(dataset.test_images),
-                                                               c.eval_samples)]
+    originals = evaluation.scored_subset(dataset.test_images, None, c.eval_samples)[0]
     plots.save_reconstructions(originals, reconstructions, figures / "reconstructions.png")
     if c.unet.num_classes:  # one row per requested class, from the first sampler's set
         images, labels = load_samples(run.samples(c.sampling.samplers[0]))

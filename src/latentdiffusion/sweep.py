@@ -98,8 +98,7 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
         sweep = {"key": key, "n": num_samples, "seed": seed, "denoisers": {}}
     classifier, reference = evaluation.reference(dataset, run, device)
     if "validation" not in sweep:
-        test_images = dataset.test_images[evaluation.validation_rows(len(dataset.test_images),
-                                                                     num_samples)]
+        test_images = evaluation.scored_subset(dataset.test_images, None, num_samples)[0]
         sweep["validation"] = _scores(evaluate_images(classifier, test_images, reference, None,
                                                       device))
     entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
