@@ -150,12 +150,20 @@ def test_conditional_run_on_three_classes(folder: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["run", "--preset", "tiny", "--conditional", "--data-dir", str(folder),
-                 "--run-dir", str(run), "--device", "cpu", "--quiet"]) == 0
+                 "--run-dir", str(run), "--device", "cpu", "--quiet",
+                 "--set", "eval_samples=6"]) == 0  # fewer than the 11 test images
     capsys.readouterr()
     images, labels = load_samples(run / "samples" / "ddpm.npz")
     assert labels is not None and list(labels) == [i % 3 for i in range(24)]  # balanced over K
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["ddpm"]["fid_per_class"]) == 3
+    # The folder's test split is read class by class and the run scores 6 of its images: a
+    # subset across the classes, with each image's own label (not the first 6 images).
+    test_images, test_labels = load_dataset(folder).split("test")
+    assert test_labels is not None and len(test_images) == 11
+    _, reconstruction_labels = load_samples(run / "samples" / "vae-reconstruction.npz")
+    assert reconstruction_labels is not None and len(set(reconstruction_labels.tolist())) > 1
+    assert np.array_equal(reconstruction_labels, test_labels[validation_rows(11, 6)])
     grid = np.asarray(Image.open(run / "figures" / "class_grid.png"))
     assert grid.shape[0] * 10 < grid.shape[1] * 4  # 3 rows of 10 cells: wider than tall
     assert "FID of classes blue, green, red" in (run / "report.md").read_text()
