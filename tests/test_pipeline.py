@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from latentdiffusion import checkpoint
+from latentdiffusion import checkpoint, latents
 from latentdiffusion.cli import main
+from latentdiffusion.generation import load_denoiser
 from latentdiffusion.metrics import load_samples
+from latentdiffusion.rundir import RunDir
 
 STAGES = ["classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report"]
 
@@ -161,6 +164,10 @@ def test_flow_objective_end_to_end(data_dir: Path, tmp_path: Path,
     assert [s for s in STAGES if events[s] == "ran"] == STAGES[3:]  # diffusion and after
     header = checkpoint.peek(run / "diffusion.safetensors")
     assert header is not None and header["objective"]["kind"] == "flow"
+    # The model stores its training x_0's mean, where the samplers' ladders start.
+    latent_set, _ = latents.load(run / "latents.safetensors")
+    denoiser, _ = load_denoiser(RunDir(run), header["vae_hash"], torch.device("cpu"))
+    assert torch.allclose(denoiser.data_mean, latent_set.normalised("train").mean(dim=0))
     assert (run / "diffusion.safetensors").read_bytes() != vp_weights
     metrics = json.loads((run / "metrics.json").read_text())
     assert all(math.isfinite(metrics[k]["fid"]) for k in ("ddim-5", "ddpm"))

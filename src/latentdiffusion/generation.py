@@ -3,6 +3,7 @@ reconstructions, and the samples file every generator writes (`.npz` plus a `.pn
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
 from .datasets import Dataset
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
-from .diffusion.guidance import guided, labels_for, parse_labels
+from .diffusion.guidance import MakeDenoiser, guided, labels_for, parse_labels
 from .diffusion.objective import Objective, make_objective
 from .errors import CheckpointError, UsageError
 from .fileio import write_npz
@@ -37,12 +38,23 @@ def load_diffusion(run: RunDir, vae_hash: str, device: torch.device
     return unet, objective, header
 
 
+def denoiser_maker(objective: Objective, header: dict[str, Any], device: torch.device
+                   ) -> MakeDenoiser:
+    """network -> D(x, sigma) of a model with this header: its ladders start at the mean of
+    its training x_0 (C, S, S) that the header stores (denoiser.start), or at 0 for models
+    trained before it was stored."""
+    mean = header.get("data_mean")
+    data_mean = None if mean is None else torch.tensor(mean, dtype=torch.float32,
+                                                       device=device)
+    return functools.partial(objective.denoiser, data_mean=data_mean)
+
+
 def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
                   ) -> tuple[Denoiser, dict[str, Any]]:
     """The run's trained denoiser D(x, sigma), whatever its objective, and its model header
     (a conditional model without labels: its unconditional half, the null label)."""
     unet, objective, header = load_diffusion(run, vae_hash, device)
-    return objective.denoiser(unet), header
+    return denoiser_maker(objective, header, device)(unet), header
 
 
 def num_classes(run: RunDir) -> int:
@@ -93,7 +105,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         check_conditioning(run, sampling)
         unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header),
                                                  device)
-        denoiser: Denoiser = objective.denoiser(unet)
+        make_denoiser = denoiser_maker(objective, header, device)
+        denoiser: Denoiser = make_denoiser(unet)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []
@@ -105,7 +118,7 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
             if sampling.labels:  # (B,) labels of these samples, guided at scale s
                 labels = torch.tensor(labels_for(sampling.labels, indices, unet.config.num_classes),
                                       device=device)
-                denoiser = guided(objective.denoiser, unet, labels, unet.null_label,
+                denoiser = guided(make_denoiser, unet, labels, unet.null_label,
                                   sampling.guidance)
             x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
                         generator=generators, progress=progress)

@@ -215,4 +215,5 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
     return _train(run, "diffusion", UNet, model_config, train_config, loss, train_set, test_set,
                   key, device, resume, progress, schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
+                  data_mean=train_set[0].mean(dim=0).tolist(),  # (C, S, S): denoiser.start
                   latents_hash=latent_header["sha256"], vae_hash=latent_set.vae_hash)

@@ -48,7 +48,9 @@ LADDER_SIGMA_MAX = 80.0
 LADDER_SIGMA_MIN, LADDER_FALL = 0.1, 10.0  # bottom: min(LADDER_SIGMA_MIN, LADDER_FALL / K^2)
 # The ladders' rule, in the key of every sample set and sweep that uses them: images made under
 # another rule are made again, not reused.
-LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "fall": LADDER_FALL}
+# The ladders start from the data's mean, not from 0 (`start`).
+LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "fall": LADDER_FALL,
+           "start": "data mean"}
 Prediction = Literal["noise", "v"]
 Spacing = Literal["timesteps", "karras", "logsnr"]
 
@@ -64,12 +66,28 @@ class Denoiser(Protocol):
         ...
 
     def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        """A sample of x at level sigma once the data is forgotten, from unit `noise`."""
+        """A sample of x at level sigma, the sampler's start, from unit `noise` (start)."""
         ...
 
     def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
         """(K,) decreasing levels of the model's own training grid; all of them for None."""
         ...
+
+
+def start(noise: torch.Tensor, sigma: float, data_mean: torch.Tensor | None) -> torch.Tensor:
+    """x at a finite level sigma from unit noise: data_mean + sqrt(1 + sigma^2) noise.
+
+    The marginal of x = x_0 + sigma noise has mean E[x_0] and, for the unit-variance latents,
+    std sqrt(1 + sigma^2). At the top of the ladders (sigma = 80) the mean is 1% of x, yet it is
+    no detail: the latents' mean image (RMS 0.82 on MNIST) is left out of N(0, sigma^2) and the
+    ODE carries the error to the end. Starting from it cut the FID of 2,000 `dpmpp-2m-10` digits
+    from 38.7 to 37.0 and of `heun-10` from 39.7 to 37.7 on the default VP run; on the flow run,
+    with the flow prior's old scale (1 + sigma) made sqrt(1 + sigma^2) as well, 46.3 -> 42.3 and
+    47.9 -> 43.6 (README, samplers). `data_mean` (C, H, W) is the training latents' mean, stored
+    with the model; None starts from 0.
+    """
+    x = noise * (1 + sigma**2) ** 0.5
+    return x if data_mean is None else x + data_mean.to(x)
 
 
 def timesteps(num_timesteps: int, num_steps: int | None) -> list[int]:
@@ -91,6 +109,7 @@ class VPDenoiser:
     network: Network
     schedule: NoiseSchedule
     prediction: Prediction = "noise"
+    data_mean: torch.Tensor | None = None  # (C, H, W) of the training x_0 (start)
 
     def __post_init__(self) -> None:
         alphas_cumprod = self.schedule.alphas_cumprod  # (T,) float64
@@ -120,8 +139,13 @@ class VPDenoiser:
         return alpha_ * (x_t - sigma_ * output)
 
     def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        """x_t = noise (eq. (3) with the data forgotten), i.e. x = noise sqrt(1 + sigma^2)."""
-        return noise * (1 + sigma**2) ** 0.5
+        """x_t = noise at the model's own top level (eq. (3) with the data forgotten), i.e.
+        x = noise sqrt(1 + sigma^2); below it, `start` from the data mean. (At the top, where
+        the timestep samplers begin, the mean is 5e-5 of x: left out, their images stay as
+        they were.)"""
+        if sigma >= float(self.sigmas[-1]):
+            return noise * (1 + sigma**2) ** 0.5
+        return start(noise, sigma, self.data_mean)
 
     def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
         return self.sigmas[timesteps(len(self.sigmas), num_steps)]
@@ -137,6 +161,7 @@ class FlowDenoiser:
     # place) end at EDM's levels: sigma_max = 80 is t = 0.988.
     sigma_min: float = 0.002
     sigma_max: float = LADDER_SIGMA_MAX
+    data_mean: torch.Tensor | None = None  # (C, H, W) of the training x_0 (start)
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])  # (B,)
@@ -147,8 +172,9 @@ class FlowDenoiser:
         return x_t - t.to(x).view(-1, 1, 1, 1) * velocity
 
     def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        """x_t = noise at t = 1, i.e. x = noise (1 + sigma); the noise itself at sigma = inf."""
-        return noise if math.isinf(sigma) else noise * (1 + sigma)
+        """The noise itself at sigma = inf (x_t = noise at t = 1, in the limit form); `start`
+        at a finite level."""
+        return noise if math.isinf(sigma) else start(noise, sigma, self.data_mean)
 
     def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
         """IADB's levels: t_k = k / K for k = K .. 1 (K = 1000 for None), from sigma = inf."""

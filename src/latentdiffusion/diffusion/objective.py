@@ -109,8 +109,9 @@ class Objective(Protocol):
         """The (B,) time the network is conditioned on."""
         ...
 
-    def denoiser(self, network: Network) -> Denoiser:
-        """The trained network as D(x, sigma), for every sampler."""
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
+        """The trained network as D(x, sigma), for every sampler; `data_mean` (C, H, W) of the
+        training x_0 is where the ladders start (denoiser.start)."""
         ...
 
 
@@ -138,8 +139,8 @@ class VPObjective:
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def denoiser(self, network: Network) -> Denoiser:
-        return VPDenoiser(network, self.schedule, self.config.prediction)
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
+        return VPDenoiser(network, self.schedule, self.config.prediction, data_mean)
 
 
 @dataclass
@@ -167,8 +168,8 @@ class FlowObjective:
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_scale * t
 
-    def denoiser(self, network: Network) -> Denoiser:
-        return FlowDenoiser(network, self.time_scale)
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
+        return FlowDenoiser(network, self.time_scale, data_mean=data_mean)
 
 
 def make_objective(config: ObjectiveConfig, schedule: NoiseSchedule) -> Objective:
