@@ -298,8 +298,32 @@ def test_sets_of_ladder_samplers_are_keyed_by_the_ladder_rule(monkeypatch: pytes
     def key(*samplers: str) -> identity.StageKey:
         return identity.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100)
 
-    grid, ladder = key("ddpm-20"), key("ddpm-20", "dpmpp-2m-10")
+    def flow_key(*samplers: str) -> identity.StageKey:  # the rule sets a flow model's D at t = 1
+        return identity.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100, "flow")
+
+    grid, ladder, flow_grid = key("ddpm-20"), key("ddpm-20", "dpmpp-2m-10"), flow_key("ddpm-20")
     assert "ladders" not in grid.fields and ladder.fields["ladders"] == LADDERS
+    assert flow_grid.fields["ladders"] == LADDERS
     monkeypatch.setitem(LADDERS, "sigma_min", 0.05)
     assert key("ddpm-20").digest == grid.digest
     assert key("ddpm-20", "dpmpp-2m-10").digest != ladder.digest
+    assert flow_key("ddpm-20").digest != flow_grid.digest
+
+
+def test_a_denoiser_without_its_data_mean_is_trained_again(
+        finished: tuple[Path, Path], run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A denoiser of an earlier release lacks the data mean its samplers start from: `ldm run`
+    trains it again, to the same weights, and keeps the sets of VP timestep samplers."""
+    path = run / "diffusion.safetensors"
+    tensors, header = checkpoint.load(path, kind="unet")
+    written = ("kind", "format_version", "sha256", "data_mean")  # checkpoint.save adds the first 3
+    checkpoint.save(path, tensors, kind="unet", **{k: v for k, v in header.items()
+                                                   if k not in written})
+    assert "data_mean" not in _diffusion_header(run)
+    code, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", finished[0], "--run-dir",
+                    run, *CPU)
+    assert code == 0, err
+    ran = events(err)
+    assert ran["diffusion"] == "ran" and ran["sample"] == "skipped", ran
+    assert _diffusion_header(run)["data_mean"] == header["data_mean"]
+    assert_same_weights(run, finished[1], "diffusion")

@@ -395,6 +395,21 @@ def test_ladders_start_from_the_data_mean(name: str, kind: str) -> None:
     assert (short > exact / 2).all() and (short < 2 * exact).all(), short
 
 
+def test_the_flow_denoiser_at_pure_noise_is_the_data_mean() -> None:
+    """At t = 1 (sigma = inf) x_t is pure noise, so E[x_0 | x_t] = E[x_0]: the data mean, not
+    the network's guess (here X0), for the rows at that level; labelled rows keep the network's
+    (their E[x_0 | y] is their class's mean)."""
+    mean, noise = torch.full((1, 2, 2), 0.3, dtype=torch.float64), _noise(3)
+    known = FlowDenoiser(flow_oracle(X0), data_mean=mean)
+    assert torch.equal(known(noise, math.inf), mean.expand_as(noise))
+    rows = known(noise, torch.tensor([math.inf, 2.0, math.inf], dtype=torch.float64))
+    assert torch.equal(rows[[0, 2]], mean.expand(2, -1, -1, -1))
+    assert torch.allclose(rows[1], X0[0])
+    for network_guess in (FlowDenoiser(flow_oracle(X0)),
+                          FlowDenoiser(flow_oracle(X0), data_mean=mean, mean_at_noise=False)):
+        assert torch.allclose(network_guess(noise, math.inf), X0.expand_as(noise))
+
+
 def test_timestep_samplers_start_where_they_did() -> None:
     """At the VP model's own top level, where ddpm and ddim begin, the prior leaves the data
     mean out (5e-5 of x there), so their images are those of models without a stored mean."""

@@ -38,15 +38,15 @@ def load_diffusion(run: RunDir, vae_hash: str, device: torch.device
     return unet, objective, header
 
 
-def denoiser_maker(objective: Objective, header: dict[str, Any], device: torch.device
-                   ) -> MakeDenoiser:
+def denoiser_maker(objective: Objective, header: dict[str, Any], device: torch.device,
+                   labelled: bool = False) -> MakeDenoiser:
     """network -> D(x, sigma) of a model with this header: its ladders start at the mean of
     its training x_0 (C, S, S) that the header stores (denoiser.start), or at 0 for models
-    trained before it was stored."""
+    trained before it was stored; `labelled` for networks that see the rows' labels."""
     mean = header.get("data_mean")
     data_mean = None if mean is None else torch.tensor(mean, dtype=torch.float32,
                                                        device=device)
-    return functools.partial(objective.denoiser, data_mean=data_mean)
+    return functools.partial(objective.denoiser, data_mean=data_mean, labelled=labelled)
 
 
 def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
@@ -105,8 +105,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         check_conditioning(run, sampling)
         unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header),
                                                  device)
-        make_denoiser = denoiser_maker(objective, header, device)
-        denoiser: Denoiser = make_denoiser(unet)
+        denoiser: Denoiser = denoiser_maker(objective, header, device)(unet)
+        labelled = denoiser_maker(objective, header, device, labelled=True)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []
@@ -118,8 +118,7 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
             if sampling.labels:  # (B,) labels of these samples, guided at scale s
                 labels = torch.tensor(labels_for(sampling.labels, indices, unet.config.num_classes),
                                       device=device)
-                denoiser = guided(make_denoiser, unet, labels, unet.null_label,
-                                  sampling.guidance)
+                denoiser = guided(labelled, unet, labels, unet.null_label, sampling.guidance)
             x0 = sample(denoiser, x_T, sampler, variance=sampling.variance, eta=sampling.eta,
                         generator=generators, progress=progress)
             chunks.append(vae.decode(latents.denormalise(x0, shift, scale)).cpu())

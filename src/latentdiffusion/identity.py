@@ -89,10 +89,11 @@ def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: Objecti
 
 
 def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,
-                eval_samples: int) -> StageKey:
-    """With the ladders' rule when a sampler uses one (so sets of timestep samplers keep their
-    key)."""
-    ladders = {"ladders": LADDERS} if any(map(uses_ladder, sampling.samplers)) else {}
+                eval_samples: int, objective: str = "vp") -> StageKey:
+    """With the samplers' rules (denoiser.LADDERS) when a sampler uses a ladder or the model is
+    a flow model, whose D at t = 1 they set (so sets of VP timestep samplers keep their key)."""
+    uses_rules = objective == "flow" or any(map(uses_ladder, sampling.samplers))
+    ladders = {"ladders": LADDERS} if uses_rules else {}
     return StageKey.of(vae=vae_hash, diffusion=diffusion_hash, sampling=sampling,
                        eval_samples=eval_samples, **ladders)
 

@@ -54,10 +54,12 @@ def _manifest(run: RunDir) -> dict[str, Any]:
     return read_manifest(run.root / "run.json")
 
 
-def _made_with(path: Path, kind: str, key: str) -> bool:
-    """Whether `path` verifies, holds a file of `kind` and was made under the stage key."""
+def _made_with(path: Path, kind: str, key: str, *fields: str) -> bool:
+    """Whether `path` verifies, holds a file of `kind` made under the stage key and has the
+    header `fields` that this release writes."""
     header = checkpoint.peek(path)
-    return header is not None and header.get("kind") == kind and header.get("key") == key
+    return (header is not None and header.get("kind") == kind and header.get("key") == key
+            and all(field in header for field in fields))
 
 
 def _model_hash(path: Path, kind: str) -> str:
@@ -172,11 +174,14 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
     key = identity.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
                                  latents_hash).digest
-    r.step("diffusion", key, _made_with(run.model("diffusion"), "unet", key), r.diffusion)
+    # A denoiser of an earlier release lacks its data mean (denoiser.start): trained again, to
+    # the same weights.
+    made = _made_with(run.model("diffusion"), "unet", key, "data_mean")
+    r.step("diffusion", key, made, r.diffusion)
 
     diffusion_hash = _model_hash(run.model("diffusion"), "unet")
-    sample_key = identity.samples_key(vae_hash, diffusion_hash, c.sampling,
-                                      c.eval_samples).digest
+    sample_key = identity.samples_key(vae_hash, diffusion_hash, c.sampling, c.eval_samples,
+                                      c.objective.kind).digest
     r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
            r.sample)
 

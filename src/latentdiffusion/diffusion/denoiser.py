@@ -48,9 +48,10 @@ LADDER_SIGMA_MAX = 80.0
 LADDER_SIGMA_MIN, LADDER_FALL = 0.1, 10.0  # bottom: min(LADDER_SIGMA_MIN, LADDER_FALL / K^2)
 # The ladders' rule, in the key of every sample set and sweep that uses them: images made under
 # another rule are made again, not reused.
-# The ladders start from the data's mean, not from 0 (`start`).
+# The ladders start from the data's mean, not from 0 (`start`), and a flow model's D at t = 1 is
+# that mean (FlowDenoiser.mean_at_noise).
 LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "fall": LADDER_FALL,
-           "start": "data mean"}
+           "start": "data mean", "flow_at_noise": "data mean"}
 Prediction = Literal["noise", "v"]
 Spacing = Literal["timesteps", "karras", "logsnr"]
 
@@ -162,6 +163,11 @@ class FlowDenoiser:
     sigma_min: float = 0.002
     sigma_max: float = LADDER_SIGMA_MAX
     data_mean: torch.Tensor | None = None  # (C, H, W) of the training x_0 (start)
+    # At t = 1, x_t is pure noise, so E[x_0 | x_t] = E[x_0] exactly: D is data_mean there, not
+    # the network's guess at a level that the logit-normal t almost never trains (the RMS of its
+    # guess is 1.28 where the mean's is 0.82 on MNIST; IADB's `ddim-20` FID 41.9 -> 34.0, 2,000
+    # digits). Off for label-conditioned rows, whose E[x_0 | y] is their class's mean.
+    mean_at_noise: bool = True
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])  # (B,)
@@ -169,7 +175,11 @@ class FlowDenoiser:
         scale = torch.where(sigma.isinf(), 1.0, 1 / (1 + sigma))  # x_t = x / (1 + sigma)
         x_t = scale.to(x).view(-1, 1, 1, 1) * x  # (B, C, H, W)
         velocity = self.network(x_t, _time_like(self.time_scale * t, x))
-        return x_t - t.to(x).view(-1, 1, 1, 1) * velocity
+        denoised = x_t - t.to(x).view(-1, 1, 1, 1) * velocity
+        if self.data_mean is None or not self.mean_at_noise:
+            return denoised
+        at_noise = sigma.isinf().to(x.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1) rows at t = 1
+        return torch.where(at_noise, self.data_mean.to(x), denoised)
 
     def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
         """The noise itself at sigma = inf (x_t = noise at t = 1, in the limit form); `start`

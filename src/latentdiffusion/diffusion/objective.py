@@ -109,9 +109,11 @@ class Objective(Protocol):
         """The (B,) time the network is conditioned on."""
         ...
 
-    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None,
+                 labelled: bool = False) -> Denoiser:
         """The trained network as D(x, sigma), for every sampler; `data_mean` (C, H, W) of the
-        training x_0 is where the ladders start (denoiser.start)."""
+        training x_0 is where the ladders start (denoiser.start) and, for a network that sees
+        no labels, the flow model's D at t = 1."""
         ...
 
 
@@ -139,7 +141,8 @@ class VPObjective:
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None,
+                 labelled: bool = False) -> Denoiser:
         return VPDenoiser(network, self.schedule, self.config.prediction, data_mean)
 
 
@@ -168,8 +171,10 @@ class FlowObjective:
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_scale * t
 
-    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None) -> Denoiser:
-        return FlowDenoiser(network, self.time_scale, data_mean=data_mean)
+    def denoiser(self, network: Network, data_mean: torch.Tensor | None = None,
+                 labelled: bool = False) -> Denoiser:
+        return FlowDenoiser(network, self.time_scale, data_mean=data_mean,
+                            mean_at_noise=not labelled)
 
 
 def make_objective(config: ObjectiveConfig, schedule: NoiseSchedule) -> Objective:
