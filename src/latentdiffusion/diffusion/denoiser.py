@@ -17,7 +17,11 @@ Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023) and IADB (H
 take the straight path x_t = (1 - t) x_0 + t noise, t in [0, 1], and predict the velocity
 v = noise - x_0. In this form sigma = t / (1 - t), x_t = x / (1 + sigma) and x_0 = x_t - t v.
 Its noisiest level, t = 1, is sigma = inf: there a sampler's state holds the limit of x / sigma,
-the unit noise itself (`prior`), and the samplers step out of it in the limit form.
+the unit noise itself (`prior`), and the samplers step out of it in the limit form; D there is
+the data mean, E[x_0] (FlowDenoiser.mean_at_noise).
+
+Samplers that start at a finite level (the karras and logsnr ladders) start from the data mean
+plus noise (`start`), the marginal's first two moments there.
 """
 
 from __future__ import annotations
