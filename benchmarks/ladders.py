@@ -23,7 +23,7 @@ from latentdiffusion import checkpoint, data, evaluation, latents
 from latentdiffusion.datasets import load_dataset
 from latentdiffusion.diffusion import SAMPLERS
 from latentdiffusion.diffusion.denoiser import noise_levels
-from latentdiffusion.generation import denoiser_maker, load_diffusion
+from latentdiffusion.generation import load_diffusion, stored_mean
 from latentdiffusion.metrics import FeatureStats, classify, frechet_distance
 from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
@@ -41,7 +41,7 @@ def main() -> None:
     dataset = load_dataset(args.data_dir)
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header), device)
-    denoiser = denoiser_maker(objective, header, device)(unet)
+    denoiser = objective.denoiser(unet, stored_mean(header, device))
     shift, scale = tuple(header["shift"]), tuple(header["scale"])
     classifier, reference = evaluation.reference(dataset, run, device)
     c, s = vae.config.latent_channels, vae.config.latent_size

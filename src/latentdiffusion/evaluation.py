@@ -70,7 +70,6 @@ def validation_rows(count: int, n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, n, replace=False))
 
 
-
 def scored_subset(images: np.ndarray, labels: np.ndarray | None, n: int
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """The `n` rows of a test-set-ordered set that a run scores (validation_rows), with their

@@ -15,7 +15,7 @@ from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
 from .datasets import Dataset
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
-from .diffusion.guidance import MakeDenoiser, guided, labels_for, parse_labels
+from .diffusion.guidance import guided, labels_for, parse_labels
 from .diffusion.objective import Objective, make_objective
 from .errors import CheckpointError, UsageError
 from .fileio import write_npz
@@ -38,15 +38,11 @@ def load_diffusion(run: RunDir, vae_hash: str, device: torch.device
     return unet, objective, header
 
 
-def denoiser_maker(objective: Objective, header: dict[str, Any], device: torch.device,
-                   labelled: bool = False) -> MakeDenoiser:
-    """network -> D(x, sigma) of a model with this header: its ladders start at the mean of
-    its training x_0 (C, S, S) that the header stores (denoiser.start), or at 0 for models
-    trained before it was stored; `labelled` for networks that see the rows' labels."""
+def stored_mean(header: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """(C, S, S) mean of the training x_0 that a diffusion model's header stores, where its
+    ladders start (denoiser.start); None for models trained before it was stored."""
     mean = header.get("data_mean")
-    data_mean = None if mean is None else torch.tensor(mean, dtype=torch.float32,
-                                                       device=device)
-    return functools.partial(objective.denoiser, data_mean=data_mean, labelled=labelled)
+    return None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device)
 
 
 def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
@@ -54,7 +50,7 @@ def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
     """The run's trained denoiser D(x, sigma), whatever its objective, and its model header
     (a conditional model without labels: its unconditional half, the null label)."""
     unet, objective, header = load_diffusion(run, vae_hash, device)
-    return denoiser_maker(objective, header, device)(unet), header
+    return objective.denoiser(unet, stored_mean(header, device)), header
 
 
 def num_classes(run: RunDir) -> int:
@@ -105,8 +101,9 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         check_conditioning(run, sampling)
         unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header),
                                                  device)
-        denoiser: Denoiser = denoiser_maker(objective, header, device)(unet)
-        labelled = denoiser_maker(objective, header, device, labelled=True)
+        data_mean = stored_mean(header, device)
+        denoiser: Denoiser = objective.denoiser(unet, data_mean)
+        labelled = functools.partial(objective.denoiser, data_mean=data_mean, labelled=True)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))
     chunks = []

@@ -50,10 +50,9 @@ LADDER_SIGMA_MAX = 80.0
 # on the default MNIST run (0.067 -> 0.050 and 0.066 -> 0.037 on 32x32 colour digits); the final
 # jump's own error (~0.03) outweighs that gain from about 20 steps on, hence the 1 / K^2 fall.
 LADDER_SIGMA_MIN, LADDER_FALL = 0.1, 10.0  # bottom: min(LADDER_SIGMA_MIN, LADDER_FALL / K^2)
-# The ladders' rule, in the key of every sample set and sweep that uses them: images made under
-# another rule are made again, not reused.
-# The ladders start from the data's mean, not from 0 (`start`), and a flow model's D at t = 1 is
-# that mean (FlowDenoiser.mean_at_noise).
+# The samplers' rules beyond the model, in the key of every sample set and sweep they shape, so
+# images made under another rule are made again, not reused: the ladders' ends, their start from
+# the data's mean (`start`), and a flow model's D at t = 1 (FlowDenoiser.mean_at_noise).
 LADDERS = {"sigma_max": LADDER_SIGMA_MAX, "sigma_min": LADDER_SIGMA_MIN, "fall": LADDER_FALL,
            "start": "data mean", "flow_at_noise": "data mean"}
 Prediction = Literal["noise", "v"]
