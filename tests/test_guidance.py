@@ -369,10 +369,10 @@ def test_labels_on_the_vae(capsys: pytest.CaptureFixture[str],
     _, run = unconditional_run
     assert_fails(capsys, 2, "sample", "--model", "vae", "--labels", "3", "--run-dir", run,
                  "--out", tmp_path / "x.npz", "--device", "cpu",
-                 match="--labels and --guidance work with --model diffusion")
+                 match="--labels, --guidance and --autoguidance work with --model diffusion")
     assert_fails(capsys, 2, "sample", "--model", "vae", "--reconstruct", "test", "--guidance",
                  "2", "--run-dir", run, "--out", tmp_path / "x.npz", "--device", "cpu",
-                 match="--labels and --guidance work with --model diffusion")
+                 match="--labels, --guidance and --autoguidance work with --model diffusion")
     assert not (tmp_path / "x.npz").exists()
 
 

@@ -22,7 +22,7 @@ from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
 from latentdiffusion.rundir import RunDir
 
-STAGES = ["classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report"]
+STAGES = ["classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report"]
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, str]:
@@ -51,8 +51,11 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
             "--device", "cpu")
     assert _run(capsys, *argv) == dict.fromkeys(STAGES, "ran")
 
-    for name in ("classifier", "vae", "diffusion", "latents"):
+    for name in ("classifier", "vae", "diffusion", "guide", "latents"):
         assert (run / f"{name}.safetensors").is_file()
+    guide = checkpoint.peek(run / "guide.safetensors")  # the tiny preset's guide: (4, 8), 1 epoch
+    assert guide is not None and guide["config"]["channels"] == [4, 8]
+    assert guide["train_config"]["epochs"] == 1
     for name in ("report.md", "report.html", "metrics.json", "run.json",
                  "figures/losses.png", "figures/schedules.png", "figures/reconstructions.png",
                  "figures/class_histogram.png"):
@@ -69,6 +72,8 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
         images, labels = load_samples(run / "samples" / f"{name}.npz")
         assert images.shape == (24, 28, 28) and images.dtype == np.uint8 and labels is None
         assert metrics[name]["n"] == 24
+    with np.load(run / "samples" / "ddim-5.npz") as saved:  # autoguided: the guide's calls count
+        assert (float(saved["autoguidance"]), int(saved["nfe"])) == (2.0, 10)
     _, labels = load_samples(run / "samples" / "vae-reconstruction.npz")
     assert labels is not None and "accuracy" in metrics["vae-reconstruction"]
 
@@ -88,6 +93,15 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
     assert [s for s in STAGES if events[s] == "ran"] == ["diffusion", "sample", "evaluate",
                                                          "report"]
     assert (run / "vae.safetensors").stat().st_mtime_ns == before
+    guide_weights = checkpoint.load(run / "guide.safetensors", kind="unet")[0]
+    events = _run(capsys, *argv, "--force", "guide")
+    assert [s for s in STAGES if events[s] == "ran"] == ["guide", "sample", "evaluate", "report"]
+    again = checkpoint.load(run / "guide.safetensors", kind="unet")[0]
+    assert all(torch.equal(v, again[k]) for k, v in guide_weights.items())  # same seed, weights
+    # Another guide scale samples again, with the same models.
+    for options in (["--set", "sampling.autoguidance=3"], []):
+        events = _run(capsys, *argv, *options)
+        assert [s for s in STAGES if events[s] == "ran"] == ["sample", "evaluate", "report"]
 
     # `ldm sweep` scores each (sampler, NFE) pair, adds its table and figure to the report, and
     # continues a sweep of the same models instead of redoing it.
@@ -108,6 +122,16 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
     assert "| vp | dpmpp-2m-4 | 4 |" in (run / "report.md").read_text()
     assert main([*sweep_argv[:2], "heun", *sweep_argv[3:]]) == 0  # every pair is already done
     assert json.loads((run / "sweep.json").read_text()) == sweep  # same timings: not redone
+    # Autoguided pairs are another denoiser's entries, the guide's calls in their NFE.
+    assert main([*sweep_argv[:2], "ddim", "--autoguidance", "2", "--nfe", "4,6",
+                 *sweep_argv[5:]]) == 0
+    capsys.readouterr()
+    guided = json.loads((run / "sweep.json").read_text())
+    entry = guided["denoisers"][guided["current"]]
+    assert entry["objective"] == "vp + autoguidance 2" and len(guided["denoisers"]) == 2
+    assert {k: e["nfe"] for k, e in entry["results"].items()} == {"ddim-2": 4, "ddim-3": 6}
+    assert "| vp + autoguidance 2 | ddim-3 | 6 |" in (run / "report.md").read_text()
+    (run / "sweep.json").write_text(json.dumps(sweep))  # as before, for the checks below
     events = _run(capsys, *argv)  # the report now has the sweep in its key: only it is redone
     assert [s for s in STAGES if events[s] == "ran"] == ["report"]
     # A damaged sweep.json (hand-edited, or with a score missing) is reported and left out.
@@ -128,6 +152,7 @@ def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
         assert main(["train", model, "--preset", "tiny", *data, *common]) == 0
     assert main(["encode", *data, *common]) == 0
     assert main(["train", "diffusion", "--preset", "tiny", *common]) == 0
+    assert main(["train", "guide", "--preset", "tiny", *common]) == 0
     out = tmp_path / "d.npz"
     assert main(["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "3", "-n",
                  "10", "--out", str(out), *common]) == 0
@@ -139,6 +164,11 @@ def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
         assert json.loads(capsys.readouterr().out)["nfe"] == nfe
         with np.load(out) as saved:  # the samples file says how it was made
             assert (str(saved["sampler"]), int(saved["nfe"])) == (f"{sampler}-3", nfe)
+    assert main(["sample", "--model", "diffusion", "--sampler", "heun-3", "--autoguidance", "2",
+                 "-n", "4", "--out", str(out), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 10  # 5 of the denoiser, 5 of the guide
+    with np.load(out) as saved:
+        assert float(saved["autoguidance"]) == 2.0
     recon = tmp_path / "r.npz"
     assert main(["sample", "--model", "vae", "--reconstruct", "test", "--out", str(recon),
                  *data, *common]) == 0
@@ -166,6 +196,8 @@ def test_flow_objective_end_to_end(data_dir: Path, tmp_path: Path,
     vp_weights = (run / "diffusion.safetensors").read_bytes()
     events = _run(capsys, *argv, "--objective", "flow")
     assert [s for s in STAGES if events[s] == "ran"] == STAGES[3:]  # diffusion and after
+    guide = checkpoint.peek(run / "guide.safetensors")  # the guide follows the objective
+    assert guide is not None and guide["objective"]["kind"] == "flow"
     header = checkpoint.peek(run / "diffusion.safetensors")
     assert header is not None and header["objective"]["kind"] == "flow"
     # The model stores its training x_0's mean, where the samplers' ladders start, and the

@@ -97,7 +97,8 @@ def json_out(text: str) -> Path:
     return Path(text)
 
 
-SAMPLES_KEYS = {"images", "labels", "sampler", "nfe", "guidance"}  # what a samples file holds
+# what a samples file holds
+SAMPLES_KEYS = {"images", "labels", "sampler", "nfe", "guidance", "autoguidance"}
 
 
 def check_replaceable(path: Path, kind: str) -> None:
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="train one model", formatter_class=fmt)
-    p.add_argument("model", choices=("classifier", "vae", "diffusion"))
+    p.add_argument("model", choices=("classifier", "vae", "diffusion", "guide"),
+                   help="guide: autoguidance's smaller denoiser (the config's guide)")
     _common(p)
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
     p.add_argument("--epochs", type=positive)
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale: 1 unguided, 0 unconditional, "
                         "> 1 closer to the label")
+    p.add_argument("--autoguidance", type=float, default=1.0, metavar="S",
+                   help="autoguidance scale with the run's guide (`ldm train guide`): 1 off, "
+                        "> 1 guided")
     p.add_argument("--out", type=npz_out, required=True,
                    help="output .npz (a .png grid beside it)")
 
@@ -265,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", metavar="S,S,..",
                    help="a conditional model's guidance scales, for one sampler and NFE: FID "
                         "and accuracy per scale (R/guidance.json, figures/guidance.png)")
+    p.add_argument("--autoguidance", type=float, default=1.0, metavar="S",
+                   help="sample every pair with the run's guide at this scale (1: off); --nfe "
+                        "then counts the guide's calls too")
 
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
@@ -332,14 +340,16 @@ def recipe_name(args: argparse.Namespace) -> str:
 def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
                   ) -> tuple[RunConfig, Any, ScheduleConfig]:
     """The preset with the command's overrides; raises UsageError for a bad value."""
-    if args.model != "diffusion":  # options the classifier and the VAE would ignore
+    if args.model not in ("diffusion", "guide"):  # options the classifier and VAE would ignore
         for option in ("schedule", "objective", "conditional"):
             if getattr(args, option):
                 raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
                                  f"`ldm train {args.model}`")
     config = run_config(args, shape)
+    if args.model == "guide" and not config.guide.channels:
+        raise UsageError("this config has no guide; give it one with --set guide.channels=16,32")
     field = {"classifier": "classifier_train", "vae": "vae_train",
-             "diffusion": "diffusion_train"}[args.model]
+             "diffusion": "diffusion_train", "guide": "guide_train"}[args.model]
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                    ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
                                    ("checkpoint_seconds", args.checkpoint_seconds))
@@ -367,8 +377,9 @@ def check_command(args: argparse.Namespace) -> None:
                                  f"{', '.join(STAGES)})")
     elif args.command == "sample" and not args.reconstruct:
         sampling_config(args)
-    elif args.command == "sample" and (args.labels or args.guidance != 1.0):
-        raise UsageError("--labels and --guidance work with --model diffusion")
+    elif args.command == "sample" and (args.labels or args.guidance != 1.0
+                                       or args.autoguidance != 1.0):
+        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
     if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
         raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
     if args.command == "sample":
@@ -376,20 +387,27 @@ def check_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate" and args.out is not None:
         check_replaceable(args.out, "evaluation")
     elif args.command == "sweep":
-        from .sweep import MIN_SAMPLES, pairs
+        from .sweep import MIN_SAMPLES, guided_budgets, pairs
 
-        specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"))
+        nfes = integers(args.nfe, "--nfe")
+        specs = pairs(args.samplers.split(","),
+                      guided_budgets(nfes) if args.autoguidance != 1.0 else nfes)
         if args.num_samples < MIN_SAMPLES:
             raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined)")
         if args.guidance is not None:
             guidance_scales(args.guidance, specs)
+            if args.autoguidance != 1.0:
+                raise UsageError("--guidance sweeps a conditional model; --autoguidance guides "
+                                 "an unconditional one: one at a time")
+        SamplingConfig(autoguidance=args.autoguidance)
 
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     """`ldm sample`'s options; the config checks the sampler's name, steps, variance, eta,
     labels and guidance before any work."""
-    if args.model != "diffusion" and (args.labels or args.guidance != 1.0):
-        raise UsageError("--labels and --guidance work with --model diffusion")
+    if args.model != "diffusion" and (args.labels or args.guidance != 1.0
+                                      or args.autoguidance != 1.0):
+        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
     spec = sampler_spec(args)
     name = parse_sampler(spec)[0]
     for option in ("eta", "variance"):  # an option the sampler would ignore is a mistake
@@ -399,7 +417,8 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     defaults = SamplingConfig()
     return SamplingConfig(variance=args.variance or defaults.variance,
                           eta=defaults.eta if args.eta is None else args.eta, samplers=(spec,),
-                          labels=args.labels, guidance=args.guidance)
+                          labels=args.labels, guidance=args.guidance,
+                          autoguidance=args.autoguidance)
 
 
 def guidance_scales(text: str, specs: list[str]) -> list[float]:

@@ -89,7 +89,7 @@ def run_shape(run: RunDir) -> ImageShape:
 
 
 def _train(args: argparse.Namespace, device: Any) -> str:
-    dataset = _dataset(args) if args.model != "diffusion" else None
+    dataset = _dataset(args) if args.model in ("classifier", "vae") else None
     config, train_config, schedule = args.resolved  # main built them for this data
     run = RunDir(args.run_dir)
     name = args.model
@@ -105,10 +105,11 @@ def _train(args: argparse.Namespace, device: Any) -> str:
     elif dataset is not None:
         trained = stages.train_vae(dataset, run, config.vae, train_config, device=device,
                                    resume=resume, progress=progress)
-    else:
-        trained = stages.train_diffusion(run, config.unet, schedule, config.objective,
-                                         train_config, device=device, resume=resume,
-                                         progress=progress)
+    else:  # the denoiser, or with a smaller UNet autoguidance's guide
+        unet = config.guide_unet if name == "guide" else config.unet
+        trained = stages.train_diffusion(run, unet, schedule, config.objective, train_config,
+                                         device=device, resume=resume, progress=progress,
+                                         name=name)
     header = trained.header
     last = header["history"][-1] if header["history"] else {}
     return strict_json({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
@@ -132,12 +133,15 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
         sampling = sampling_config(args)
         if args.model == "diffusion":
             generation.check_conditioning(run, sampling)
-            meta = {"sampler": spec, "nfe": generation.model_calls(run, spec, device)}
+            meta = {"sampler": spec,
+                    "nfe": generation.model_calls(run, spec, device, sampling.autoguidance)}
             labels = (generation.sample_labels(sampling, args.num_samples,
                                                generation.num_classes(run))
                       if sampling.labels else None)
             if labels is not None:
                 meta["guidance"] = sampling.guidance
+            if sampling.autoguidance != 1.0:
+                meta["autoguidance"] = sampling.autoguidance
         images = generation.generate(run, args.model, args.num_samples, args.seed, sampler=spec,
                                  sampling=sampling, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
@@ -185,7 +189,8 @@ def _sweep(args: argparse.Namespace, device: Any) -> str:
         return _guidance_sweep(args, device)
     result = run_sweep(RunDir(args.run_dir), _dataset(args), args.samplers.split(","),
                        integers(args.nfe, "--nfe"), args.num_samples, seed=args.seed,
-                       device=device, batch_size=args.batch_size, progress=not args.quiet)
+                       device=device, batch_size=args.batch_size, progress=not args.quiet,
+                       autoguidance=args.autoguidance)
     refreshed = refresh_report(args.run_dir, _dataset(args)) if dist.is_main() else False
     return strict_json({"sweep": str(args.run_dir / "sweep.json"), "report_updated": refreshed,
                        **summary(result)})
@@ -275,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "run":
                 args.resolved = run_config(args, shape_of(_dataset(args)))
                 check_batches(args.resolved, _dataset(args), "classifier", "vae", "diffusion")
-            elif args.command == "train" and args.model != "diffusion":
+            elif args.command == "train" and args.model in ("classifier", "vae"):
                 args.resolved = train_configs(args, shape_of(_dataset(args)))
                 config, train_config, _ = args.resolved
                 check_batches(dataclasses.replace(config, **{f"{args.model}_train": train_config}),

@@ -15,7 +15,7 @@ from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
 from .datasets import Dataset
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
-from .diffusion.guidance import guided, labels_for, parse_labels
+from .diffusion.guidance import AutoGuidedDenoiser, guided, labels_for, parse_labels
 from .diffusion.objective import Objective, make_objective
 from .errors import CheckpointError, UsageError
 from .fileio import write_npz
@@ -26,13 +26,18 @@ from .rundir import RunDir
 ModelName = Literal["vae", "diffusion"]
 
 
-def load_diffusion(run: RunDir, vae_hash: str, device: torch.device
+def load_diffusion(run: RunDir, vae_hash: str, device: torch.device, name: str = "diffusion"
                    ) -> tuple[UNet, Objective, dict[str, Any]]:
-    """The run's trained UNet, its objective and its model header."""
-    unet, header = checkpoint.load_model(run.model("diffusion"), UNet, device)
+    """The run's trained UNet (name="guide": autoguidance's guide), its objective and its model
+    header."""
+    path = run.model(name)
+    if name == "guide" and not path.exists():
+        raise UsageError(f"autoguidance needs a guide, and {run.root} has none (`ldm train "
+                         "guide`, or `ldm run` with guide.channels set)")
+    unet, header = checkpoint.load_model(path, UNet, device)
     if header.get("vae_hash") != vae_hash:
-        raise CheckpointError(f"{run.model('diffusion')} was trained on latents of another "
-                              "VAE; retrain it (ldm encode, ldm train diffusion)")
+        raise CheckpointError(f"{path} was trained on latents of another VAE; retrain it "
+                              "(ldm encode, ldm train diffusion)")
     schedule = NoiseSchedule.from_config(from_dict(ScheduleConfig, header["schedule"]))
     objective = make_objective(from_dict(ObjectiveConfig, header["objective"]), schedule)
     return unet, objective, header
@@ -45,12 +50,30 @@ def stored_mean(header: dict[str, Any], device: torch.device) -> torch.Tensor | 
     return None if mean is None else torch.tensor(mean, dtype=torch.float32, device=device)
 
 
-def load_denoiser(run: RunDir, vae_hash: str, device: torch.device
+def load_denoiser(run: RunDir, vae_hash: str, device: torch.device, autoguidance: float = 1.0
                   ) -> tuple[Denoiser, dict[str, Any]]:
     """The run's trained denoiser D(x, sigma), whatever its objective, and its model header
-    (a conditional model without labels: its unconditional half, the null label)."""
+    (a conditional model without labels: its unconditional half, the null label); with
+    `autoguidance` s > 1, D guided by the run's guide at scale s."""
     unet, objective, header = load_diffusion(run, vae_hash, device)
-    return objective.denoiser(unet, stored_mean(header, device)), header
+    denoiser = objective.denoiser(unet, stored_mean(header, device))
+    return with_guide(run, vae_hash, device, denoiser, header, autoguidance), header
+
+
+def with_guide(run: RunDir, vae_hash: str, device: torch.device, denoiser: Denoiser,
+               header: dict[str, Any], autoguidance: float) -> Denoiser:
+    """`denoiser` (whose model header is `header`) guided by the run's guide at scale s =
+    `autoguidance`; itself at s = 1."""
+    if autoguidance == 1.0:
+        return denoiser
+    guide, objective, guide_header = load_diffusion(run, vae_hash, device, "guide")
+    if any(guide_header.get(k) != header.get(k) for k in ("objective", "schedule",
+                                                           "latents_hash")):
+        raise CheckpointError(f"{run.model('guide')} was trained with another objective, "
+                              f"schedule or latents than {run.model('diffusion')}; retrain it "
+                              "(ldm train guide)")
+    guide_denoiser = objective.denoiser(guide, stored_mean(guide_header, device))
+    return AutoGuidedDenoiser(denoiser, guide_denoiser, autoguidance)
 
 
 def num_classes(run: RunDir) -> int:
@@ -80,10 +103,13 @@ def sample_labels(sampling: SamplingConfig, num_samples: int,
                       dtype=np.int64)
 
 
-def model_calls(run: RunDir, sampler: str, device: torch.device) -> int:
-    """The NFE of one run of `sampler` ('ddpm-25', 'heun', ...) on the run's denoiser."""
+def model_calls(run: RunDir, sampler: str, device: torch.device, autoguidance: float = 1.0
+                ) -> int:
+    """The network evaluations (NFE) of one run of `sampler` ('ddpm-25', 'heun', ...) on the
+    run's denoiser; autoguided, the guide's count too (it is smaller: each costs less)."""
     vae_hash = checkpoint.model_hash_of(checkpoint.load(run.model("vae"), kind="vae")[1])
-    return samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
+    steps = samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
+    return steps if autoguidance == 1.0 else 2 * steps
 
 
 @torch.no_grad()
@@ -99,10 +125,11 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
     c, s = vae.config.latent_channels, vae.config.latent_size
     if model == "diffusion":
         check_conditioning(run, sampling)
-        unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header),
-                                                 device)
+        vae_hash = checkpoint.model_hash_of(vae_header)
+        unet, objective, header = load_diffusion(run, vae_hash, device)
         data_mean = stored_mean(header, device)
-        denoiser: Denoiser = objective.denoiser(unet, data_mean)
+        denoiser = with_guide(run, vae_hash, device, objective.denoiser(unet, data_mean), header,
+                              sampling.autoguidance)
         labelled = functools.partial(objective.denoiser, data_mean=data_mean, labelled=True)
         shift, scale = tuple(header["shift"]), tuple(header["scale"])
     mine = list(range(dist.rank(), num_samples, dist.world_size()))

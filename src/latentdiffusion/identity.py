@@ -89,13 +89,17 @@ def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: Objecti
 
 
 def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,
-                eval_samples: int, objective: str = "vp") -> StageKey:
+                eval_samples: int, objective: str = "vp", guide_hash: str | None = None
+                ) -> StageKey:
     """With the samplers' rules (denoiser.LADDERS) when a sampler uses a ladder or the model is
-    a flow model, whose D at t = 1 they set (so sets of VP timestep samplers keep their key)."""
+    a flow model, whose D at t = 1 they set (so sets of VP timestep samplers keep their key),
+    and with the guide when the sets are autoguided."""
     uses_rules = objective == "flow" or any(map(uses_ladder, sampling.samplers))
-    ladders = {"ladders": LADDERS} if uses_rules else {}
+    extra: dict[str, Any] = {"ladders": LADDERS} if uses_rules else {}
+    if guide_hash is not None:
+        extra["guide"] = guide_hash
     return StageKey.of(vae=vae_hash, diffusion=diffusion_hash, sampling=sampling,
-                       eval_samples=eval_samples, **ladders)
+                       eval_samples=eval_samples, **extra)
 
 
 def evaluation_key(samples_digest: str, classifier_hash: str) -> StageKey:

@@ -28,14 +28,15 @@ from .rundir import RunDir
 from .statedir import Resume
 
 log = logging.getLogger(__name__)
-STAGES = ("classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report")
+STAGES = ("classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report")
 # What must be redone when a stage is forced (the stage itself and everything after it that
 # reads its output).
 DOWNSTREAM = {
     "classifier": ("classifier", "evaluate", "report"),
-    "vae": ("vae", "encode", "diffusion", "sample", "evaluate", "report"),
-    "encode": ("encode", "diffusion", "sample", "evaluate", "report"),
+    "vae": ("vae", "encode", "diffusion", "guide", "sample", "evaluate", "report"),
+    "encode": ("encode", "diffusion", "guide", "sample", "evaluate", "report"),
     "diffusion": ("diffusion", "sample", "evaluate", "report"),
+    "guide": ("guide", "sample", "evaluate", "report"),
     "sample": ("sample", "evaluate", "report"),
     "evaluate": ("evaluate", "report"),
     "report": ("report",),
@@ -133,6 +134,12 @@ class _Run:
             self.run, c.unet, c.schedule, c.objective, c.diffusion_train, device=self.device,
             resume=self.resume("diffusion"), progress=self.progress).summary()
 
+    def guide(self) -> str:
+        c = self.config
+        return stages.train_diffusion(
+            self.run, c.guide_unet, c.schedule, c.objective, c.guide_train, device=self.device,
+            resume=self.resume("guide"), progress=self.progress, name="guide").summary()
+
     def sample(self) -> str:
         return _sample_all(self.run, self.dataset, self.config, self.device, self.progress)
 
@@ -179,9 +186,17 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     made = _made_with(run.model("diffusion"), "unet", key, "data_mean")
     r.step("diffusion", key, made, r.diffusion)
 
+    guide_hash = None
+    if c.guide.channels:  # autoguidance's guide: the same stage, a smaller UNet, fewer epochs
+        key = identity.diffusion_key(c.guide_unet, c.schedule, c.objective, c.guide_train,
+                                     latents_hash).digest
+        r.step("guide", key, _made_with(run.model("guide"), "unet", key, "data_mean"), r.guide)
+        guide_hash = _model_hash(run.model("guide"), "unet")
+
     diffusion_hash = _model_hash(run.model("diffusion"), "unet")
-    sample_key = identity.samples_key(vae_hash, diffusion_hash, c.sampling, c.eval_samples,
-                                      c.objective.kind).digest
+    sample_key = identity.samples_key(
+        vae_hash, diffusion_hash, c.sampling, c.eval_samples, c.objective.kind,
+        guide_hash if c.sampling.autoguidance != 1.0 else None).digest
     r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
            r.sample)
 
@@ -241,7 +256,7 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
                                           progress=progress),
                       generation.sample_labels(s, s.num_samples, c.unet.num_classes))
         timings[spec] = {"seconds": time.perf_counter() - start,
-                         "nfe": generation.model_calls(run, spec, device)}
+                         "nfe": generation.model_calls(run, spec, device, s.autoguidance)}
     if dist.is_main():
         for name, (images, labels) in sets.items():
             made_by = timings.get(name)  # which sampler and its model calls, for diffusion sets
@@ -249,6 +264,8 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
                 {"sampler": name, "nfe": int(made_by["nfe"])} if made_by else {})
             if made_by and labels is not None:
                 meta["guidance"] = s.guidance
+            if made_by and s.autoguidance != 1.0:
+                meta["autoguidance"] = s.autoguidance
             generation.save_samples(run.samples(name), images, labels, **meta)
         write_json(run.root / "samples" / "timings.json",
                    {k: {**v, "samples_per_second": s.num_samples / v["seconds"]}
@@ -293,9 +310,9 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
     if not dist.is_main():
         return "written by rank 0"
     figures = run.figures
+    models = [("classifier", "classifier"), ("vae", "vae"), ("diffusion", "unet")]
     headers = {name: checkpoint.load(run.model(name), kind=kind)[1]
-               for name, kind in (("classifier", "classifier"), ("vae", "vae"),
-                                  ("diffusion", "unet"))}
+               for name, kind in models + ([("guide", "unet")] if c.guide.channels else [])}
     plots.save_losses({n: h.get("history", []) for n, h in headers.items()},
                       figures / "losses.png")
     schedules = {kind: NoiseSchedule.from_config(ScheduleConfig(

@@ -38,6 +38,8 @@ def _rows(metrics: dict[str, Any], config: RunConfig, post: bool) -> list[list[s
     rows = []
     guided = (f", {config.sampling.labels}, guidance {config.sampling.guidance:g}"
               if config.sampling.labels else "")
+    if config.sampling.autoguidance != 1.0:
+        guided = f", autoguidance {config.sampling.autoguidance:g}"
     order = ["random", "vae-prior", "vae-reconstruction",
              *[k for k in metrics if k not in ROW_NAMES], "validation"]
     for name in order:

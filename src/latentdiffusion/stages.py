@@ -191,8 +191,10 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
 
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
-                    device: torch.device, resume: Resume = "off",
-                    progress: bool = True) -> Trained:
+                    device: torch.device, resume: Resume = "off", progress: bool = True,
+                    name: str = "diffusion") -> Trained:
+    """The denoiser on the cached latents; name="guide" for autoguidance's guide
+    (config.GuideConfig), the same stage with a smaller UNet and fewer epochs."""
     latent_set, latent_header = latents.load(run.latents)  # one read of the cache
     shape = tuple(latent_set.train.shape[1:])
     expected = (model_config.in_channels, model_config.latent_size, model_config.latent_size)
@@ -212,7 +214,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
         test_set += (latent_set.test_labels,)
     loss = diffusion_loss(make_objective(objective, schedule), model_config.num_classes,
                           objective.label_dropout)
-    return _train(run, "diffusion", UNet, model_config, train_config, loss, train_set, test_set,
+    return _train(run, name, UNet, model_config, train_config, loss, train_set, test_set,
                   key, device, resume, progress, schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
                   data_mean=train_set[0].mean(dim=0).tolist(),  # (C, S, S): denoiser.start

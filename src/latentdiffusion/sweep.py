@@ -10,6 +10,7 @@ side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -47,6 +48,14 @@ def pairs(samplers: Sequence[str], nfes: Sequence[int]) -> list[str]:
     return list(dict.fromkeys(specs))  # heun at NFE 5 and 6 is the same pair
 
 
+def guided_budgets(nfes: Sequence[int]) -> list[int]:
+    """The denoiser's share of each NFE budget when every step also calls the guide."""
+    if any(n < 2 for n in nfes):
+        raise UsageError("--nfe: an autoguided step calls two networks, so every budget must "
+                         "be at least 2")
+    return [n // 2 for n in nfes]
+
+
 def load(path: Path) -> dict[str, Any] | None:
     """A sweep.json as `run_sweep` writes it, or None when there is none; a damaged one is
     reported and ignored (the next sweep writes a new one)."""
@@ -79,10 +88,12 @@ def _check(sweep: Any) -> None:
 
 def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
               nfes: Sequence[int], num_samples: int, *, seed: int, device: torch.device,
-              batch_size: int = 500, progress: bool = True) -> dict[str, Any]:
-    """Score every pair on the run's denoiser (skipping pairs already scored); returns the
-    sweep (what R/sweep.json holds)."""
-    specs = pairs(samplers, nfes)
+              batch_size: int = 500, progress: bool = True,
+              autoguidance: float = 1.0) -> dict[str, Any]:
+    """Score every pair on the run's denoiser (skipping pairs already scored), guided by the
+    run's guide when `autoguidance` > 1 (its entries apart, the guide's calls in the NFE);
+    returns the sweep (what R/sweep.json holds)."""
+    specs = pairs(samplers, guided_budgets(nfes) if autoguidance != 1.0 else nfes)
     if num_samples < MIN_SAMPLES or batch_size <= 0:
         raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined) "
                          "and a batch size > 0")
@@ -90,6 +101,7 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
                for name, kind in (("classifier", "classifier"), ("vae", "vae"),
                                   ("diffusion", "unet"))}
     hashes = {name: checkpoint.model_hash_of(header) for name, header in headers.items()}
+    sampling = SamplingConfig(autoguidance=autoguidance)  # checks the scale
     denoiser = generation.load_denoiser(run, hashes["vae"], device)[0]  # for each pair's NFE
     key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed, LADDERS)
     path = run.root / "sweep.json"
@@ -101,19 +113,24 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
         test_images = evaluation.scored_subset(dataset.test_images, None, num_samples)[0]
         sweep["validation"] = _scores(evaluate_images(classifier, test_images, reference, None,
                                                       device))
-    entry = sweep["denoisers"].setdefault(hashes["diffusion"], {
-        "objective": headers["diffusion"]["objective"].get("kind", "vp"), "results": {}})
-    sweep["current"] = hashes["diffusion"]
+    name, objective = hashes["diffusion"], headers["diffusion"]["objective"].get("kind", "vp")
+    if autoguidance != 1.0:  # another denoiser: D guided by this guide at this scale
+        guide_hash = checkpoint.model_hash_of(checkpoint.load(run.model("guide"), kind="unet")[1])
+        name = f"{name}+guide-{guide_hash[:16]}@{autoguidance:g}"
+        objective = f"{objective} + autoguidance {autoguidance:g}"
+    entry = sweep["denoisers"].setdefault(name, {"objective": objective, "results": {}})
+    sweep["current"] = name
     for spec in specs:
         if spec in entry["results"]:
             continue
         start = time.perf_counter()
         images = generation.generate(run, "diffusion", num_samples, seed, sampler=spec,
-                                     sampling=SamplingConfig(samplers=(spec,)), device=device,
+                                     sampling=dataclasses.replace(sampling, samplers=(spec,)),
+                                     device=device,
                                      batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
         scores = _scores(evaluate_images(classifier, images, reference, None, device))
-        nfe = model_calls(spec, denoiser)
+        nfe = model_calls(spec, denoiser) * (1 if autoguidance == 1.0 else 2)
         entry["results"][spec] = {"sampler": parse_sampler(spec)[0], "nfe": nfe,
                                   "seconds": seconds,
                                   "samples_per_second": num_samples / seconds, **scores}

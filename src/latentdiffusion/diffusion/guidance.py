@@ -124,3 +124,32 @@ def guided(make_denoiser: MakeDenoiser, network: LabelledNetwork, labels: torch.
                           make_denoiser(with_labels(network, null)),
                           make_denoiser(with_labels(network, torch.cat([labels, null]))),
                           scale)
+
+
+@dataclass
+class AutoGuidedDenoiser:
+    """Autoguidance (Karras et al. 2024): D_guide + s (D - D_guide), s >= 1.
+
+    The guide is a weaker denoiser of the same process (config.GuideConfig): where the two
+    differ, the strong one is more often right, and the step goes further its way. Both see the
+    same rows and levels; the samplers see one denoiser (the strong one's levels and start).
+    """
+
+    denoiser: Denoiser
+    guide: Denoiser
+    scale: float
+
+    def __post_init__(self) -> None:
+        self.sigma_min = self.denoiser.sigma_min
+        self.sigma_max = self.denoiser.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma)
+        return torch.lerp(self.guide(x, sigma), self.denoiser(x, sigma), self.scale)
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.denoiser.prior(noise, sigma)
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        return self.denoiser.timestep_sigmas(num_steps)
