@@ -80,8 +80,28 @@ def _twice(sigma: float | torch.Tensor) -> float | torch.Tensor:
     return sigma
 
 
+class _BaseLevels:
+    """A guided denoiser's levels and start: those of the denoiser it is built on (`base`)."""
+
+    sigma_min: float
+    sigma_max: float
+
+    @property
+    def base(self) -> Denoiser:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        self.sigma_min, self.sigma_max = self.base.sigma_min, self.base.sigma_max
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.base.prior(noise, sigma)
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        return self.base.timestep_sigmas(num_steps)
+
+
 @dataclass
-class GuidedDenoiser:
+class GuidedDenoiser(_BaseLevels):
     """D_uncond + s (D_cond - D_uncond) for a batch of B rows with fixed labels.
 
     `both` sees 2B rows, [x; x] with labels [y; null]. At s = 1 and s = 0 only the half that
@@ -93,9 +113,9 @@ class GuidedDenoiser:
     both: Denoiser  # 2B rows: [y; null]
     scale: float
 
-    def __post_init__(self) -> None:
-        self.sigma_min = self.conditional.sigma_min
-        self.sigma_max = self.conditional.sigma_max
+    @property
+    def base(self) -> Denoiser:
+        return self.conditional
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
@@ -106,12 +126,6 @@ class GuidedDenoiser:
         conditional, unconditional = denoised.chunk(2)
         # lerp(a, b, s) = a + s (b - a); it returns b exactly at s = 1 and a at s = 0
         return torch.lerp(unconditional, conditional, self.scale)
-
-    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        return self.conditional.prior(noise, sigma)
-
-    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
-        return self.conditional.timestep_sigmas(num_steps)
 
 
 def guided(make_denoiser: MakeDenoiser, network: LabelledNetwork, labels: torch.Tensor,
@@ -127,7 +141,7 @@ def guided(make_denoiser: MakeDenoiser, network: LabelledNetwork, labels: torch.
 
 
 @dataclass
-class AutoGuidedDenoiser:
+class AutoGuidedDenoiser(_BaseLevels):
     """Autoguidance (Karras et al. 2024): D_guide + s (D - D_guide), s >= 1.
 
     The guide is a weaker denoiser of the same process (config.GuideConfig): where the two
@@ -139,17 +153,11 @@ class AutoGuidedDenoiser:
     guide: Denoiser
     scale: float
 
-    def __post_init__(self) -> None:
-        self.sigma_min = self.denoiser.sigma_min
-        self.sigma_max = self.denoiser.sigma_max
+    @property
+    def base(self) -> Denoiser:
+        return self.denoiser
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.denoiser(x, sigma)
         return torch.lerp(self.guide(x, sigma), self.denoiser(x, sigma), self.scale)
-
-    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        return self.denoiser.prior(noise, sigma)
-
-    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
-        return self.denoiser.timestep_sigmas(num_steps)
