@@ -243,9 +243,9 @@ class GuideConfig:
     epochs, with the same objective on the same latents. Sampling with scale s uses
         D_s(x, sigma) = D_guide(x, sigma) + s (D(x, sigma) - D_guide(x, sigma)),
     which pushes each step away from the errors the weaker model makes more of (diffuse,
-    in-between shapes) without labels and without narrowing the data's variety as classifier-free
-    guidance does. The guide's UNet is the denoiser's with `channels`; its training the
-    denoiser's with `epochs`."""
+    in-between shapes), with no labels, and narrows the data's variety far less than
+    classifier-free guidance (README, autoguidance). The guide's UNet is the denoiser's with
+    `channels`; its training the denoiser's with `epochs`."""
 
     channels: tuple[int, ...] = ()  # () = no guide
     epochs: int = 1
