@@ -18,6 +18,7 @@ from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import AutoGuidedDenoiser
 from latentdiffusion.errors import UsageError
 from latentdiffusion.identity import samples_key
+from latentdiffusion.recipe import apply_sets
 from test_cli_errors import assert_fails
 
 
@@ -145,3 +146,13 @@ def test_guided_sampling_refuses_a_missing_or_unfitting_guide(
     assert_fails(capsys, 1, *SAMPLE, "--run-dir", run, "--autoguidance", "2", "--out", out,
                  match="was trained with another objective, schedule or latents than")
     assert not out.exists() and not out.with_suffix(".png").exists()
+
+
+def test_set_turns_the_guide_off() -> None:
+    """`--set guide.channels=` is the empty list: no guide (with autoguidance back to 1)."""
+    off = apply_sets(preset("default"), ["guide.channels=", "sampling.autoguidance=1"])
+    assert off.guide.channels == () and off.sampling.autoguidance == 1.0
+    with pytest.raises(UsageError, match="sampling.autoguidance needs a guide"):
+        apply_sets(preset("default"), ["guide.channels="])
+    with pytest.raises(UsageError, match="UNetConfig.channels needs at least one level"):
+        apply_sets(preset("default"), ["unet.channels="])

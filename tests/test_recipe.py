@@ -245,8 +245,8 @@ ERRORS = [
      "--set diffusion_train.lr: expected a number, got '\u0661e-3'"),
     (None, None, ["unet.channels=[1.5]"],
      "--set unet.channels: expected comma-separated integers, got '[1.5]'"),
-    (None, None, ["unet.channels="], "--set unet.channels: expected comma-separated integers, "
-                                     "got ''"),
+    (None, None, ["unet.channels="], "--set unet.channels: UNetConfig.channels needs at least "
+                                     "one level"),  # the empty list, which a UNet cannot be
     (None, None, ["unet.chanels=3"], f"--set: unknown key unet.chanels (unet has: {UNET})"),
     (None, None, ["unte.channels=3"], f"--set: unknown key unte (the top level has: {TOP})"),
     (None, None, ["diffusion_train.lr=-1"],

@@ -241,7 +241,9 @@ def _convert(hint: Any, value: Any, at: str) -> Any:
     if get_origin(hint) is tuple and len(choices) == 2 and choices[1] is Ellipsis:
         plural = _NAMES.get(choices[0], ("", "values"))[1]
         text = isinstance(value, _Text)
-        items = [_Text(v.strip()) for v in value.split(",")] if text else value
+        # `--set KEY=` is the empty list (e.g. guide.channels: no guide)
+        items = [_Text(v.strip()) for v in value.split(",")] if text and value.strip() else (
+            [] if text else value)
         if isinstance(items, (list, tuple)):
             try:
                 return tuple(_convert(choices[0], item, at) for item in items)
