@@ -401,7 +401,10 @@ def _quick() -> RunConfig:
         objective=_OBJECTIVE,
         diffusion_train=TrainConfig(epochs=1, batch_size=256, lr=8e-3, ema_decay=0.99,
                                     warmup_steps=50, weight_decay=1e-4),
-        sampling=SamplingConfig(num_samples=2000, samplers=("ddpm-20",)),
+        # Autoguidance by an (8, 16) guide of 1 epoch (8 s): `ddpm-20` FID 110.8 -> 95.1 at
+        # scale 1.5 (89.4 at 2; 2,000 digits; README, autoguidance).
+        guide=GuideConfig(channels=(8, 16), epochs=1),
+        sampling=SamplingConfig(num_samples=2000, samplers=("ddpm-20",), autoguidance=1.5),
         eval_samples=2000,
     )
 
