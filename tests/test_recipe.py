@@ -201,8 +201,11 @@ def test_set_each_type_of_value() -> None:
     untouched = {k: v for k, v in leaves(got).items()
                  if k not in {"unet.channels", "diffusion_train.lr", "sampling.guidance",
                               "eval_samples", "sampling.samplers", "schedule.kind",
-                              "sampling.labels", "unet.num_classes"}}
+                              "sampling.labels", "unet.num_classes", "guide.channels",
+                              "sampling.autoguidance"}}
     assert untouched == {k: v for k, v in leaves(base).items() if k in untouched}
+    # --conditional swaps the preset's guide for classifier-free guidance
+    assert got.guide.channels == () and got.sampling.autoguidance == 1.0
 
 
 def test_set_comes_after_the_options_and_may_change_agreeing_values_together() -> None:
