@@ -15,7 +15,13 @@ from . import distributed as dist
 from .config import ObjectiveConfig, SamplingConfig, ScheduleConfig, from_dict
 from .datasets import Dataset
 from .diffusion import Denoiser, NoiseSchedule, sample, samplers
-from .diffusion.guidance import AutoGuidedDenoiser, guided, labels_for, parse_labels
+from .diffusion.guidance import (
+    AutoGuidedDenoiser,
+    guided,
+    labels_for,
+    network_calls,
+    parse_labels,
+)
 from .diffusion.objective import Objective, make_objective
 from .errors import CheckpointError, UsageError
 from .fileio import write_npz
@@ -108,8 +114,8 @@ def model_calls(run: RunDir, sampler: str, device: torch.device, autoguidance: f
     """The network evaluations (NFE) of one run of `sampler` ('ddpm-25', 'heun', ...) on the
     run's denoiser; autoguided, the guide's count too (it is smaller: each costs less)."""
     vae_hash = checkpoint.model_hash_of(checkpoint.load(run.model("vae"), kind="vae")[1])
-    steps = samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
-    return steps if autoguidance == 1.0 else 2 * steps
+    calls = samplers.model_calls(sampler, load_denoiser(run, vae_hash, device)[0])
+    return network_calls(calls, autoguidance)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from .config import SamplingConfig, config_hash
 from .datasets import Dataset
 from .diffusion import SAMPLERS, model_calls, parse_sampler
 from .diffusion.denoiser import LADDERS
+from .diffusion.guidance import network_calls
 from .diffusion.samplers import MAX_STEPS
 from .errors import UsageError
 from .fileio import write_json
@@ -130,7 +131,7 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
                                      batch_size=batch_size, progress=progress)
         seconds = time.perf_counter() - start
         scores = _scores(evaluate_images(classifier, images, reference, None, device))
-        nfe = model_calls(spec, denoiser) * (1 if autoguidance == 1.0 else 2)
+        nfe = network_calls(model_calls(spec, denoiser), autoguidance)
         entry["results"][spec] = {"sampler": parse_sampler(spec)[0], "nfe": nfe,
                                   "seconds": seconds,
                                   "samples_per_second": num_samples / seconds, **scores}

@@ -161,3 +161,8 @@ class AutoGuidedDenoiser(_BaseLevels):
         if self.scale == 1.0:
             return self.denoiser(x, sigma)
         return torch.lerp(self.guide(x, sigma), self.denoiser(x, sigma), self.scale)
+
+
+def network_calls(model_calls: int, autoguidance: float) -> int:
+    """The NFE of a sampler's `model_calls` denoiser calls: autoguided, each calls two networks."""
+    return model_calls if autoguidance == 1.0 else 2 * model_calls
