@@ -23,12 +23,15 @@ import shutil
 import time
 
 from common import emit, parser, setup
-from latentdiffusion import stages
-from latentdiffusion.config import ObjectiveConfig, RunConfig, SamplingConfig, preset
-from latentdiffusion.datasets import load_dataset
-from latentdiffusion.evaluation import evaluate
-from latentdiffusion.generation import generate
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.data import load_dataset
+from latentdiffusion.diffusion import SamplingRequest
+from latentdiffusion.diffusion.objective import ObjectiveConfig
+from latentdiffusion.run import stages
+from latentdiffusion.run.config import RunConfig
+from latentdiffusion.run.generation import generate
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.rundir import RunDir
+from latentdiffusion.run.scores import evaluate
 
 
 def main() -> None:
@@ -112,9 +115,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         scores = {}
         for sampler in args.sampler.split(","):
-            images = generate(run, "diffusion", args.num_samples, seed=1, sampler=sampler,
-                              sampling=SamplingConfig(variance=variance), device=device,
-                              progress=False)
+            request = SamplingRequest.of(sampler, variance=variance)
+            images = generate(run, "diffusion", args.num_samples, seed=1, request=request,
+                              device=device, progress=False)
             m = evaluate(dataset, base, images, None, device=device)
             scores[sampler] = {"fid": m["fid"], "fid_over_validation": m["fid"] / validation["fid"],
                                "class_entropy_bits": m["class_entropy_bits"],

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 from common import emit, parser, setup
-from latentdiffusion import stages
-from latentdiffusion.config import preset
-from latentdiffusion.datasets import load_dataset
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.data import load_dataset
+from latentdiffusion.run import stages
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.rundir import RunDir
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from latentdiffusion.datasets import load_dataset
+from latentdiffusion.data import load_dataset
 
 
 def tint(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

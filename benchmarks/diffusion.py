@@ -16,13 +16,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import emit, parser, setup
-from latentdiffusion import stages
-from latentdiffusion.config import SamplingConfig, preset
-from latentdiffusion.datasets import load_dataset
-from latentdiffusion.evaluation import evaluate
-from latentdiffusion.generation import generate
+from latentdiffusion.data import load_dataset
+from latentdiffusion.diffusion import SamplingRequest
 from latentdiffusion.models import UNet
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.run import stages
+from latentdiffusion.run.generation import generate
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.rundir import RunDir
+from latentdiffusion.run.scores import evaluate
 
 
 def unet_flops(config) -> int:  # type: ignore[no-untyped-def]
@@ -65,8 +66,8 @@ def main() -> None:
     result["validation_fid"] = validation["fid"]
     for spec in args.samplers.split(","):
         start = time.perf_counter()
-        images = generate(run, "diffusion", args.num_samples, seed=1, sampler=spec,
-                                 sampling=SamplingConfig(), device=device, progress=False)
+        images = generate(run, "diffusion", args.num_samples, seed=1,
+                          request=SamplingRequest.of(spec), device=device, progress=False)
         seconds = time.perf_counter() - start
         m = evaluate(dataset, run, images, None, device=device)
         result[spec] = {"n": m["n"], "fid": m["fid"], "fid_over_validation":

@@ -15,7 +15,7 @@ import sys
 import time
 
 from common import emit, parser
-from latentdiffusion import checkpoint
+from latentdiffusion.run import checkpoint
 
 
 def main() -> None:

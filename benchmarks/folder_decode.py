@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from latentdiffusion.datasets import load_dataset
+from latentdiffusion.data import load_dataset
 
 
 def main() -> None:

@@ -19,15 +19,16 @@ import time
 import torch
 
 from common import emit, parser, setup
-from latentdiffusion import checkpoint, data, evaluation, latents
-from latentdiffusion.datasets import load_dataset
+from latentdiffusion import data
+from latentdiffusion.data import load_dataset
 from latentdiffusion.diffusion import SAMPLERS
 from latentdiffusion.diffusion.denoiser import noise_levels
-from latentdiffusion.generation import load_diffusion, stored_mean
-from latentdiffusion.metrics import FeatureStats, classify, frechet_distance
+from latentdiffusion.evaluation.metrics import FeatureStats, classify, frechet_distance
 from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.run import checkpoint, latents, scores
+from latentdiffusion.run.generation import load_diffusion, stored_mean
+from latentdiffusion.run.rundir import RunDir
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     unet, objective, header = load_diffusion(run, checkpoint.model_hash_of(vae_header), device)
     denoiser = objective.denoiser(unet, stored_mean(header, device))
     shift, scale = tuple(header["shift"]), tuple(header["scale"])
-    classifier, reference = evaluation.reference(dataset, run, device)
+    classifier, reference = scores.reference(dataset, run, device)
     c, s = vae.config.latent_channels, vae.config.latent_size
     noise = randn((n, c, s, s), [generator(0, i) for i in range(n)], device)  # (N, C, S, S)
 

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import emit, parser, setup
-from latentdiffusion.config import TrainConfig, preset
 from latentdiffusion.models import VAE, Classifier, UNet
 from latentdiffusion.models.vae import vae_loss
-from latentdiffusion.training import adamw
+from latentdiffusion.run.config import TrainConfig
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.training import adamw
 
 Loss = Callable[[nn.Module], torch.Tensor]
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 
 from common import emit, parser, setup
-from latentdiffusion import stages
-from latentdiffusion.config import preset
-from latentdiffusion.datasets import load_dataset
-from latentdiffusion.evaluation import evaluate
-from latentdiffusion.generation import generate, reconstruct
-from latentdiffusion.metrics import random_images
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.data import load_dataset
+from latentdiffusion.evaluation.metrics import random_images
+from latentdiffusion.run import stages
+from latentdiffusion.run.generation import generate, reconstruct
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.rundir import RunDir
+from latentdiffusion.run.scores import evaluate
 
 
 def main() -> None:

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion import datasets
-from latentdiffusion.config import ScheduleConfig, UNetConfig, preset
-from latentdiffusion.data import DATASETS, write_idx
+from latentdiffusion.data import dataset as datasets
+from latentdiffusion.data.idx import write_idx
+from latentdiffusion.data.registry import DATASETS
 from latentdiffusion.diffusion import NoiseSchedule
+from latentdiffusion.diffusion.schedule import ScheduleConfig
+from latentdiffusion.models.unet import UNetConfig
+from latentdiffusion.run.presets import preset
 
 torch.set_num_threads(1)
 

@@ -12,13 +12,14 @@ import torch
 
 from conftest import write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.config import GuideConfig, SamplingConfig, conditional, preset
 from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
-from latentdiffusion.diffusion.guidance import AutoGuidedDenoiser
+from latentdiffusion.diffusion.guidance import GuidedDenoiser
 from latentdiffusion.errors import UsageError
-from latentdiffusion.identity import samples_key
-from latentdiffusion.recipe import apply_sets
+from latentdiffusion.run.config import GuideConfig, SamplingConfig, conditional
+from latentdiffusion.run.keys import samples_key
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.recipe import apply_sets
 from test_cli_errors import assert_fails
 
 
@@ -39,20 +40,20 @@ def test_autoguidance_is_the_guide_plus_s_times_the_difference() -> None:
     strong, weak = FlowDenoiser(gaussian_velocity(1.0)), FlowDenoiser(gaussian_velocity(2.0))
     x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     for sigma in (0.5, 3.0, torch.tensor([0.2, 1.0, 9.0], dtype=torch.float64)):
-        assert torch.equal(AutoGuidedDenoiser(strong, weak, 1.0)(x, sigma), strong(x, sigma))
-        guided = AutoGuidedDenoiser(strong, weak, 2.5)(x, sigma)
+        assert torch.equal(GuidedDenoiser(strong, weak, 1.0)(x, sigma), strong(x, sigma))
+        guided = GuidedDenoiser(strong, weak, 2.5)(x, sigma)
         expected = weak(x, sigma) + 2.5 * (strong(x, sigma) - weak(x, sigma))
         torch.testing.assert_close(guided, expected)
         assert not torch.allclose(guided, strong(x, sigma))
     # The samplers see the strong denoiser's levels and start.
-    guided_denoiser = AutoGuidedDenoiser(strong, weak, 2.0)
+    guided_denoiser = GuidedDenoiser(strong, weak, 2.0)
     assert (guided_denoiser.sigma_min, guided_denoiser.sigma_max) == (strong.sigma_min,
                                                                       strong.sigma_max)
     assert torch.equal(guided_denoiser.timestep_sigmas(5), strong.timestep_sigmas(5))
     assert torch.equal(guided_denoiser.prior(x, 4.0), strong.prior(x, 4.0))
 
 
-def _sample_std(denoiser: FlowDenoiser | AutoGuidedDenoiser) -> float:
+def _sample_std(denoiser: FlowDenoiser | GuidedDenoiser) -> float:
     """The std of the samples: for Gaussian data every D is linear in x, so the ODE maps unit
     noise to a multiple of itself, and that multiple is the std."""
     return sample(denoiser, torch.ones(1, 1, 1, 1), "ddim-200").item()
@@ -64,14 +65,14 @@ def test_a_guide_that_errs_further_the_same_way_corrects_the_samples() -> None:
     exact, strong, weak = (FlowDenoiser(gaussian_velocity(c)) for c in (1.0, 1.2, 1.6))
     assert _sample_std(exact) == pytest.approx(1.0, abs=0.01)
     assert _sample_std(strong) == pytest.approx(1.2, abs=0.01)
-    stds = [_sample_std(AutoGuidedDenoiser(strong, weak, s)) for s in (1.0, 1.25, 1.5, 3.0)]
+    stds = [_sample_std(GuidedDenoiser(strong, weak, s)) for s in (1.0, 1.25, 1.5, 3.0)]
     errors = [abs(std - 1.0) for std in stds]
     assert errors[0] > errors[1] > errors[2]  # closer the stronger the guidance, up to a point
     assert errors[2] < 0.2 * errors[0]
     assert stds[3] < 0.8  # too strong: past the data, to too little spread
     # A guide erring the other way pushes the samples further off.
     opposite = FlowDenoiser(gaussian_velocity(0.9))
-    assert abs(_sample_std(AutoGuidedDenoiser(strong, opposite, 2.0)) - 1.0) > errors[0]
+    assert abs(_sample_std(GuidedDenoiser(strong, opposite, 2.0)) - 1.0) > errors[0]
 
 
 def test_the_config_rules() -> None:

@@ -17,11 +17,15 @@ from typing import Any
 import pytest
 import torch
 
-from latentdiffusion import checkpoint, fileio
-from latentdiffusion.config import ClassifierConfig, VAEConfig, to_dict
+from latentdiffusion import files
 from latentdiffusion.errors import CheckpointError, LdmError
-from latentdiffusion.fileio import atomic_write, run_dir_lock
+from latentdiffusion.files import atomic_write
 from latentdiffusion.models import VAE, Classifier
+from latentdiffusion.models.classifier import ClassifierConfig
+from latentdiffusion.models.vae import VAEConfig
+from latentdiffusion.run import checkpoint
+from latentdiffusion.run.rundir import run_dir_lock
+from latentdiffusion.schema import to_dict
 
 TINY_VAE = VAEConfig(latent_channels=2, channels=(4, 8))
 
@@ -288,7 +292,7 @@ def test_atomic_write_full_disk_at_write(tmp_path: Path, monkeypatch: pytest.Mon
     path = tmp_path / "model.safetensors"
     _save(path)
     before = path.read_bytes()
-    monkeypatch.setattr(fileio, "open",
+    monkeypatch.setattr(files, "open",
                         lambda *a, **k: _FullDiskFile(builtins.open(*a, **k), room=10),
                         raising=False)
     with pytest.raises(LdmError, match="no space left on device") as err:
@@ -304,7 +308,7 @@ def test_atomic_write_full_disk_for_a_new_file(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fsync", _enospc)
     with pytest.raises(LdmError, match="no space left"):
-        fileio.write_json(tmp_path / "m.json", {"a": 1})
+        files.write_json(tmp_path / "m.json", {"a": 1})
     assert os.listdir(tmp_path) == []
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.data import DATASETS
+from latentdiffusion.data.registry import DATASETS
 
 CPU = ["--device", "cpu"]
 

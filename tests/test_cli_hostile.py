@@ -12,11 +12,12 @@ import pytest
 from tqdm.auto import tqdm
 
 from conftest import write_dataset
-from latentdiffusion import stages
 from latentdiffusion.cli import main
 from latentdiffusion.errors import LdmError
-from latentdiffusion.fileio import read_manifest, read_metrics, strict_json, write_json
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.evaluation.samples import load_samples
+from latentdiffusion.files import strict_json, write_json
+from latentdiffusion.run import stages
+from latentdiffusion.run.rundir import read_manifest, read_metrics
 from test_cli_errors import CPU, assert_fails, ldm
 
 # ---------------------------------------------------------------- arguments

@@ -17,17 +17,16 @@ import torch
 
 from conftest import register, synthetic_digits, write_dataset
 from latentdiffusion import data
-from latentdiffusion.data import (
-    DATASETS,
+from latentdiffusion.data import load_dataset
+from latentdiffusion.data.idx import (
     IMAGE_MAGIC,
     LABEL_MAGIC,
     SPLIT_FILES,
     read_idx,
     read_split,
-    resolve_data_dir,
     write_idx,
 )
-from latentdiffusion.datasets import load_dataset
+from latentdiffusion.data.registry import DATASETS, resolve_data_dir
 from latentdiffusion.errors import DataError, UsageError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from conftest import register, synthetic_digits, write_dataset
-from latentdiffusion import datasets
-from latentdiffusion.data import write_idx
-from latentdiffusion.datasets import Dataset, load_dataset
+from latentdiffusion.data import Dataset, load_dataset
+from latentdiffusion.data import dataset as datasets
+from latentdiffusion.data.folder import held_out
+from latentdiffusion.data.idx import write_idx
 from latentdiffusion.errors import DataError, UsageError
-from latentdiffusion.sources import held_out
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot")

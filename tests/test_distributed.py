@@ -28,15 +28,15 @@ from torch import nn
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, write_dataset
 from latentdiffusion import distributed as dist
-from latentdiffusion import training
 from latentdiffusion.cli import main
-from latentdiffusion.config import TrainConfig
 from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
-from latentdiffusion.identity import StageKey
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.evaluation.samples import load_samples
 from latentdiffusion.models import UNet
-from latentdiffusion.statedir import latest_checkpoint, list_checkpoints
-from latentdiffusion.training import Batch, fit, init_model
+from latentdiffusion.run import training
+from latentdiffusion.run.config import TrainConfig
+from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.resume import latest_checkpoint, list_checkpoints
+from latentdiffusion.run.training import Batch, fit, init_model
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
 # 32 examples, global batch 8 (4 per rank): 4 steps per epoch, 8 in all.

@@ -15,26 +15,26 @@ import torch
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET, register, write_dataset
 from latentdiffusion.cli import main
-from latentdiffusion.config import (
-    CONDITIONAL_GUIDANCE,
-    ImageShape,
-    SamplingConfig,
-    TrainConfig,
-    UNetConfig,
-    conditional,
-    for_images,
-    preset,
-)
 from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import guided, labels_for, parse_labels, with_labels
 from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
 from latentdiffusion.errors import UsageError
-from latentdiffusion.identity import StageKey
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.evaluation.samples import load_samples
 from latentdiffusion.models import UNet
+from latentdiffusion.models.unet import UNetConfig
 from latentdiffusion.rng import generator
-from latentdiffusion.training import Batch, fit, init_model
+from latentdiffusion.run.config import (
+    CONDITIONAL_GUIDANCE,
+    ImageShape,
+    SamplingConfig,
+    TrainConfig,
+    conditional,
+    for_images,
+)
+from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.presets import preset
+from latentdiffusion.run.training import Batch, fit, init_model
 from test_cli_errors import assert_fails
 
 CPU = torch.device("cpu")

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion import checkpoint, metrics
-from latentdiffusion.data import IMAGE_MAGIC, LABEL_MAGIC, read_idx
+from latentdiffusion.data.idx import IMAGE_MAGIC, LABEL_MAGIC, read_idx
 from latentdiffusion.errors import CheckpointError, DataError
-from latentdiffusion.fileio import npz_headers
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.evaluation import samples
+from latentdiffusion.evaluation.samples import load_samples
+from latentdiffusion.files import npz_headers
+from latentdiffusion.run import checkpoint
 from test_cli_errors import CPU, assert_fails
 
 MiB = 1 << 20
@@ -46,7 +47,10 @@ def _peak_growth_mib(code: str) -> float:
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak memory")
     script = textwrap.dedent("""
         import sys
-        from latentdiffusion import data, metrics, checkpoint
+        from pathlib import Path
+        from latentdiffusion.data import idx
+        from latentdiffusion.evaluation import samples
+        from latentdiffusion.run import checkpoint
         from latentdiffusion.errors import LdmError
 
         def peak_kib():
@@ -105,7 +109,7 @@ def test_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path: Path) -> No
     # 10 images declared, 64 MiB inside (a 65 kB file): the reader stops one byte past the 10.
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
     _gzip_with_zeros(path, struct.pack(">4I", IMAGE_MAGIC, 10, 28, 28), 64 * MiB)
-    growth = _peak_growth_mib(f"data.read_idx(data.Path({str(path)!r}), data.IMAGE_MAGIC)")
+    growth = _peak_growth_mib(f"idx.read_idx(Path({str(path)!r}), idx.IMAGE_MAGIC)")
     assert growth < 16, growth
 
 
@@ -115,7 +119,7 @@ def test_idx_header_promising_far_more_than_the_file_holds(tmp_path: Path) -> No
     _gzip_with_zeros(path, struct.pack(">4I", IMAGE_MAGIC, 999_999, 28, 28), 100 * 784)
     with pytest.raises(DataError, match="the file is truncated"):
         read_idx(path, IMAGE_MAGIC)
-    growth = _peak_growth_mib(f"data.read_idx(data.Path({str(path)!r}), data.IMAGE_MAGIC)")
+    growth = _peak_growth_mib(f"idx.read_idx(Path({str(path)!r}), idx.IMAGE_MAGIC)")
     assert growth < 16, growth
 
 
@@ -162,7 +166,7 @@ def test_npz_declaring_a_billion_images(capsys: pytest.CaptureFixture[str],
 
 def test_npz_with_more_images_than_one_evaluation_holds(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "MAX_SAMPLES", 10)
+    monkeypatch.setattr(samples, "MAX_SAMPLES", 10)
     path = tmp_path / "many.npz"
     np.savez(path, images=np.zeros((11, 28, 28), np.uint8))
     with pytest.raises(DataError, match="11 images, more than the 10 one evaluation holds"):
@@ -175,7 +179,7 @@ def test_npz_of_the_wrong_shape_is_refused_before_loading(tmp_path: Path) -> Non
     np.savez_compressed(path, images=np.zeros((65536, 32, 30), np.uint8))
     with pytest.raises(DataError, match=r"with N > 0, got \(65536, 32, 30\)"):
         load_samples(path)
-    growth = _peak_growth_mib(f"metrics.load_samples({str(path)!r})")
+    growth = _peak_growth_mib(f"samples.load_samples({str(path)!r})")
     assert growth < 16, growth
 
 

@@ -8,23 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion.config import (
-    PRESETS,
-    ClassifierConfig,
+from latentdiffusion.data.images import to_uint8, to_unit_tensor
+from latentdiffusion.errors import UsageError
+from latentdiffusion.evaluation.plots import class_grid, tile
+from latentdiffusion.models import VAE, Classifier, UNet
+from latentdiffusion.models.classifier import ClassifierConfig, pixel_stats, random_shift, rotate
+from latentdiffusion.models.vae import VAEConfig
+from latentdiffusion.run.config import (
     ImageShape,
     RunConfig,
-    VAEConfig,
     conditional,
     for_images,
     image_shape_of,
-    preset,
 )
-from latentdiffusion.data import to_uint8, to_unit_tensor
-from latentdiffusion.errors import UsageError
-from latentdiffusion.models import VAE, Classifier, UNet
-from latentdiffusion.models.classifier import pixel_stats, random_shift, rotate
-from latentdiffusion.plots import class_grid, tile
-from latentdiffusion.training import init_model
+from latentdiffusion.run.presets import PRESETS, preset
+from latentdiffusion.run.training import init_model
 
 SHAPES = [ImageShape(16, 1, 10), ImageShape(20, 3, 0), ImageShape(32, 3, 5),
           ImageShape(44, 1, 2), ImageShape(64, 3, 0)]

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import synthetic_digits
-from latentdiffusion import latents
-from latentdiffusion.config import LatentNorm, VAEConfig
 from latentdiffusion.errors import CheckpointError
 from latentdiffusion.models import VAE
+from latentdiffusion.models.vae import VAEConfig
+from latentdiffusion.run import latents
+from latentdiffusion.run.config import LatentNorm
 
 
 def _latent_set(norm: LatentNorm) -> latents.LatentSet:
@@ -61,7 +62,7 @@ def test_cache_round_trip(latent_set: latents.LatentSet, tmp_path: Path) -> None
 
 
 def test_a_model_file_is_not_a_latent_cache(tmp_path: Path) -> None:
-    from latentdiffusion import checkpoint
+    from latentdiffusion.run import checkpoint
 
     path = tmp_path / "vae.safetensors"
     checkpoint.save_model(path, VAE(VAEConfig(channels=(4,))), VAEConfig(channels=(4,)), key="k")

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from latentdiffusion import fileio
 from latentdiffusion.errors import LdmError
-from latentdiffusion.fileio import run_dir_lock
+from latentdiffusion.run import rundir
+from latentdiffusion.run.rundir import run_dir_lock
 
 fcntl = pytest.importorskip("fcntl")
 
@@ -22,7 +22,7 @@ fcntl = pytest.importorskip("fcntl")
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test runs with fcntl and as on a system without it (the O_EXCL protocol)."""
     if request.param == "no-fcntl":
-        monkeypatch.setattr(fileio, "fcntl", None, raising=False)
+        monkeypatch.setattr(rundir, "fcntl", None, raising=False)
     return str(request.param)
 
 

@@ -10,19 +10,19 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from latentdiffusion.config import ClassifierConfig
 from latentdiffusion.errors import DataError
-from latentdiffusion.metrics import (
+from latentdiffusion.evaluation.metrics import (
     FeatureStats,
     Reference,
     evaluate_images,
     frechet_distance,
     kernel_inception_distance,
-    load_samples,
     precision_recall,
     random_images,
     reference_from_images,
 )
+from latentdiffusion.evaluation.samples import load_samples
+from latentdiffusion.models.classifier import ClassifierConfig
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:

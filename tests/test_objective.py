@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import TINY_UNET
-from latentdiffusion.config import ObjectiveConfig, ScheduleConfig, TrainConfig
 from latentdiffusion.diffusion import NoiseSchedule, VPDenoiser, sample
 from latentdiffusion.diffusion.objective import (
     FlowObjective,
+    ObjectiveConfig,
     diffusion_loss,
     loss_weight,
     make_objective,
@@ -21,10 +21,12 @@ from latentdiffusion.diffusion.objective import (
     target,
     timestep_probabilities,
 )
+from latentdiffusion.diffusion.schedule import ScheduleConfig
 from latentdiffusion.errors import UsageError
-from latentdiffusion.identity import StageKey
 from latentdiffusion.models import UNet
-from latentdiffusion.training import Batch, fit, init_model
+from latentdiffusion.run.config import TrainConfig
+from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.training import Batch, fit, init_model
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
 NOISE, V = ObjectiveConfig("noise"), ObjectiveConfig("v")

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from latentdiffusion.cli import main
-from latentdiffusion.datasets import load_dataset
+from latentdiffusion.data import load_dataset
 from latentdiffusion.errors import DataError
-from latentdiffusion.evaluation import validation_rows
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.evaluation.samples import load_samples
+from latentdiffusion.run.scores import validation_rows
 
 CLASSES = ("red", "green", "blue")
 

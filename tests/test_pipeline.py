@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion import checkpoint, latents
 from latentdiffusion.cli import main
-from latentdiffusion.data import to_uint8
-from latentdiffusion.diffusion import sample
-from latentdiffusion.generation import generate, load_denoiser
-from latentdiffusion.metrics import load_samples
+from latentdiffusion.data.images import to_uint8
+from latentdiffusion.diffusion import SamplingRequest, sample
+from latentdiffusion.evaluation.samples import load_samples
 from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
-from latentdiffusion.rundir import RunDir
+from latentdiffusion.run import checkpoint, latents
+from latentdiffusion.run.generation import generate, load_denoiser
+from latentdiffusion.run.rundir import RunDir
 
 STAGES = ["classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report"]
 
@@ -212,8 +212,8 @@ def test_flow_objective_end_to_end(data_dir: Path, tmp_path: Path,
     x0 = sample(denoiser, noise, "ddim-3")
     expected = to_uint8(vae.decode(latents.denormalise(x0, tuple(header["shift"]),
                                                        tuple(header["scale"]))))
-    made = generate(RunDir(run), "diffusion", 3, 5, sampler="ddim-3", device=cpu,
-                    progress=False)
+    made = generate(RunDir(run), "diffusion", 3, 5, request=SamplingRequest.of("ddim-3"),
+                    device=cpu, progress=False)
     assert np.array_equal(made, expected)
     assert (run / "diffusion.safetensors").read_bytes() != vp_weights
     metrics = json.loads((run / "metrics.json").read_text())

@@ -13,19 +13,16 @@ from typing import Any, Literal
 
 import pytest
 
-from latentdiffusion import recipe
-from latentdiffusion.arguments import build_parser, run_config
 from latentdiffusion.cli import main
-from latentdiffusion.config import (
-    FLOW_LOGIT_STD,
-    RunConfig,
-    ScheduleConfig,
-    UNetConfig,
-    config_hash,
-    preset,
-    to_dict,
-)
+from latentdiffusion.cli.options import run_config
+from latentdiffusion.cli.parser import build_parser
+from latentdiffusion.diffusion.schedule import ScheduleConfig
 from latentdiffusion.errors import UsageError
+from latentdiffusion.models.unet import UNetConfig
+from latentdiffusion.run import recipe
+from latentdiffusion.run.config import FLOW_LOGIT_STD, RunConfig
+from latentdiffusion.run.presets import preset
+from latentdiffusion.schema import config_hash, to_dict
 from test_cli_errors import CPU, assert_fails, ldm
 
 R = dataclasses.replace

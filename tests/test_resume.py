@@ -15,10 +15,11 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import write_dataset
-from latentdiffusion import checkpoint, identity, training
 from latentdiffusion.cli import main
-from latentdiffusion.config import PRESETS, RunConfig, SamplingConfig, preset
 from latentdiffusion.diffusion.denoiser import LADDERS
+from latentdiffusion.run import checkpoint, keys, training
+from latentdiffusion.run.config import RunConfig, SamplingConfig
+from latentdiffusion.run.presets import PRESETS, preset
 
 CPU = ["--device", "cpu"]
 STAGES = ["classifier", "vae", "encode", "diffusion", "sample", "evaluate", "report"]
@@ -295,11 +296,11 @@ def test_sets_of_ladder_samplers_are_keyed_by_the_ladder_rule(monkeypatch: pytes
                                                                ) -> None:
     """A set sampled on karras or logsnr levels is made again when the ladders' rule changes;
     a set of timestep samplers keeps its key."""
-    def key(*samplers: str) -> identity.StageKey:
-        return identity.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100)
+    def key(*samplers: str) -> keys.StageKey:
+        return keys.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100)
 
-    def flow_key(*samplers: str) -> identity.StageKey:  # the rule sets a flow model's D at t = 1
-        return identity.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100, "flow")
+    def flow_key(*samplers: str) -> keys.StageKey:  # the rule sets a flow model's D at t = 1
+        return keys.samples_key("vae", "unet", SamplingConfig(samplers=samplers), 100, "flow")
 
     grid, ladder, flow_grid = key("ddpm-20"), key("ddpm-20", "dpmpp-2m-10"), flow_key("ddpm-20")
     assert "ladders" not in grid.fields and ladder.fields["ladders"] == LADDERS

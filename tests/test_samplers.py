@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from latentdiffusion.config import ScheduleConfig, UNetConfig
 from latentdiffusion.diffusion import SAMPLERS, NoiseSchedule, VPDenoiser, parse_sampler, sample
 from latentdiffusion.diffusion.denoiser import (
     FlowDenoiser,
@@ -17,10 +16,12 @@ from latentdiffusion.diffusion.denoiser import (
     timesteps,
 )
 from latentdiffusion.diffusion.samplers import dpmpp_2m_sample, heun_sample
+from latentdiffusion.diffusion.schedule import ScheduleConfig
 from latentdiffusion.errors import UsageError
 from latentdiffusion.models import UNet
+from latentdiffusion.models.unet import UNetConfig
 from latentdiffusion.rng import generator
-from latentdiffusion.training import init_model
+from latentdiffusion.run.training import init_model
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # linear, T = 1000
 COSINE = NoiseSchedule.from_config(ScheduleConfig(kind="cosine", num_timesteps=100))

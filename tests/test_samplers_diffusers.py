@@ -43,7 +43,6 @@ from diffusers import (
 )
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_dpmsolver_multistep
 
-from latentdiffusion.config import ScheduleConfig
 from latentdiffusion.diffusion import NoiseSchedule, VPDenoiser, sample
 from latentdiffusion.diffusion.denoiser import logsnr_sigmas, noise_levels, timesteps
 from latentdiffusion.diffusion.samplers import (
@@ -53,6 +52,7 @@ from latentdiffusion.diffusion.samplers import (
     dpmpp_2m_sde_sample,
     heun_sample,
 )
+from latentdiffusion.diffusion.schedule import ScheduleConfig
 from latentdiffusion.rng import randn
 
 pytestmark = pytest.mark.filterwarnings(  # numpy 2 about torch's Tensor.__array__, in diffusers

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from latentdiffusion.config import ScheduleConfig
 from latentdiffusion.diffusion import NoiseSchedule
-from latentdiffusion.diffusion.schedule import cosine_betas
+from latentdiffusion.diffusion.schedule import ScheduleConfig, cosine_betas
 
 
 def _schedule(kind: str, num_timesteps: int = 1000) -> NoiseSchedule:

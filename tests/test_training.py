@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
-from latentdiffusion.config import ObjectiveConfig, TrainConfig
-from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
+from latentdiffusion.diffusion.objective import ObjectiveConfig, diffusion_loss, make_objective
 from latentdiffusion.errors import LdmError, UsageError
-from latentdiffusion.identity import StageKey
 from latentdiffusion.models import UNet
-from latentdiffusion.statedir import Resume, latest_checkpoint, list_checkpoints
-from latentdiffusion.training import (
+from latentdiffusion.run.config import TrainConfig
+from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.resume import Resume, latest_checkpoint, list_checkpoints
+from latentdiffusion.run.training import (
     Batch,
     FitResult,
     adamw,

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiffusion.config import UNetConfig
 from latentdiffusion.models import UNet, to_device
-from latentdiffusion.models.unet import sinusoidal_embedding
-from latentdiffusion.training import init_model
+from latentdiffusion.models.unet import UNetConfig, sinusoidal_embedding
+from latentdiffusion.run.training import init_model
 
 TINY = UNetConfig(in_channels=2, latent_size=8, channels=(8, 16), time_dim=8, groups=4)
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import synthetic_digits
-from latentdiffusion.config import ClassifierConfig, VAEConfig
-from latentdiffusion.data import to_unit_tensor
+from latentdiffusion.data.images import to_unit_tensor
 from latentdiffusion.models import VAE, Classifier
-from latentdiffusion.models.vae import kl_to_standard_normal, sample_posterior, vae_loss
-from latentdiffusion.training import init_model
+from latentdiffusion.models.classifier import ClassifierConfig
+from latentdiffusion.models.vae import VAEConfig, kl_to_standard_normal, sample_posterior, vae_loss
+from latentdiffusion.run.training import init_model
 
 
 def _images(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,15 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper around any denoiser.
+"""Guidance as one wrapper around any denoiser: D_s = D_ref + s (D - D_ref) (EDM2's
+`denoise()`), where the reference D_ref is one of two models.
 
-A class-conditional network trained with labels dropped to a null label y_0 some of the time is
-both a conditional and an unconditional model. Guidance of scale s extrapolates from one to the
-other in the denoiser form every sampler sees:
-    D_s(x, sigma, y) = D(x, sigma, y_0) + s (D(x, sigma, y) - D(x, sigma, y_0))
-s = 1 is the conditional model, s = 0 the unconditional one, s > 1 trades diversity for
-samples the classifier agrees with. The two are evaluated in one doubled batch: rows [x; x]
-with labels [y; y_0], split in two after the call. The samplers, `VPDenoiser` and
-`FlowDenoiser` never see a label: the labels are bound to the network (`functools.partial`)
-before the objective turns it into a denoiser.
+- Classifier-free guidance (Ho & Salimans 2022): a class-conditional network trained with labels
+  dropped to a null label y_0 some of the time is both D(x, sigma, y) and D_ref = D(x, sigma, y_0).
+  s = 1 is the conditional model, s = 0 the unconditional one, s > 1 trades diversity for
+  samples the classifier agrees with. The two are evaluated in one doubled batch.
+- Autoguidance (Karras et al. 2024): D_ref is a smaller denoiser of the same process trained for
+  fewer epochs (the run's guide). Where the two differ, the strong one is more often right, and
+  the step goes further its way; it needs no labels.
+The samplers, `VPDenoiser` and `FlowDenoiser` never see a label: the labels are bound to the
+network (`functools.partial`) before the objective turns it into a denoiser.
 
 Which label sample i asks for is a function of i alone (`labels_for`), so a labelled set, like
 an unlabelled one, does not depend on the batch size or the number of processes.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -66,6 +68,30 @@ def labels_for(spec: str, indices: list[int] | range, num_classes: int) -> list[
 
 LabelledNetwork = Callable[..., torch.Tensor]  # (x_t, t, labels) -> prediction
 MakeDenoiser = Callable[[Network], Denoiser]  # an objective's `denoiser`
+Reference = Literal["unconditional", "guide"]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A guidance scale s and what D is pushed away from: the same network at the null label
+    (classifier-free) or the run's small guide (autoguidance). s = 1 is D alone: off."""
+
+    scale: float = 1.0
+    reference: Reference = "unconditional"
+
+    @property
+    def active(self) -> bool:
+        return self.scale != 1.0
+
+    @property
+    def by_guide(self) -> bool:
+        """Whether sampling needs the run's guide model."""
+        return self.active and self.reference == "guide"
+
+    def network_calls(self, model_calls: int) -> int:
+        """The NFE of `model_calls` guided steps: a guide is a second network each step (the
+        classifier-free reference is the same network, in the same doubled batch)."""
+        return 2 * model_calls if self.by_guide else model_calls
 
 
 def with_labels(network: LabelledNetwork, labels: torch.Tensor) -> Network:
@@ -80,89 +106,47 @@ def _twice(sigma: float | torch.Tensor) -> float | torch.Tensor:
     return sigma
 
 
-class _BaseLevels:
-    """A guided denoiser's levels and start: those of the denoiser it is built on (`base`)."""
+@dataclass
+class GuidedDenoiser:
+    """D_s(x, sigma) = D_ref(x, sigma) + s (D(x, sigma) - D_ref(x, sigma)), EDM2's `denoise()`.
 
-    sigma_min: float
-    sigma_max: float
+    Its levels and start are D's. At s = 1 it is exactly D, at s = 0 exactly D_ref, each with
+    one call. `both`, when given, evaluates D and D_ref of one network in one doubled batch:
+    rows [x; x] with labels [y; null] (classifier-free guidance), split in two after the call.
+    """
 
-    @property
-    def base(self) -> Denoiser:
-        raise NotImplementedError
+    denoiser: Denoiser  # D
+    reference: Denoiser  # D_ref
+    scale: float
+    both: Denoiser | None = None  # 2B rows: [D's; D_ref's]
 
     def __post_init__(self) -> None:
-        self.sigma_min, self.sigma_max = self.base.sigma_min, self.base.sigma_max
-
-    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-        return self.base.prior(noise, sigma)
-
-    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
-        return self.base.timestep_sigmas(num_steps)
-
-
-@dataclass
-class GuidedDenoiser(_BaseLevels):
-    """D_uncond + s (D_cond - D_uncond) for a batch of B rows with fixed labels.
-
-    `both` sees 2B rows, [x; x] with labels [y; null]. At s = 1 and s = 0 only the half that
-    counts is evaluated (half the cost; exactly the conditional or unconditional denoiser).
-    """
-
-    conditional: Denoiser  # the B rows with their labels y
-    unconditional: Denoiser  # the B rows with the null label
-    both: Denoiser  # 2B rows: [y; null]
-    scale: float
-
-    @property
-    def base(self) -> Denoiser:
-        return self.conditional
-
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        if self.scale == 1.0:
-            return self.conditional(x, sigma)
-        if self.scale == 0.0:
-            return self.unconditional(x, sigma)
-        denoised = self.both(torch.cat([x, x]), _twice(sigma))  # (2B, C, H, W)
-        conditional, unconditional = denoised.chunk(2)
-        # lerp(a, b, s) = a + s (b - a); it returns b exactly at s = 1 and a at s = 0
-        return torch.lerp(unconditional, conditional, self.scale)
-
-
-def guided(make_denoiser: MakeDenoiser, network: LabelledNetwork, labels: torch.Tensor,
-           null_label: int, scale: float) -> GuidedDenoiser:
-    """The guided denoiser of a conditional network for the rows' `labels` (B,) long."""
-    if scale < 0:
-        raise UsageError(f"guidance scale must be >= 0, got {scale}")
-    null = torch.full_like(labels, null_label)
-    return GuidedDenoiser(make_denoiser(with_labels(network, labels)),
-                          make_denoiser(with_labels(network, null)),
-                          make_denoiser(with_labels(network, torch.cat([labels, null]))),
-                          scale)
-
-
-@dataclass
-class AutoGuidedDenoiser(_BaseLevels):
-    """Autoguidance (Karras et al. 2024): D_guide + s (D - D_guide), s >= 1.
-
-    The guide is a weaker denoiser of the same process (config.GuideConfig): where the two
-    differ, the strong one is more often right, and the step goes further its way. Both see the
-    same rows and levels; the samplers see one denoiser (the strong one's levels and start).
-    """
-
-    denoiser: Denoiser
-    guide: Denoiser
-    scale: float
-
-    @property
-    def base(self) -> Denoiser:
-        return self.denoiser
+        self.sigma_min, self.sigma_max = self.denoiser.sigma_min, self.denoiser.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.denoiser(x, sigma)
-        return torch.lerp(self.guide(x, sigma), self.denoiser(x, sigma), self.scale)
+        if self.scale == 0.0:
+            return self.reference(x, sigma)
+        if self.both is not None:
+            denoised, reference = self.both(torch.cat([x, x]), _twice(sigma)).chunk(2)
+        else:
+            denoised, reference = self.denoiser(x, sigma), self.reference(x, sigma)
+        # lerp(a, b, s) = a + s (b - a); it returns b exactly at s = 1 and a at s = 0
+        return torch.lerp(reference, denoised, self.scale)
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.denoiser.prior(noise, sigma)
+
+    def timestep_sigmas(self, num_steps: int | None) -> torch.Tensor:
+        return self.denoiser.timestep_sigmas(num_steps)
 
 
-def network_calls(model_calls: int, autoguidance: float) -> int:
-    """The NFE of a sampler's `model_calls` denoiser calls: autoguided, each calls two networks."""
-    return model_calls if autoguidance == 1.0 else 2 * model_calls
+def guided(make_denoiser: MakeDenoiser, network: LabelledNetwork,
+                    labels: torch.Tensor, null_label: int, scale: float) -> GuidedDenoiser:
+    """The guided denoiser of a conditional network for the rows' `labels` (B,) long: D at y,
+    D_ref at the null label."""
+    null = torch.full_like(labels, null_label)
+    return GuidedDenoiser(make_denoiser(with_labels(network, labels)),
+                          make_denoiser(with_labels(network, null)), scale,
+                          both=make_denoiser(with_labels(network, torch.cat([labels, null]))))

@@ -16,26 +16,26 @@ the probability-flow ODE is dx/dsigma = d (Karras et al. 2022, eq. 3).
 IADB (Heitz et al. 2023), the post's suggestion, is `ddim` on a flow model: Euler on uniform t,
 starting from pure noise at sigma = inf (denoiser.py's limit form). The predicted x_0 is not
 clipped: latents are unbounded. One table, SAMPLERS, maps a name to its
-function, default spacing of the levels, default steps and model calls per run; the CLI, the
-config and the report read it.
+function, default spacing of the levels, default steps and model calls per run, and a request
+such as 'ddim-50' is parsed once into a `SamplerChoice`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import VarianceName
 from ..errors import UsageError
 from ..rng import Generators, randn
 from .denoiser import Denoiser, Spacing, noise_levels
 
-Sampler = Callable[..., torch.Tensor]
+SamplerFunction = Callable[..., torch.Tensor]
+VarianceName = Literal["beta_tilde", "beta"]
 
 
 def _levels(sigmas: torch.Tensor, progress: bool, desc: str) -> Any:
@@ -161,13 +161,15 @@ def dpmpp_2m_sde_sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    function: Sampler
+class SamplerInfo:
+    """What `SAMPLERS` knows of one sampler."""
+
+    function: SamplerFunction
     spacing: Spacing  # default placement of the noise levels (denoiser.noise_levels)
     default_steps: int | None  # None: every level of the model's training grid
     second_order: bool = False  # two model calls per step but the last
     stochastic: bool = False  # draws fresh noise at each step (at its default options)
-    options: tuple[str, ...] = ()  # the SamplingConfig fields it takes as keyword options
+    options: tuple[str, ...] = ()  # the keyword options it takes (SamplerChoice's fields)
 
     def model_calls(self, num_steps: int) -> int:
         """Function evaluations (NFE) of one run of K steps."""
@@ -178,13 +180,13 @@ class SamplerSpec:
         return max(1, (model_calls + 1) // 2 if self.second_order else model_calls)
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(ddpm_sample, "timesteps", None, stochastic=True, options=("variance",)),
-    "ddim": SamplerSpec(ddim_sample, "timesteps", 50, options=("eta",)),
-    "euler": SamplerSpec(ddim_sample, "karras", 20),  # DDIM with eta = 0 is Euler
-    "heun": SamplerSpec(heun_sample, "karras", 10, second_order=True),
-    "dpmpp-2m": SamplerSpec(dpmpp_2m_sample, "logsnr", 10),
-    "dpmpp-2m-sde": SamplerSpec(dpmpp_2m_sde_sample, "logsnr", 10, stochastic=True),
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddpm": SamplerInfo(ddpm_sample, "timesteps", None, stochastic=True, options=("variance",)),
+    "ddim": SamplerInfo(ddim_sample, "timesteps", 50, options=("eta",)),
+    "euler": SamplerInfo(ddim_sample, "karras", 20),  # DDIM with eta = 0 is Euler
+    "heun": SamplerInfo(heun_sample, "karras", 10, second_order=True),
+    "dpmpp-2m": SamplerInfo(dpmpp_2m_sample, "logsnr", 10),
+    "dpmpp-2m-sde": SamplerInfo(dpmpp_2m_sde_sample, "logsnr", 10, stochastic=True),
 }
 
 
@@ -203,26 +205,53 @@ def parse_sampler(spec: str) -> tuple[str, int | None]:
     return name, int(steps) if steps else SAMPLERS[name].default_steps
 
 
-def sample(denoiser: Denoiser, noise: torch.Tensor, spec: str, *, generator: Generators = None,
-           progress: bool = False, **options: Any) -> torch.Tensor:
-    """Run the sampler named by `spec` ('ddpm-25', 'heun', ...) from unit `noise` (B, C, H, W);
-    `options` beyond those the sampler takes are ignored."""
-    name, num_steps = parse_sampler(spec)
-    sampler = SAMPLERS[name]
-    sigmas = noise_levels(denoiser, sampler.spacing, num_steps)  # (K + 1,)
+@dataclass(frozen=True)
+class SamplerChoice:
+    """A sampler request such as 'ddim-50' with its options, parsed once where it enters."""
+
+    spec: str  # as given ('ddpm-20', 'heun'): it names a sample set
+    variance: VarianceName = "beta_tilde"  # ddpm's
+    eta: float = 0.0  # ddim's
+    name: str = field(init=False)  # a key of SAMPLERS
+    steps: int | None = field(init=False)  # None: every level of the model's grid
+
+    def __post_init__(self) -> None:
+        name, steps = parse_sampler(self.spec)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "steps", steps)
+        if self.variance not in get_args(VarianceName):
+            raise UsageError(f"unknown variance {self.variance!r} (choose from "
+                             f"{', '.join(get_args(VarianceName))})")
+        if not 0.0 <= self.eta <= 1.0:
+            raise UsageError(f"eta must be in [0, 1], got {self.eta}")
+
+    @property
+    def info(self) -> SamplerInfo:
+        return SAMPLERS[self.name]
+
+    @property
+    def uses_ladder(self) -> bool:
+        """Whether its levels lie on a karras or logsnr ladder (denoiser.LADDERS)."""
+        return self.info.spacing != "timesteps"
+
+    def levels(self, denoiser: Denoiser) -> torch.Tensor:
+        """(K + 1,) its noise levels on this denoiser, ending at 0."""
+        return noise_levels(denoiser, self.info.spacing, self.steps)
+
+    def model_calls(self, denoiser: Denoiser) -> int:
+        """Its NFE on this denoiser (whose grid decides 'ddpm' with every step); the denoiser's
+        levels alone are read, so one without weights will do (objective.levels_only)."""
+        return self.info.model_calls(len(self.levels(denoiser)) - 1)
+
+
+def sample(denoiser: Denoiser, noise: torch.Tensor, sampler: SamplerChoice | str, *,
+           generator: Generators = None, progress: bool = False, **options: Any) -> torch.Tensor:
+    """Run `sampler` from unit `noise` (B, C, H, W); a spec such as 'ddpm-25' is parsed with
+    `options` (those it does not take are ignored)."""
+    if isinstance(sampler, str):
+        sampler = SamplerChoice(sampler, **options)
+    sigmas = sampler.levels(denoiser)  # (K + 1,)
     x = denoiser.prior(noise, float(sigmas[0]))
-    kwargs = {k: v for k, v in options.items() if k in sampler.options}
-    return sampler.function(denoiser, x, sigmas, generator=generator, progress=progress,
-                            **kwargs)
-
-
-def uses_ladder(spec: str) -> bool:
-    """Whether `spec` places its levels on a karras or logsnr ladder (denoiser.LADDERS)."""
-    return SAMPLERS[parse_sampler(spec)[0]].spacing != "timesteps"
-
-
-def model_calls(spec: str, denoiser: Denoiser) -> int:
-    """The NFE of `spec` on this denoiser (its grid decides 'ddpm' with every step)."""
-    name, num_steps = parse_sampler(spec)
-    sampler = SAMPLERS[name]
-    return sampler.model_calls(len(noise_levels(denoiser, sampler.spacing, num_steps)) - 1)
+    kwargs = {k: getattr(sampler, k) for k in sampler.info.options}
+    return sampler.info.function(denoiser, x, sigmas, generator=generator, progress=progress,
+                                 **kwargs)

@@ -8,10 +8,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from ..config import ScheduleConfig
+from ..errors import UsageError
+from ..schema import check_fields
+
+ScheduleName = Literal["linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Variance schedule of the forward process (post: linear, 1e-4 .. 2e-2, T = 1000)."""
+
+    kind: ScheduleName = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    cosine_s: float = 0.008
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("num_timesteps", "beta_start", "beta_end", "cosine_s"))
+        if not self.beta_start < self.beta_end < 1:
+            raise UsageError("ScheduleConfig: need 0 < beta_start < beta_end < 1")
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:

@@ -8,11 +8,48 @@ space of this data and not of some other (its numbers do not compare with a clas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ClassifierConfig
+from ..errors import UsageError
+from ..schema import check_fields, check_image
+
+ClassifierTask = Literal["labels", "rotation"]
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """CNN whose penultimate `feature_dim` layer is the FID feature space (as in the post)."""
+
+    channels: int = 32  # width of the first stage; the second has twice as many
+    feature_dim: int = 128
+    dropout: float = 0.25
+    augment_shift: int = 2  # random translation in pixels during training
+    image_size: int = 28  # images (image_channels, image_size, image_size), from the data set
+    image_channels: int = 1
+    # "labels": the data set's classes. "rotation" (unlabelled data): which of 4 quarter turns
+    # an image was given, a self-supervised task (models/classifier.py).
+    task: ClassifierTask = "labels"
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("channels", "feature_dim"), unit=("dropout",))
+        check_image(self)
+        if self.num_classes < 2:
+            raise UsageError(f"ClassifierConfig.num_classes must be >= 2, got {self.num_classes}")
+        if self.task == "rotation" and self.num_classes != 4:
+            raise UsageError("ClassifierConfig: the rotation task has num_classes = 4")
+
+    @property
+    def data_classes(self) -> int:
+        """The data set's classes it predicts; 0 for the rotation task, whose outputs are not
+        classes of the data."""
+        return self.num_classes if self.task == "labels" else 0
+
 
 ROTATIONS = 4  # the rotation task's classes: k * 90 degrees, k = 0..3
 

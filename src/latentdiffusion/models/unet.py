@@ -15,12 +15,47 @@ table and computes exactly what it did before labels existed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import UNetConfig
+from ..errors import UsageError
+from ..schema import check_fields
+
+NormName = Literal["group", "instance"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Denoiser over latents; every conv block adds a projection of the time embedding."""
+
+    in_channels: int = 4
+    latent_size: int = 8
+    channels: tuple[int, ...] = (64, 128)  # one level per entry, halving resolution in between
+    blocks_per_level: int = 1
+    time_dim: int = 64  # width of the sinusoidal embedding
+    norm: NormName = "group"  # the post used InstanceNorm2d; see models/unet.py for why not
+    groups: int = 8
+    # 0: unconditional. K > 0: a class label in 0..K-1 (or K, "no label") is embedded and added
+    # to the time embedding (classifier-free guidance, diffusion/guidance.py).
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("in_channels", "latent_size", "channels", "blocks_per_level",
+                                  "time_dim", "groups"))
+        if not self.channels:
+            raise UsageError("UNetConfig.channels needs at least one level")
+        if self.num_classes < 0:
+            raise UsageError(f"UNetConfig.num_classes must be >= 0, got {self.num_classes}")
+        if self.time_dim % 2:
+            raise UsageError("UNetConfig.time_dim must be even")
+        if self.latent_size % 2 ** (len(self.channels) - 1):
+            raise UsageError("UNetConfig: latent_size must be divisible by 2**(levels - 1)")
+        if any(c % self.groups for c in self.channels):
+            raise UsageError("UNetConfig: every channel count must be divisible by groups")
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

@@ -7,11 +7,44 @@ stride-2 stages give an even latent size that the UNet can halve again: MNIST's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VAEConfig
+from ..errors import UsageError
+from ..schema import check_fields, check_image
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Conv VAE: images are padded to `padded_size` and halved len(channels) times
+    (MNIST: 28 -> 32 -> 16 -> 8)."""
+
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (32, 64)
+    kl_weight: float = 1e-4  # beta of the KL term per latent element, see models/vae.py
+    image_size: int = 28
+    image_channels: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self, positive=("latent_channels", "channels"))
+        check_image(self)
+        if self.kl_weight < 0:
+            raise UsageError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
+        if not 1 <= len(self.channels) <= 4:
+            raise UsageError("VAEConfig.channels must have 1 to 4 entries")
+
+    @property
+    def padded_size(self) -> int:
+        """The image size rounded up to a multiple of 2**(levels + 1): an even latent size."""
+        unit = 2 ** (len(self.channels) + 1)
+        return -(-self.image_size // unit) * unit
+
+    @property
+    def latent_size(self) -> int:
+        return self.padded_size // 2 ** len(self.channels)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

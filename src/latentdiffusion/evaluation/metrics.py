@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import logging
-import stat
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as dist
-from .config import MAX_SAMPLES
-from .data import to_unit_tensor
-from .errors import DataError
-from .fileio import BAD_NPZ, npz_headers, write_npz
+from .. import distributed as dist
+from ..data.images import to_unit_tensor
+from ..errors import DataError
+from ..files import BAD_NPZ, write_npz
 
 log = logging.getLogger(__name__)
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
@@ -254,65 +251,6 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
         if labels is not None:
             result["accuracy"] = float((predictions.numpy() == labels).mean())
     return result
-
-
-def _not_npz(path: Path) -> DataError:
-    """Why a file that is not a zip archive is no samples file."""
-    with open(path, "rb") as f:  # FileNotFoundError: load_samples says so in its own line
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        return DataError(f"{path} is a single .npy array; save samples with "
-                         "np.savez(path, images=...)")
-    return DataError(f"{path} is not a readable .npz samples file (not a zip archive)")
-
-
-def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-    """The declared dtypes and shapes of a samples file, before anything is loaded."""
-    if "images" not in arrays:
-        raise DataError(f"{path}: no 'images' array (found: {', '.join(arrays)})")
-    shape, dtype = arrays["images"]
-    if dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 in 0..255, got {dtype} (convert "
-                        "with (x * 255).round().clip(0, 255).astype(np.uint8))")
-    square = len(shape) in (3, 4) and shape[1] == shape[2] and shape[3:] in ((), (3,))
-    if not square or shape[0] == 0:
-        hint = " (drop the last axis: images[..., 0])" if shape[3:] == (1,) else ""
-        raise DataError(f"{path}: images must have shape (N, H, H) or (N, H, H, 3) with N > 0, "
-                        f"got {shape}{hint}")
-    if shape[0] > MAX_SAMPLES:
-        raise DataError(f"{path}: {shape[0]} images, more than the {MAX_SAMPLES} one "
-                        "evaluation holds in memory; score a subset")
-    if "labels" in arrays:
-        labels_shape, labels_dtype = arrays["labels"]
-        if labels_shape != shape[:1] or labels_dtype.kind not in "iu":
-            raise DataError(f"{path}: labels must be integers of shape ({shape[0]},), got "
-                            f"{labels_dtype} {labels_shape}")
-
-
-def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a samples .npz: `images` uint8 (N, H, H) or (N, H, H, 3), optional `labels` (N,)
-    (checked against the classes when scored)."""
-    path = Path(path)
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: never read
-        raise DataError(f"{path} is not a regular file (a directory, device or pipe); pass a "
-                        ".npz samples file")
-    try:
-        if not zipfile.is_zipfile(path):
-            raise _not_npz(path)
-        arrays = npz_headers(path)
-        _check_samples(path, arrays)
-        with np.load(path, allow_pickle=False) as f:
-            images = f["images"]
-            labels = f["labels"] if "labels" in arrays else None
-    except FileNotFoundError:
-        raise DataError(f"samples file {path} does not exist") from None
-    except (OSError, ValueError, *BAD_NPZ) as err:
-        raise DataError(f"{path} is not a readable .npz samples file ({err})") from None
-    if labels is not None:
-        if labels.min() < 0:
-            raise DataError(f"{path}: labels must be >= 0, found {labels.min()}")
-        labels = labels.astype(np.int64)
-    return images, labels
 
 
 def random_images(train_images: np.ndarray, n: int, seed: int) -> np.ndarray:

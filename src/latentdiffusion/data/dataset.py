@@ -1,7 +1,8 @@
 """The `Dataset` every stage reads, and `load_dataset`, which loads one from any source.
 
-Sources: the four IDX files of an MNIST-format release (`data.py`), a folder of images in
-torchvision's ImageFolder layout, or an .npz of arrays (`sources.py`). A command loads its
+Sources: the four IDX files of an MNIST-format release (`idx.py`, `registry.py`), a folder of
+images in torchvision's ImageFolder layout (`folder.py`), or an .npz of arrays (`npz.py`). A
+command loads its
 dataset once per stage; an in-process cache keyed by the files' stamps decodes it once.
 """
 
@@ -18,9 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import data, sources
-from .data import DATASETS, SPLIT_FILES, SPLITS, Split
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
+from . import folder, idx, npz, registry
+from .idx import SPLIT_FILES
+from .images import SPLITS, Split, check_image_item, default_class_names, image_shape_problem
+from .registry import DATASETS
 
 Source = Literal["idx", "folder", "npz"]
 EXPECTED = ("--data-dir takes a directory with the four IDX files (`ldm data download` fetches "
@@ -65,7 +68,7 @@ class Dataset:
             if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
                 raise DataError(f"{where}: {split} images must be uint8 0..255, got "
                                 f"{getattr(images, 'dtype', type(images).__name__)}")
-            problem = data.image_shape_problem(images.shape[1:]) if images.ndim else "scalar"
+            problem = image_shape_problem(images.shape[1:]) if images.ndim else "scalar"
             if problem:
                 raise DataError(f"{where}: {split} {problem}")
             if images.shape[1:] != self.train_images.shape[1:]:
@@ -142,12 +145,12 @@ def load_dataset(data_dir: str | os.PathLike[str] | None,
                  dataset: str | None = None) -> Dataset:
     """Load a registered IDX dataset, an IDX directory, a folder of images or an .npz.
 
-    `data_dir` defaults as in `data.resolve_data_dir`. Without `dataset`, an IDX directory is
+    `data_dir` defaults as in `registry.resolve_data_dir`. Without `dataset`, an IDX directory is
     named by its content: a registered name when its MD5s match, else the directory's name.
     """
     if dataset is not None:
-        data.dataset_info(dataset)  # a UsageError for an unknown name
-    path = data.resolve_data_dir(data_dir, dataset or "mnist")
+        registry.dataset_info(dataset)  # a UsageError for an unknown name
+    path = registry.resolve_data_dir(data_dir, dataset or "mnist")
     source, stamp = _locate(path, dataset)
     key = (str(path.resolve()), dataset)
     cached = _CACHE.pop(key, None)
@@ -182,9 +185,9 @@ def _locate(path: Path, dataset: str | None) -> tuple[Source, Stamp]:
     """Which source `path` is, and the stamp of every file and folder it would read."""
     if path.is_dir():
         stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
-        if any(data.idx_file(path, stem) for stem in stems) or (
+        if any(idx.idx_file(path, stem) for stem in stems) or (
                 dataset is not None and not _walk(path)[0]):  # (no images either: download)
-            files = [data.find_idx_file(path, stem, dataset or "mnist") for stem in stems]
+            files = [idx.find_idx_file(path, stem, dataset or "mnist") for stem in stems]
             return "idx", (tuple(_stamp_of(f.name, f.stat()) for f in files), ())
         if dataset is not None:
             raise DataError(f"{path} holds images, not the IDX files of {dataset}; leave out "
@@ -195,7 +198,7 @@ def _locate(path: Path, dataset: str | None) -> tuple[Source, Stamp]:
                             f"image; {EXPECTED}")
         return "folder", (stamps, dirs)
     if dataset is not None:
-        data.find_idx_file(path, SPLIT_FILES["train"][0], dataset)  # says what is wrong
+        idx.find_idx_file(path, SPLIT_FILES["train"][0], dataset)  # says what is wrong
     if path.is_file() and path.suffix.lower() == ".npz":
         return "npz", ((_stamp_of(path.name, path.stat()),), ())
     if path.exists():
@@ -233,7 +236,7 @@ def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
                 seen.add((st.st_dev, st.st_ino))
                 dirs.append(name)
                 pending.append(name)
-            elif sources.is_image_name(entry.name) and entry.is_file():
+            elif folder.is_image_name(entry.name) and entry.is_file():
                 files.append(_stamp_of(name, entry.stat()))
     return tuple(sorted(files)), tuple(sorted(dirs))
 
@@ -241,12 +244,12 @@ def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
 def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Dataset:
     files = [file_stamp[0] for file_stamp in stamp[0]]
     if source == "npz":
-        return Dataset(path.stem, "npz", *sources.read_npz(path), origin=str(path))
+        return Dataset(path.stem, "npz", *npz.read_npz(path), origin=str(path))
     if source == "folder":
-        splits = sources.read_folder(path, files, stamp[1])
+        splits = folder.read_folder(path, files, stamp[1])
         return Dataset(path.resolve().name, "folder", *splits, origin=str(path))
     digests: dict[Path, str] = {}  # MD5s of the decompressed files: they name it by content
-    arrays = [data.read_split(path, split, check_item=data.check_image_item, digests=digests)
+    arrays = [idx.read_split(path, split, check_item=check_image_item, digests=digests)
               for split in SPLITS]
     name = _name_by_content(digests) or path.resolve().name
     if dataset is not None and name != dataset:  # a registered name is its release's content
@@ -255,7 +258,7 @@ def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Data
                         "leave out --dataset to use it as a data set of its own")
     labels = [split_labels.astype(np.int64) for _, split_labels in arrays]
     class_names = (DATASETS[name].class_names if name in DATASETS
-                   else sources.default_class_names(labels, path))
+                   else default_class_names(labels, path))
     return Dataset(name, "idx", arrays[0][0], labels[0], arrays[1][0], labels[1], class_names,
                    origin=str(path))
 

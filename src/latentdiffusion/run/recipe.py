@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .config import from_dict, to_dict
-from .errors import UsageError
-from .fileio import atomic_write, strict_json
+from ..errors import UsageError
+from ..files import atomic_write, strict_json
+from ..schema import from_dict, to_dict
 
 if sys.version_info >= (3, 11):
     import tomllib

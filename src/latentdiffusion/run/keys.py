@@ -17,19 +17,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .config import (
-    LatentMode,
-    LatentNorm,
-    ObjectiveConfig,
-    SamplingConfig,
-    ScheduleConfig,
-    TrainConfig,
-    UNetConfig,
-    config_hash,
-    to_dict,
-)
-from .diffusion.denoiser import LADDERS
-from .diffusion.samplers import uses_ladder
+from ..diffusion.denoiser import LADDERS
+from ..diffusion.objective import ObjectiveConfig
+from ..diffusion.schedule import ScheduleConfig
+from ..models.unet import UNetConfig
+from ..schema import config_hash, to_dict
+from .config import LatentMode, LatentNorm, SamplingConfig, TrainConfig
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
@@ -94,7 +87,7 @@ def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,
     """With the samplers' rules (denoiser.LADDERS) when a sampler uses a ladder or the model is
     a flow model, whose D at t = 1 they set (so sets of VP timestep samplers keep their key),
     and with the guide when the sets are autoguided."""
-    uses_rules = objective == "flow" or any(map(uses_ladder, sampling.samplers))
+    uses_rules = objective == "flow" or any(r.sampler.uses_ladder for r in sampling.requests)
     extra: dict[str, Any] = {"ladders": LADDERS} if uses_rules else {}
     if guide_hash is not None:
         extra["guide"] = guide_hash

@@ -1,10 +1,9 @@
 """`ldm run`: every stage in order, each skipped when its output was made under the same stage
-key (identity.py: configs and upstream hashes), so a second run is a no-op and an interrupted
+key (keys.py: configs and upstream hashes), so a second run is a no-op and an interrupted
 one continues. A stage whose key changed starts over; a forced one too."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,17 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, evaluation, generation, identity, latents, plots, report, stages
-from . import distributed as dist
-from .classwise import class_fids
-from .config import RunConfig, ScheduleConfig, from_dict, to_dict
-from .datasets import Dataset
-from .diffusion import NoiseSchedule
-from .errors import UsageError
-from .fileio import read_manifest, read_metrics, write_json
-from .metrics import data_classes, evaluate_images, load_samples, random_images
-from .rundir import RunDir
-from .statedir import Resume
+from .. import distributed as dist
+from ..data import Dataset
+from ..diffusion import NoiseSchedule, ScheduleConfig, levels_only
+from ..errors import UsageError
+from ..evaluation import plots, report
+from ..evaluation.metrics import random_images
+from ..evaluation.samples import load_samples, save_samples
+from ..files import write_json
+from ..schema import from_dict, to_dict
+from . import checkpoint, generation, keys, latents, scores, stages, sweeps
+from .config import RunConfig
+from .resume import Resume
+from .rundir import RunDir, read_manifest, read_metrics
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report")
@@ -61,10 +62,6 @@ def _made_with(path: Path, kind: str, key: str, *fields: str) -> bool:
     header = checkpoint.peek(path)
     return (header is not None and header.get("kind") == kind and header.get("key") == key
             and all(field in header for field in fields))
-
-
-def _model_hash(path: Path, kind: str) -> str:
-    return checkpoint.model_hash_of(checkpoint.load(path, kind=kind)[1])
 
 
 @dataclass
@@ -144,8 +141,9 @@ class _Run:
         return _sample_all(self.run, self.dataset, self.config, self.device, self.progress)
 
     def evaluate(self) -> str:
-        return _evaluate_all(self.run, self.dataset, self.sets, self.config.eval_samples,
-                             self.device, per_class=bool(self.config.unet.num_classes))
+        return scores.evaluate_all(self.run, self.dataset, self.sets,
+                                   self.config.eval_samples, self.device,
+                                   per_class=bool(self.config.unet.num_classes))
 
     def report(self) -> str:
         return _report(self.run, self.dataset, self.config, self.preset_name, self.records)
@@ -165,21 +163,21 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
              on_stage=on_stage, records=_manifest(run)["stages"])
     c = config
 
-    key = identity.model_key(c.classifier, c.classifier_train, dataset.content_hash).digest
+    key = keys.model_key(c.classifier, c.classifier_train, dataset.content_hash).digest
     r.step("classifier", key, _made_with(run.model("classifier"), "classifier", key),
            r.classifier)
-    key = identity.model_key(c.vae, c.vae_train, dataset.content_hash).digest
+    key = keys.model_key(c.vae, c.vae_train, dataset.content_hash).digest
     r.step("vae", key, _made_with(run.model("vae"), "vae", key), r.vae)
 
-    vae_hash = _model_hash(run.model("vae"), "vae")
-    key = identity.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
+    vae_hash = checkpoint.model_hash_at(run.model("vae"), "vae")
+    key = keys.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
     # A conditional denoiser needs the labels, which caches made before them lack.
     encoded = _made_with(run.latents, "latents", key) and (
         not c.unet.num_classes or latents.has_labels(run.latents))
     r.step("encode", key, encoded, r.encode)
 
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
-    key = identity.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
+    key = keys.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
                                  latents_hash).digest
     # A denoiser of an earlier release lacks its data mean (denoiser.start): trained again, to
     # the same weights.
@@ -188,24 +186,24 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
 
     guide_hash = None
     if c.guide.channels:  # autoguidance's guide: the same stage, a smaller UNet, fewer epochs
-        key = identity.diffusion_key(c.guide_unet, c.schedule, c.objective, c.guide_train,
+        key = keys.diffusion_key(c.guide_unet, c.schedule, c.objective, c.guide_train,
                                      latents_hash).digest
         r.step("guide", key, _made_with(run.model("guide"), "unet", key, "data_mean"), r.guide)
-        guide_hash = _model_hash(run.model("guide"), "unet")
+        guide_hash = checkpoint.model_hash_at(run.model("guide"), "unet")
 
-    diffusion_hash = _model_hash(run.model("diffusion"), "unet")
-    sample_key = identity.samples_key(
+    diffusion_hash = checkpoint.model_hash_at(run.model("diffusion"), "unet")
+    sample_key = keys.samples_key(
         vae_hash, diffusion_hash, c.sampling, c.eval_samples, c.objective.kind,
         guide_hash if c.sampling.autoguidance != 1.0 else None).digest
     r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
            r.sample)
 
-    classifier_hash = _model_hash(run.model("classifier"), "classifier")
-    key = identity.evaluation_key(sample_key, classifier_hash).digest
+    classifier_hash = checkpoint.model_hash_at(run.model("classifier"), "classifier")
+    key = keys.evaluation_key(sample_key, classifier_hash).digest
     metrics_path = run.root / "metrics.json"
     r.step("evaluate", key,
            r.recorded("evaluate", key) and read_metrics(metrics_path) is not None, r.evaluate)
-    key = identity.report_key(key, _sweep_results(run), _guidance_results(run)).digest
+    key = keys.report_key(key, _sweep_results(run), _guidance_results(run)).digest
     r.step("report", key, r.recorded("report", key, run.root / "report.md",
                                      run.root / "report.html"), r.report)
     return read_metrics(metrics_path) or {}  # rank 0 wrote a valid one in the step above
@@ -213,16 +211,12 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
 
 def _sweep_results(run: RunDir) -> dict[str, Any] | None:
     """R/sweep.json of `ldm sweep`, when there is one."""
-    from .sweep import load  # (sweep imports the stages)
-
-    return load(run.root / "sweep.json")
+    return sweeps.load(run.root / "sweep.json")
 
 
 def _guidance_results(run: RunDir) -> dict[str, Any] | None:
     """R/guidance.json of `ldm sweep --guidance`, when there is one."""
-    from .guidance_sweep import load  # (it imports the stages)
-
-    return load(run.root / "guidance.json")
+    return sweeps.load_guidance(run.root / "guidance.json")
 
 
 def refresh_report(run_root: Path, dataset: Dataset) -> bool:
@@ -246,63 +240,27 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
     reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device)
     if not c.classifier.data_classes:  # labels the feature network cannot check
         test_labels = None
-    sets["vae-reconstruction"] = evaluation.scored_subset(reconstructions, test_labels,
-                                                          c.eval_samples)
-    timings: dict[str, dict[str, float]] = {}
-    for spec in s.samplers:
+    sets["vae-reconstruction"] = scores.scored_subset(reconstructions, test_labels,
+                                                      c.eval_samples)
+    levels = levels_only(c.objective, c.schedule)  # the denoiser's levels, for each set's NFE
+    made: dict[str, dict[str, str | int | float]] = {}  # how each diffusion set was made
+    seconds: dict[str, float] = {}
+    for request in s.requests:
         start = time.perf_counter()
-        sets[spec] = (generation.generate(run, "diffusion", s.num_samples, s.seed, sampler=spec,
-                                          sampling=s, device=device, batch_size=s.batch_size,
-                                          progress=progress),
-                      generation.sample_labels(s, s.num_samples, c.unet.num_classes))
-        timings[spec] = {"seconds": time.perf_counter() - start,
-                         "nfe": generation.model_calls(run, spec, device, s.autoguidance)}
+        sets[request.spec] = (
+            generation.generate(run, "diffusion", s.num_samples, s.seed, request=request,
+                                device=device, batch_size=s.batch_size, progress=progress),
+            request.labels_of(range(s.num_samples), c.unet.num_classes))
+        seconds[request.spec] = time.perf_counter() - start
+        made[request.spec] = request.record(request.nfe(levels))
     if dist.is_main():
         for name, (images, labels) in sets.items():
-            made_by = timings.get(name)  # which sampler and its model calls, for diffusion sets
-            meta: dict[str, str | int | float] = (
-                {"sampler": name, "nfe": int(made_by["nfe"])} if made_by else {})
-            if made_by and labels is not None:
-                meta["guidance"] = s.guidance
-            if made_by and s.autoguidance != 1.0:
-                meta["autoguidance"] = s.autoguidance
-            generation.save_samples(run.samples(name), images, labels, **meta)
+            save_samples(run.samples(name), images, labels, **made.get(name, {}))
         write_json(run.root / "samples" / "timings.json",
-                   {k: {**v, "samples_per_second": s.num_samples / v["seconds"]}
-                    for k, v in timings.items()})
-    return ", ".join(f"{k}: {s.num_samples / v['seconds']:.0f} samples/s (NFE {v['nfe']})"
-                     for k, v in timings.items())
-
-
-def _evaluate_all(run: RunDir, dataset: Dataset, sets: list[str],
-                  eval_samples: int, device: torch.device, per_class: bool = False) -> str:
-    """Every set's metrics into R/metrics.json; with `per_class` (a conditional run), also the
-    FID of each class of every labelled set (Validation's is their floor)."""
-    classifier, reference = evaluation.reference(dataset, run, device)  # loaded once for all sets
-    classes = evaluation.class_reference(dataset, run, classifier, device) if per_class else None
-    results: dict[str, Any] = {}
-
-    def score(images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
-        result = evaluate_images(classifier, images, reference, labels, device)
-        if classes is not None and labels is not None:
-            result.update(class_fids(classifier, images, labels, classes, device))
-        return result
-
-    for name in sets:
-        results[name] = score(*load_samples(run.samples(name)))
-    # The reconstruction row's eval_samples test images: FID is biased upwards at small N, so
-    # Validation must have the N of the rows it is the floor of.
-    test_images, test_labels = dataset.split("test")
-    if not data_classes(classifier):
-        test_labels = None
-    results["validation"] = score(*evaluation.scored_subset(test_images, test_labels,
-                                                            eval_samples))
-    floor = results["validation"]["fid"]
-    for entry in results.values():
-        entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
-    if dist.is_main():
-        write_json(run.root / "metrics.json", results)
-    return ", ".join(f"{k} FID {v['fid']:.3g}" for k, v in results.items())
+                   {k: {"seconds": v, "nfe": made[k]["nfe"],
+                        "samples_per_second": s.num_samples / v} for k, v in seconds.items()})
+    return ", ".join(f"{k}: {s.num_samples / v:.0f} samples/s (NFE {made[k]['nfe']})"
+                     for k, v in seconds.items())
 
 
 def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
@@ -319,18 +277,20 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
         kind=kind, num_timesteps=c.schedule.num_timesteps)).alphas_cumprod.numpy()
         for kind in ("linear", "cosine")}
     plots.save_schedules(schedules, figures / "schedules.png")
-    metrics = json.loads((run.root / "metrics.json").read_text())
+    metrics = read_metrics(run.root / "metrics.json") or {}  # the evaluate stage wrote it
     generated = [k for k in metrics if k != "validation"]
     if metrics["validation"]["class_histogram"] is not None:  # the feature network has classes
         plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
                                     dataset.class_names, figures / "class_histogram.png")
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
-    originals = evaluation.scored_subset(dataset.test_images, None, c.eval_samples)[0]
+    originals = scores.scored_subset(dataset.test_images, None, c.eval_samples)[0]
     plots.save_reconstructions(originals, reconstructions, figures / "reconstructions.png")
     if c.unet.num_classes:  # one row per requested class, from the first sampler's set
         images, labels = load_samples(run.samples(c.sampling.samplers[0]))
         if labels is not None:
             plots.save_class_grid(images, labels, c.unet.num_classes, figures / "class_grid.png")
-    report.write(run.root, c, preset_name, metrics, records, headers, _sweep_results(run),
-                 _guidance_results(run), dataset=dataset.describe())
+    hashes = {name: checkpoint.model_hash_of(header) for name, header in headers.items()}
+    report.write(run.root, report.sections(
+        run.root, to_dict(c), preset_name, metrics, records, hashes, _sweep_results(run),
+        _guidance_results(run), dataset=dataset.describe()))
     return "report.md, report.html"

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .config import TrainConfig, to_dict
-from .errors import LdmError
-from .identity import StageKey
-from .models import to_device
-from .rng import derive_seed, generator, randn
-from .statedir import Resume, StateDir
+from .. import distributed as dist
+from ..errors import LdmError
+from ..models import to_device
+from ..rng import derive_seed, generator, randn
+from ..schema import to_dict
+from .config import TrainConfig
+from .keys import StageKey
+from .resume import Resume, StateDir
 
 log = logging.getLogger(__name__)
 # Validation is forward-only, and a larger batch is cheaper per sample (the UNet on 8x8 latents:
@@ -192,9 +193,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         val_metrics: Callable[[nn.Module], dict[str, float]] | None = None) -> FitResult:
     """Train `model` on in-memory tensors; `state_dir` holds the crash-safe checkpoints.
 
-    `key` is the stage's identity (identity.py): only a checkpoint with the same key is
+    `key` is the stage's identity (keys.py): only a checkpoint with the same key is
     resumed. Everything is checked before anything is written, and old checkpoints are removed
-    only once this run has saved its first one (statedir.py).
+    only once this run has saved its first one (resume.py).
     """
     n = len(train_data[0])
     steps_per_epoch = n // config.batch_size

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as dist
-from .fileio import BAD_NPZ, write_npz
+from .. import distributed as dist
+from ..files import BAD_NPZ, write_npz
 from .metrics import FeatureStats, classify_shard, data_classes, frechet_distance
 
 

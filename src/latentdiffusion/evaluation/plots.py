@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fileio import atomic_write  # noqa: E402
+from ..files import atomic_write  # noqa: E402
 
 
 def tile(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:

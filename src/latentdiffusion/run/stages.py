@@ -2,7 +2,7 @@
 the VAE, the latents (encode) and the denoiser.
 
 Each stage reads what the stages before it wrote and writes one file whose header holds its
-stage key (identity.py): everything its output depends on. `fit` continues only checkpoints
+stage key (keys.py): everything its output depends on. `fit` continues only checkpoints
 with the same key, and `pipeline` compares it to decide what to skip.
 """
 
@@ -18,29 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, identity, latents
-from . import distributed as dist
-from .config import (
-    ClassifierConfig,
-    LatentMode,
-    LatentNorm,
-    ObjectiveConfig,
-    ScheduleConfig,
-    TrainConfig,
-    UNetConfig,
-    VAEConfig,
-    to_dict,
-)
-from .data import to_unit_tensor
-from .datasets import Dataset
-from .diffusion import NoiseSchedule
-from .diffusion.objective import diffusion_loss, make_objective
-from .errors import UsageError
-from .models import VAE, Classifier, UNet
-from .models.classifier import accuracy, pixel_stats, random_shift, rotate
-from .models.vae import vae_loss
+from .. import distributed as dist
+from ..data import Dataset
+from ..data.images import to_unit_tensor
+from ..diffusion import NoiseSchedule
+from ..diffusion.objective import ObjectiveConfig, diffusion_loss, make_objective
+from ..diffusion.schedule import ScheduleConfig
+from ..errors import UsageError
+from ..models import VAE, Classifier, UNet
+from ..models.classifier import ClassifierConfig, accuracy, pixel_stats, random_shift, rotate
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig, vae_loss
+from ..schema import to_dict
+from . import checkpoint, keys, latents
+from .config import LatentMode, LatentNorm, TrainConfig
+from .resume import Resume
 from .rundir import RunDir
-from .statedir import Resume
 from .training import Batch, LossFn, fit, init_model
 
 log = logging.getLogger(__name__)
@@ -67,7 +60,7 @@ class Trained:
 
 def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
            train_config: TrainConfig, loss_fn: LossFn, train_data: tuple[torch.Tensor, ...],
-           val_data: tuple[torch.Tensor, ...], key: identity.StageKey, device: torch.device,
+           val_data: tuple[torch.Tensor, ...], key: keys.StageKey, device: torch.device,
            resume: Resume, progress: bool,
            val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
            init: Callable[[nn.Module], None] | None = None, **meta: Any) -> Trained:
@@ -135,7 +128,7 @@ def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConf
 
     return _train(run, "classifier", Classifier, model_config, train_config, loss_fn, train_set,
                   (test_set[0].cpu(), test_set[1].cpu()),
-                  identity.model_key(model_config, train_config, dataset.content_hash), device,
+                  keys.model_key(model_config, train_config, dataset.content_hash), device,
                   resume, progress, val_metrics=lambda m: {"val_accuracy": accuracy(m, *test_set)},
                   init=init)
 
@@ -165,7 +158,7 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
                         model_config.kl_weight)
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
-                  (test_images,), identity.model_key(model_config, train_config,
+                  (test_images,), keys.model_key(model_config, train_config,
                                                      dataset.content_hash),
                   device, resume, progress)
 
@@ -176,7 +169,7 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     dataset.check_trained_on(vae_header, run.model("vae"))  # latents of the VAE's own data
     vae_hash = checkpoint.model_hash_of(vae_header)
-    key = identity.latents_key(vae_hash, mode, norm, seed)
+    key = keys.latents_key(vae_hash, mode, norm, seed)
     latent_set = latents.build(vae, vae_hash, dataset.train_images, dataset.test_images, mode,
                                norm, seed, device, dataset.train_labels, dataset.test_labels)
     if dist.is_main():
@@ -202,7 +195,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
         raise UsageError(f"the latents are {shape} but the UNet config expects {expected}; "
                          "match unet.in_channels / latent_size to the VAE")
     schedule = NoiseSchedule.from_config(schedule_config)
-    key = identity.diffusion_key(model_config, schedule_config, objective, train_config,
+    key = keys.diffusion_key(model_config, schedule_config, objective, train_config,
                                  latent_header["sha256"])
     train_set: tuple[torch.Tensor, ...] = (latent_set.normalised("train"),)
     test_set: tuple[torch.Tensor, ...] = (latent_set.normalised("test"),)

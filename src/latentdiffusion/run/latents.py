@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images import to_unit_tensor
+from ..models.vae import VAE, sample_posterior
+from ..rng import generator, randn
 from . import checkpoint
 from .config import LatentMode, LatentNorm
-from .data import to_unit_tensor
-from .models.vae import VAE, sample_posterior
-from .rng import generator, randn
 
 KIND = "latents"
 

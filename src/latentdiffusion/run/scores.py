@@ -1,20 +1,24 @@
-"""Scoring generated images against a run's classifier (its feature network), with the
-training-set statistics (the FID reference, overall and per class) cached in the run directory
-by classifier hash."""
+"""Scoring a run's sets against its classifier (the feature network), with the training-set
+statistics (the FID reference, overall and per class) cached in the run directory by
+classifier hash: `ldm evaluate` and the evaluate stage of `ldm run`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
+from .. import distributed as dist
+from ..data import Dataset
+from ..errors import UsageError
+from ..evaluation.classwise import ClassReference, class_fids
+from ..evaluation.classwise import class_reference as class_reference_from_images
+from ..evaluation.metrics import Reference, data_classes, evaluate_images, reference_from_images
+from ..evaluation.samples import load_samples
+from ..files import write_json
+from ..models import Classifier
 from . import checkpoint
-from . import distributed as dist
-from .classwise import ClassReference, class_fids
-from .classwise import class_reference as class_reference_from_images
-from .datasets import Dataset
-from .errors import UsageError
-from .metrics import Reference, evaluate_images, reference_from_images
-from .models import Classifier
 from .rundir import RunDir
 
 
@@ -35,8 +39,7 @@ def reference(dataset: Dataset, run: RunDir, device: torch.device
 def class_reference(dataset: Dataset, run: RunDir, classifier: Classifier,
                     device: torch.device) -> ClassReference:
     """The training-set statistics of each class, cached by classifier hash."""
-    digest = checkpoint.model_hash_of(checkpoint.load(run.model("classifier"),
-                                                      kind="classifier")[1])
+    digest = checkpoint.model_hash_at(run.model("classifier"), "classifier")
     cached = ClassReference.load(run.class_reference(digest), digest)
     if cached is None:
         if dataset.train_labels is None:
@@ -76,3 +79,34 @@ def scored_subset(images: np.ndarray, labels: np.ndarray | None, n: int
     labels when there are any."""
     rows = validation_rows(len(images), n)
     return images[rows], None if labels is None else labels[rows]
+
+
+def evaluate_all(run: RunDir, dataset: Dataset, sets: list[str],
+                  eval_samples: int, device: torch.device, per_class: bool = False) -> str:
+    """Every set's metrics into R/metrics.json; with `per_class` (a conditional run), also the
+    FID of each class of every labelled set (Validation's is their floor)."""
+    classifier, ref = reference(dataset, run, device)  # loaded once for all sets
+    classes = class_reference(dataset, run, classifier, device) if per_class else None
+    results: dict[str, Any] = {}
+
+    def score(images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        result = evaluate_images(classifier, images, ref, labels, device)
+        if classes is not None and labels is not None:
+            result.update(class_fids(classifier, images, labels, classes, device))
+        return result
+
+    for name in sets:
+        results[name] = score(*load_samples(run.samples(name)))
+    # The reconstruction row's eval_samples test images: FID is biased upwards at small N, so
+    # Validation must have the N of the rows it is the floor of.
+    test_images, test_labels = dataset.split("test")
+    if not data_classes(classifier):
+        test_labels = None
+    results["validation"] = score(*scored_subset(test_images, test_labels,
+                                                            eval_samples))
+    floor = results["validation"]["fid"]
+    for entry in results.values():
+        entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
+    if dist.is_main():
+        write_json(run.root / "metrics.json", results)
+    return ", ".join(f"{k} FID {v['fid']:.3g}" for k, v in results.items())

@@ -19,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
-from .fileio import atomic_write
+from ..errors import CheckpointError, UsageError
+from ..files import atomic_write
+from ..models import to_device
+from ..schema import from_dict, to_dict
 
 FORMAT_VERSION = 1
 # The largest file this writes, MNIST's latents.safetensors, is 72 MB; a file far larger is
@@ -132,11 +134,14 @@ def model_hash_of(header: dict[str, Any]) -> str:
     return str(header.get("model_hash") or header["sha256"])
 
 
+def model_hash_at(path: str | os.PathLike[str], kind: str) -> str:
+    """The model hash of the verified model file at `path` (CheckpointError if it is none)."""
+    return model_hash_of(load(path, kind=kind)[1])
+
+
 def save_model(path: str | os.PathLike[str], model: torch.nn.Module, config: Any, *, key: str,
                **meta: Any) -> str:
     """Weights + config + stage key of a finished stage; returns its model hash."""
-    from .config import to_dict
-
     tensors = model.state_dict()
     digest = model_hash(tensors, key)
     save(path, tensors, kind=model.kind,  # type: ignore[arg-type]
@@ -150,10 +155,6 @@ M = TypeVar("M", bound=torch.nn.Module)
 def load_model(path: str | os.PathLike[str], cls: type[M],
                device: torch.device | str = "cpu") -> tuple[M, dict[str, Any]]:
     """Rebuild `cls` from its config and weights; the file must hold a checkpoint of cls.kind."""
-    from .config import from_dict
-    from .errors import UsageError
-    from .models import to_device
-
     tensors, header = load(path, kind=cls.kind)  # type: ignore[attr-defined]
     try:
         config = from_dict(cls.config_class, header["config"])  # type: ignore[attr-defined]

@@ -1,32 +1,16 @@
-"""What the command line means: the `ldm` parser, its argument types, and the run config a
-command's arguments make (validated before any file is touched)."""
+"""The `ldm` command line: its parser and argument types."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from . import data, recipe
-from .config import (
-    CONDITIONAL_GUIDANCE,
-    MAX_SAMPLES,
-    PRESETS,
-    ImageShape,
-    RunConfig,
-    SamplingConfig,
-    ScheduleConfig,
-    conditional,
-    for_images,
-    image_shape_of,
-    preset,
-    with_objective_kind,
-)
-from .diffusion import SAMPLERS, parse_sampler
-from .errors import DataError, UsageError
-from .fileio import BAD_NPZ, npz_headers
+from ..data import DATA_DIR_ENV, DATASETS
+from ..diffusion import SAMPLERS
+from ..run import recipe
+from ..run.config import CONDITIONAL_GUIDANCE
+from ..run.presets import PRESETS, preset
 
 DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
                "FID report. `ldm run` does it all.")
@@ -97,28 +81,6 @@ def json_out(text: str) -> Path:
     return Path(text)
 
 
-# what a samples file holds
-SAMPLES_KEYS = {"images", "labels", "sampler", "nfe", "guidance", "autoguidance"}
-
-
-def check_replaceable(path: Path, kind: str) -> None:
-    """An existing --out may only be an earlier output of the same command: never a data set,
-    a run's record or any other file the user has (UsageError)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    ours = False
-    try:
-        if kind == "samples":
-            ours = path.is_file() and set(npz_headers(path)) <= SAMPLES_KEYS
-        else:
-            found = json.loads(path.read_text())
-            ours = isinstance(found, dict) and ("fid" in found or "validation" in found)
-    except (OSError, ValueError, DataError, *BAD_NPZ):
-        ours = False
-    if not ours:
-        raise UsageError(f"--out {path} exists and is not an earlier {kind} file of ldm; "
-                         "it is left as it is: pick another --out")
-
 
 def _common(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     if data_dir:
@@ -133,9 +95,9 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="PATH",
                    help="the data set: a directory with the four IDX files, a folder of "
                         "images (one subfolder per class, or flat when unlabelled) or an "
-                        f".npz (default: ${data.DATA_DIR_ENV} or the user cache)")
+                        f".npz (default: ${DATA_DIR_ENV} or the user cache)")
     p.add_argument("--dataset", metavar="NAME",
-                   help=f"a registered IDX data set ({', '.join(data.DATASETS)}); "
+                   help=f"a registered IDX data set ({', '.join(DATASETS)}); "
                         "downloaded into the user cache when no --data-dir holds it")
 
 
@@ -176,18 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="action", required=True, parser_class=Parser)
     q = data_sub.add_parser("download", formatter_class=fmt,
                             help="fetch a registered dataset's IDX files")
-    q.add_argument("--dataset", default="mnist", help=", ".join(data.DATASETS))
+    q.add_argument("--dataset", default="mnist", help=", ".join(DATASETS))
     q.add_argument("--data-dir", metavar="DIR")
     q.add_argument("--quiet", action="store_true")
     q = data_sub.add_parser("verify",  # no defaults worth showing
                             help="check a dataset against its release, or describe any data")
     q.add_argument("--dataset", metavar="NAME",
                    help=f"check the IDX files' content against this release "
-                        f"({', '.join(data.DATASETS)}); without it, print what --data-dir "
+                        f"({', '.join(DATASETS)}); without it, print what --data-dir "
                         "holds (IDX files, a folder of images or an .npz) and its content hash")
     q.add_argument("--data-dir", metavar="PATH",
                    help="IDX directory, folder of images or .npz (default: "
-                        f"${data.DATA_DIR_ENV} or the user cache)")
+                        f"${DATA_DIR_ENV} or the user cache)")
     q.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="train one model", formatter_class=fmt)
@@ -287,159 +249,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=recipe.FORMATS, default="toml")
     _data_options(p)  # to scale the preset to a data set's images; MNIST's without
     return parser
-
-
-def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
-    if seed is None:
-        return config
-    r = dataclasses.replace
-    return r(config, classifier_train=r(config.classifier_train, seed=seed),
-             vae_train=r(config.vae_train, seed=seed),
-             diffusion_train=r(config.diffusion_train, seed=seed),
-             sampling=r(config.sampling, seed=seed + 1))
-
-
-def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
-    if kind is None:
-        return config
-    return dataclasses.replace(config, objective=with_objective_kind(config.objective, kind))
-
-
-def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
-    guidance = getattr(args, "guidance", None)
-    if not args.conditional:
-        if guidance is not None:
-            raise UsageError("--guidance needs --conditional (an unconditional model has "
-                             "nothing to guide)")
-        return config
-    return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
-
-
-def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
-    """The preset scaled to the data set's images (`shape`), then the --config file, --seed,
-    --objective, --conditional and last --set (`ldm run`, `ldm train`, `ldm config`);
-    UsageError for a bad value or a config that does not fit the data set."""
-    config = for_images(preset(args.preset), shape or ImageShape())
-    if args.config is not None:
-        config = recipe.load(args.config, config)
-    config = with_objective(with_seed(config, args.seed), args.objective)
-    config = recipe.apply_sets(with_conditional(config, args), args.set)
-    made_for = image_shape_of(config.classifier)
-    if shape is not None and made_for != shape:
-        raise UsageError(f"the config is for images {made_for} but the data set has {shape}; "
-                         "print one for it with `ldm config --data-dir ...`")
-    return config
-
-
-def recipe_name(args: argparse.Namespace) -> str:
-    """The preset, config file and --set values of a run, for its report and run.json."""
-    return " + ".join([args.preset, *([str(args.config)] if args.config else []),
-                       *(f"--set {item}" for item in args.set)])
-
-
-def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
-                  ) -> tuple[RunConfig, Any, ScheduleConfig]:
-    """The preset with the command's overrides; raises UsageError for a bad value."""
-    if args.model not in ("diffusion", "guide"):  # options the classifier and VAE would ignore
-        for option in ("schedule", "objective", "conditional"):
-            if getattr(args, option):
-                raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
-                                 f"`ldm train {args.model}`")
-    config = run_config(args, shape)
-    if args.model == "guide" and not config.guide.channels:
-        raise UsageError("this config has no guide; give it one with --set guide.channels=16,32")
-    field = {"classifier": "classifier_train", "vae": "vae_train",
-             "diffusion": "diffusion_train", "guide": "guide_train"}[args.model]
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
-                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
-                                   ("checkpoint_seconds", args.checkpoint_seconds))
-                 if v is not None}
-    train_config = dataclasses.replace(getattr(config, field), **overrides)
-    schedule = config.schedule
-    if args.schedule:
-        schedule = dataclasses.replace(schedule, kind=args.schedule)
-    return config, train_config, schedule
-
-
-def check_command(args: argparse.Namespace) -> None:
-    """Every value of the command, before the run directory is created or locked."""
-    if args.command == "train":
-        train_configs(args)
-    elif args.command == "encode":
-        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
-    elif args.command == "run":
-        from .pipeline import STAGES
-
-        run_config(args)
-        for name in args.force:
-            if name not in STAGES:
-                raise UsageError(f"--force: unknown stage {name!r} (choose from "
-                                 f"{', '.join(STAGES)})")
-    elif args.command == "sample" and not args.reconstruct:
-        sampling_config(args)
-    elif args.command == "sample" and (args.labels or args.guidance != 1.0
-                                       or args.autoguidance != 1.0):
-        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
-    if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
-        raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
-    if args.command == "sample":
-        check_replaceable(args.out, "samples")
-    elif args.command == "evaluate" and args.out is not None:
-        check_replaceable(args.out, "evaluation")
-    elif args.command == "sweep":
-        from .sweep import MIN_SAMPLES, guided_budgets, pairs
-
-        nfes = integers(args.nfe, "--nfe")
-        specs = pairs(args.samplers.split(","),
-                      guided_budgets(nfes) if args.autoguidance != 1.0 else nfes)
-        if args.num_samples < MIN_SAMPLES:
-            raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined)")
-        if args.guidance is not None:
-            guidance_scales(args.guidance, specs)
-            if args.autoguidance != 1.0:
-                raise UsageError("--guidance sweeps a conditional model; --autoguidance guides "
-                                 "an unconditional one: one at a time")
-        SamplingConfig(autoguidance=args.autoguidance)
-
-
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    """`ldm sample`'s options; the config checks the sampler's name, steps, variance, eta,
-    labels and guidance before any work."""
-    if args.model != "diffusion" and (args.labels or args.guidance != 1.0
-                                      or args.autoguidance != 1.0):
-        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
-    spec = sampler_spec(args)
-    name = parse_sampler(spec)[0]
-    for option in ("eta", "variance"):  # an option the sampler would ignore is a mistake
-        if getattr(args, option) is not None and option not in SAMPLERS[name].options:
-            takes = [n for n, s in SAMPLERS.items() if option in s.options]
-            raise UsageError(f"--{option} is an option of {', '.join(takes)}, not of {name}")
-    defaults = SamplingConfig()
-    return SamplingConfig(variance=args.variance or defaults.variance,
-                          eta=defaults.eta if args.eta is None else args.eta, samplers=(spec,),
-                          labels=args.labels, guidance=args.guidance,
-                          autoguidance=args.autoguidance)
-
-
-def guidance_scales(text: str, specs: list[str]) -> list[float]:
-    if len(specs) != 1:
-        raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
-                         f"({', '.join(specs)})")
-    try:
-        scales = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
-    for scale in scales:
-        SamplingConfig(samplers=tuple(specs), labels="balanced", guidance=scale)
-    return scales
-
-
-def sampler_spec(args: argparse.Namespace) -> str:
-    return args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
-
-
-def integers(text: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None

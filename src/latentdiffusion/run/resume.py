@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import CheckpointError, UsageError
 from . import checkpoint
-from .errors import CheckpointError, UsageError
-from .identity import StageKey
+from .keys import StageKey
 
 log = logging.getLogger(__name__)
 KEEP = 2

@@ -1,0 +1,5 @@
+"""The `ldm` command line (also `python -m latentdiffusion`)."""
+
+from .main import main
+
+__all__ = ["main"]

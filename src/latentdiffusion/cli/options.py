@@ -1,0 +1,235 @@
+"""What a command's arguments mean: the run config, training configs and sampling request they
+make, each checked before any file is touched."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..data import Dataset
+from ..diffusion import SAMPLERS, SamplingRequest
+from ..diffusion.schedule import ScheduleConfig
+from ..errors import UsageError
+from ..evaluation.samples import is_samples_file
+from ..models.classifier import ClassifierConfig
+from ..models.vae import VAEConfig
+from ..run import checkpoint, recipe
+from ..run.config import (
+    CONDITIONAL_GUIDANCE,
+    ImageShape,
+    RunConfig,
+    SamplingConfig,
+    conditional,
+    for_images,
+    image_shape_of,
+    with_objective_kind,
+)
+from ..run.pipeline import STAGES
+from ..run.presets import preset
+from ..run.rundir import RunDir
+from ..run.sweeps import MIN_SAMPLES, guided_budgets, pairs
+from ..schema import MAX_SAMPLES, from_dict
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """An existing --out may only be an earlier output of the same command: never a data set,
+    a run's record or any other file the user has (UsageError)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if kind == "samples":
+        ours = is_samples_file(path)
+    else:
+        try:
+            found = json.loads(path.read_text())
+            ours = isinstance(found, dict) and ("fid" in found or "validation" in found)
+        except (OSError, ValueError):
+            ours = False
+    if not ours:
+        raise UsageError(f"--out {path} exists and is not an earlier {kind} file of ldm; "
+                         "it is left as it is: pick another --out")
+
+
+def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
+    if seed is None:
+        return config
+    r = dataclasses.replace
+    return r(config, classifier_train=r(config.classifier_train, seed=seed),
+             vae_train=r(config.vae_train, seed=seed),
+             diffusion_train=r(config.diffusion_train, seed=seed),
+             sampling=r(config.sampling, seed=seed + 1))
+
+
+def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
+    if kind is None:
+        return config
+    return dataclasses.replace(config, objective=with_objective_kind(config.objective, kind))
+
+
+def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    guidance = getattr(args, "guidance", None)
+    if not args.conditional:
+        if guidance is not None:
+            raise UsageError("--guidance needs --conditional (an unconditional model has "
+                             "nothing to guide)")
+        return config
+    return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
+
+
+def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
+    """The preset scaled to the data set's images (`shape`), then the --config file, --seed,
+    --objective, --conditional and last --set (`ldm run`, `ldm train`, `ldm config`);
+    UsageError for a bad value or a config that does not fit the data set."""
+    config = for_images(preset(args.preset), shape or ImageShape())
+    if args.config is not None:
+        config = recipe.load(args.config, config)
+    config = with_objective(with_seed(config, args.seed), args.objective)
+    config = recipe.apply_sets(with_conditional(config, args), args.set)
+    made_for = image_shape_of(config.classifier)
+    if shape is not None and made_for != shape:
+        raise UsageError(f"the config is for images {made_for} but the data set has {shape}; "
+                         "print one for it with `ldm config --data-dir ...`")
+    return config
+
+
+def recipe_name(args: argparse.Namespace) -> str:
+    """The preset, config file and --set values of a run, for its report and run.json."""
+    return " + ".join([args.preset, *([str(args.config)] if args.config else []),
+                       *(f"--set {item}" for item in args.set)])
+
+
+def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
+                  ) -> tuple[RunConfig, Any, ScheduleConfig]:
+    """The preset with the command's overrides; raises UsageError for a bad value."""
+    if args.model not in ("diffusion", "guide"):  # options the classifier and VAE would ignore
+        for option in ("schedule", "objective", "conditional"):
+            if getattr(args, option):
+                raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
+                                 f"`ldm train {args.model}`")
+    config = run_config(args, shape)
+    if args.model == "guide" and not config.guide.channels:
+        raise UsageError("this config has no guide; give it one with --set guide.channels=16,32")
+    field = {"classifier": "classifier_train", "vae": "vae_train",
+             "diffusion": "diffusion_train", "guide": "guide_train"}[args.model]
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                   ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
+                                   ("checkpoint_seconds", args.checkpoint_seconds))
+                 if v is not None}
+    train_config = dataclasses.replace(getattr(config, field), **overrides)
+    schedule = config.schedule
+    if args.schedule:
+        schedule = dataclasses.replace(schedule, kind=args.schedule)
+    return config, train_config, schedule
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """Every value of the command, before the run directory is created or locked."""
+    if args.command == "train":
+        train_configs(args)
+    elif args.command == "encode":
+        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+    elif args.command == "run":
+        run_config(args)
+        for name in args.force:
+            if name not in STAGES:
+                raise UsageError(f"--force: unknown stage {name!r} (choose from "
+                                 f"{', '.join(STAGES)})")
+    elif args.command == "sample" and not args.reconstruct:
+        sampling_request(args)
+    elif args.command == "sample" and (args.labels or args.guidance != 1.0
+                                       or args.autoguidance != 1.0):
+        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
+    if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
+        raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
+    if args.command == "sample":
+        check_replaceable(args.out, "samples")
+    elif args.command == "evaluate" and args.out is not None:
+        check_replaceable(args.out, "evaluation")
+    elif args.command == "sweep":
+        nfes = integers(args.nfe, "--nfe")
+        specs = pairs(args.samplers.split(","),
+                      guided_budgets(nfes) if args.autoguidance != 1.0 else nfes)
+        if args.num_samples < MIN_SAMPLES:
+            raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined)")
+        if args.guidance is not None:
+            guidance_scales(args.guidance, specs)
+            if args.autoguidance != 1.0:
+                raise UsageError("--guidance sweeps a conditional model; --autoguidance guides "
+                                 "an unconditional one: one at a time")
+        SamplingConfig(autoguidance=args.autoguidance)
+
+
+def sampling_request(args: argparse.Namespace) -> SamplingRequest:
+    """`ldm sample`'s options as one request; the sampler's name, steps, variance, eta, the
+    labels and the scales are checked before any work."""
+    if args.model != "diffusion" and (args.labels or args.guidance != 1.0
+                                      or args.autoguidance != 1.0):
+        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
+    spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+    defaults = SamplingConfig()
+    # The run config's checks, with the same one-line errors: the request it makes is ours.
+    sampling = SamplingConfig(variance=args.variance or defaults.variance,
+                              eta=defaults.eta if args.eta is None else args.eta,
+                              samplers=(spec,), labels=args.labels, guidance=args.guidance,
+                              autoguidance=args.autoguidance)
+    request = sampling.requests[0]
+    for option in ("eta", "variance"):  # an option the sampler would ignore is a mistake
+        if getattr(args, option) is not None and option not in request.sampler.info.options:
+            takes = [n for n, s in SAMPLERS.items() if option in s.options]
+            raise UsageError(f"--{option} is an option of {', '.join(takes)}, not of "
+                             f"{request.sampler.name}")
+    return request
+
+
+def guidance_scales(text: str, specs: list[str]) -> list[float]:
+    if len(specs) != 1:
+        raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
+                         f"({', '.join(specs)})")
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
+    for scale in scales:
+        SamplingConfig(samplers=tuple(specs), labels="balanced", guidance=scale)
+    return scales
+
+
+def integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def shape_of(dataset: Dataset) -> ImageShape:
+    """What the models must take; a single class is no classes to learn."""
+    classes = dataset.num_classes if dataset.num_classes >= 2 else 0
+    return ImageShape(dataset.image_size, dataset.channels, classes)
+
+
+def check_batches(config: RunConfig, dataset: Dataset, *stages: str) -> None:
+    """Every training batch fits the data, before any stage runs (UsageError naming the key)."""
+    n = len(dataset.train_images)
+    for name in stages:
+        batch = getattr(config, f"{name}_train").batch_size
+        if batch > n:
+            raise UsageError(f"{name}_train.batch_size {batch} is larger than the {n} training "
+                             f"images of {dataset.name}")
+
+
+def run_shape(run: RunDir) -> ImageShape:
+    """The images and classes of a run's data set, from its classifier file, else its VAE and
+    latents files: what `ldm train diffusion`, which reads no images, builds its config for."""
+    header = checkpoint.peek(run.model("classifier"))
+    if header is not None and header.get("kind") == "classifier":
+        return image_shape_of(from_dict(ClassifierConfig, header["config"]))
+    header = checkpoint.peek(run.model("vae"))
+    if header is None or header.get("kind") != "vae":
+        return ImageShape()  # no models yet: the preset as it is (its own error will follow)
+    vae = from_dict(VAEConfig, header["config"])
+    latents = checkpoint.peek(run.latents) or {}
+    classes = int(latents.get("num_classes", 0))  # as `ldm encode` found them
+    return ImageShape(vae.image_size, vae.image_channels, classes if classes >= 2 else 0)
+

@@ -1,0 +1,128 @@
+"""Crash-safe file writes (temp file, fsync, rename), strict JSON, and the .npy headers of an
+.npz, read before its arrays are."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import math
+import os
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError, LdmError
+
+log = logging.getLogger(__name__)
+# What np.load (and npz_headers) raise for a truncated or garbled .npz besides OSError /
+# ValueError (zipfile: RuntimeError for an encrypted member, NotImplementedError for an unknown
+# compression).
+BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` so that a crash or full disk leaves the old file (or none)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or err
+        raise LdmError(f"could not write {path}: {reason}; nothing was replaced") from None
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **options: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (bare NaN / Infinity in Python's
+    default output) become null. Code that leaves a value undefined on purpose also says why
+    in a field beside it (see metrics.evaluate_images)."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **options)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write(path, (strict_json(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str], valid: Callable[[Any], bool]) -> Any | None:
+    """A state file this program wrote: its JSON if `valid(it)`, else None. Missing is quiet;
+    unreadable, garbled or of the wrong layout is logged as a warning, and the caller rebuilds
+    the file (a damaged state file must never stop a run)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        log.warning("%s is damaged (%s); rebuilding it", path, str(err)[:80])
+        return None
+    if not valid(value):
+        log.warning("%s is damaged (not the layout this version writes); rebuilding it", path)
+        return None
+    return value
+
+
+
+def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write(path, buffer.getvalue())
+
+
+def npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
+
+    Each header is checked against the size the zip records for its member, so a header that
+    declares a billion images is refused (DataError) before numpy allocates them. A file that
+    is not a zip, or a garbled one, raises OSError, ValueError or one of BAD_NPZ: callers say
+    what the file should have been.
+    """
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"{member.filename}: .npy format version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                declared = f.tell() + math.prod(shape) * dtype.itemsize
+            if declared != member.file_size and dtype.hasobject:  # pickled, never loaded
+                raise DataError(f"{path}: {member.filename} is an array of Python objects "
+                                "(pickled), which is never loaded; save strings as str and "
+                                "pixels as uint8")
+            if declared != member.file_size:
+                raise DataError(f"{path}: {member.filename} declares {shape} {dtype} "
+                                f"({declared} bytes) but holds {member.file_size} bytes; the "
+                                "file is corrupt")
+            arrays[member.filename.removesuffix(".npy")] = (shape, dtype)
+    return arrays
