@@ -11,6 +11,7 @@ from typing import Any
 
 from ..data import Dataset
 from ..diffusion import SAMPLERS, SamplingRequest
+from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
 from ..evaluation.samples import is_samples_file
@@ -30,7 +31,7 @@ from ..run.config import (
 from ..run.pipeline import STAGES
 from ..run.presets import preset
 from ..run.rundir import RunDir
-from ..run.sweeps import MIN_SAMPLES, guided_budgets, pairs
+from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict
 
 
@@ -138,9 +139,8 @@ def check_command(args: argparse.Namespace) -> None:
                                  f"{', '.join(STAGES)})")
     elif args.command == "sample" and not args.reconstruct:
         sampling_request(args)
-    elif args.command == "sample" and (args.labels or args.guidance != 1.0
-                                       or args.autoguidance != 1.0):
-        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
+    elif args.command == "sample":
+        _diffusion_options_only(args)
     if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
         raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
     if args.command == "sample":
@@ -148,14 +148,13 @@ def check_command(args: argparse.Namespace) -> None:
     elif args.command == "evaluate" and args.out is not None:
         check_replaceable(args.out, "evaluation")
     elif args.command == "sweep":
-        nfes = integers(args.nfe, "--nfe")
-        specs = pairs(args.samplers.split(","),
-                      guided_budgets(nfes) if args.autoguidance != 1.0 else nfes)
+        guidance = Guidance(args.autoguidance, "guide")
+        specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"), guidance)
         if args.num_samples < MIN_SAMPLES:
             raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined)")
         if args.guidance is not None:
             guidance_scales(args.guidance, specs)
-            if args.autoguidance != 1.0:
+            if guidance.by_guide:
                 raise UsageError("--guidance sweeps a conditional model; --autoguidance guides "
                                  "an unconditional one: one at a time")
         SamplingConfig(autoguidance=args.autoguidance)
@@ -164,9 +163,8 @@ def check_command(args: argparse.Namespace) -> None:
 def sampling_request(args: argparse.Namespace) -> SamplingRequest:
     """`ldm sample`'s options as one request; the sampler's name, steps, variance, eta, the
     labels and the scales are checked before any work."""
-    if args.model != "diffusion" and (args.labels or args.guidance != 1.0
-                                      or args.autoguidance != 1.0):
-        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
+    if args.model != "diffusion":
+        _diffusion_options_only(args)
     spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
     defaults = SamplingConfig()
     # The run config's checks, with the same one-line errors: the request it makes is ours.
@@ -181,6 +179,12 @@ def sampling_request(args: argparse.Namespace) -> SamplingRequest:
             raise UsageError(f"--{option} is an option of {', '.join(takes)}, not of "
                              f"{request.sampler.name}")
     return request
+
+
+def _diffusion_options_only(args: argparse.Namespace) -> None:
+    """`ldm sample` of the VAE takes no labels and no guidance."""
+    if args.labels or args.guidance != 1.0 or args.autoguidance != 1.0:
+        raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
 
 
 def guidance_scales(text: str, specs: list[str]) -> list[float]:

@@ -94,6 +94,9 @@ class Guidance:
         return 2 * model_calls if self.by_guide else model_calls
 
 
+UNGUIDED = Guidance()
+
+
 def with_labels(network: LabelledNetwork, labels: torch.Tensor) -> Network:
     """The (x_t, t) network of the rows whose labels are `labels` (B,)."""
     return functools.partial(network, labels=labels)

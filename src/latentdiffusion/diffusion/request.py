@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .denoiser import Denoiser
-from .guidance import Guidance, labels_for, listed_labels, parse_labels
+from .guidance import UNGUIDED, Guidance, labels_for, listed_labels, parse_labels
 from .samplers import SamplerChoice
 
 NOT_WITH_LABELS = ("autoguidance is for unconditional sampling; a conditional model has "
@@ -23,7 +23,7 @@ class SamplingRequest:
     # '' (none), 'balanced' (sample i asks for class i mod K), '7' or '0,1,2' (cycled over the
     # sample index); the form is checked here, the classes against the model (`check_classes`)
     labels: str = ""
-    guidance: Guidance = Guidance()
+    guidance: Guidance = UNGUIDED
 
     def __post_init__(self) -> None:
         listed_labels(self.labels)
@@ -63,6 +63,12 @@ class SamplingRequest:
         """Network evaluations of one run on a denoiser with these levels (no weights are read:
         objective.levels_only will do); a guide's calls count too."""
         return self.guidance.network_calls(self.sampler.model_calls(levels))
+
+    def describe(self) -> str:
+        """How it is guided, for a set's name: ", balanced, guidance 2", ", autoguidance 1.5"."""
+        if self.labels:
+            return f", {self.labels}, guidance {self.guidance.scale:g}"
+        return f", autoguidance {self.guidance.scale:g}" if self.guidance.by_guide else ""
 
     def record(self, nfe: int) -> dict[str, str | int | float]:
         """What a samples file says of how it was made: the sampler, its NFE and the scale."""

@@ -117,18 +117,19 @@ def _intro(config: dict[str, Any], preset_name: str, dataset: dict[str, Any]) ->
 
 
 def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict[str, Any],
-             records: dict[str, Any], model_hashes: dict[str, str],
+             records: dict[str, Any], model_hashes: dict[str, str], guided: str,
              sweep: dict[str, Any] | None, guidance: dict[str, Any] | None,
              dataset: dict[str, Any]) -> list[Block]:
     """The report's blocks. `config`: the run config as run.json holds it; `dataset`: the data
-    set's `describe()`; `records`: run.json's stages."""
+    set's `describe()`; `records`: run.json's stages; `guided`: how the diffusion sets were
+    guided, for their rows' names."""
     name, class_names = dataset["name"], list(dataset.get("class_names") or [])
     post = name == "mnist"  # the post's figures are of MNIST: beside no other data set's
     head = tables.FID_HEAD if post else tables.FID_HEAD[:-1]
     blocks: list[Block] = [Heading(f"latentdiffusion run: {root.name} ({name})", 1),
                            Paragraph(_intro(config, preset_name, dataset)),
                            Heading("FID table"),
-                           Table(head, tables.fid_rows(metrics, config["sampling"], post))]
+                           Table(head, tables.fid_rows(metrics, guided, post))]
     class_rows = tables.class_rows(metrics)
     if class_rows:
         blocks += [Paragraph("Labelled sets against each class's training images:"),

@@ -12,13 +12,10 @@ ROW_NAMES = {"random": "Random", "vae-prior": "VAE (prior samples)",
              "vae-reconstruction": "VAE (test reconstructions)", "validation": "Validation"}
 
 
-def fid_rows(metrics: dict[str, Any], sampling: dict[str, Any], post: bool) -> list[list[str]]:
-    """One row per set; `post`: with the post's FID of the row (its figures are of MNIST)."""
+def fid_rows(metrics: dict[str, Any], guided: str, post: bool) -> list[list[str]]:
+    """One row per set; `guided`: how the diffusion sets were guided (", autoguidance 1.5");
+    `post`: with the post's FID of the row (its figures are of MNIST)."""
     rows = []
-    guided = (f", {sampling['labels']}, guidance {sampling['guidance']:g}"
-              if sampling["labels"] else "")
-    if sampling["autoguidance"] != 1.0:
-        guided = f", autoguidance {sampling['autoguidance']:g}"
     order = ["random", "vae-prior", "vae-reconstruction",
              *[k for k in metrics if k not in ROW_NAMES], "validation"]
     for name in order:

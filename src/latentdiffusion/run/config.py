@@ -107,6 +107,11 @@ class SamplingConfig:
             raise UsageError(f"SamplingConfig.eta must be in [0, 1], got {self.eta}")
         self.requests  # noqa: B018 (parses every sampler, the labels and the scales)
 
+    @property
+    def by_guide(self) -> bool:
+        """Whether its sets are guided by the run's guide (autoguidance)."""
+        return self.requests[0].guidance.by_guide
+
     @cached_property
     def requests(self) -> tuple[SamplingRequest, ...]:
         """One parsed request per sampler, in order."""
@@ -171,7 +176,7 @@ class RunConfig:
             if self.unet.num_classes:
                 raise UsageError("a class-conditional run has classifier-free guidance, not a "
                                  "guide (set guide.channels to nothing)")
-        if self.sampling.autoguidance != 1.0 and not self.guide.channels:
+        if self.sampling.by_guide and not self.guide.channels:
             raise UsageError("sampling.autoguidance needs a guide (guide.channels)")
 
 

@@ -13,7 +13,7 @@ from .. import distributed as dist
 from ..data import Dataset
 from ..data.images import Split, to_uint8, to_unit_tensor
 from ..diffusion import Denoiser, NoiseSchedule, SamplingRequest, levels_only, sample
-from ..diffusion.guidance import Guidance, GuidedDenoiser, guided
+from ..diffusion.guidance import UNGUIDED, Guidance, GuidedDenoiser, guided
 from ..diffusion.objective import Objective, ObjectiveConfig, make_objective
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import CheckpointError, UsageError
@@ -24,7 +24,6 @@ from . import checkpoint, latents
 from .rundir import RunDir
 
 ModelName = Literal["vae", "diffusion"]
-UNGUIDED = Guidance()
 
 
 def load_diffusion(run: RunDir, vae_hash: str, device: torch.device, name: str = "diffusion"

@@ -194,7 +194,7 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     diffusion_hash = checkpoint.model_hash_at(run.model("diffusion"), "unet")
     sample_key = keys.samples_key(
         vae_hash, diffusion_hash, c.sampling, c.eval_samples, c.objective.kind,
-        guide_hash if c.sampling.autoguidance != 1.0 else None).digest
+        guide_hash if c.sampling.by_guide else None).digest
     r.step("sample", sample_key, r.recorded("sample", sample_key, *map(run.samples, r.sets)),
            r.sample)
 
@@ -290,7 +290,8 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
         if labels is not None:
             plots.save_class_grid(images, labels, c.unet.num_classes, figures / "class_grid.png")
     hashes = {name: checkpoint.model_hash_of(header) for name, header in headers.items()}
+    guided = c.sampling.requests[0].describe()
     report.write(run.root, report.sections(
-        run.root, to_dict(c), preset_name, metrics, records, hashes, _sweep_results(run),
-        _guidance_results(run), dataset=dataset.describe()))
+        run.root, to_dict(c), preset_name, metrics, records, hashes, guided,
+        _sweep_results(run), _guidance_results(run), dataset=dataset.describe()))
     return "report.md, report.html"

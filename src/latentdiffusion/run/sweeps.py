@@ -29,8 +29,9 @@ import torch
 
 from .. import distributed as dist
 from ..data import Dataset
-from ..diffusion import SAMPLERS, SamplingRequest, parse_sampler
+from ..diffusion import SAMPLERS, SamplerChoice, SamplingRequest, parse_sampler
 from ..diffusion.denoiser import LADDERS
+from ..diffusion.guidance import UNGUIDED, Guidance
 from ..diffusion.samplers import MAX_STEPS
 from ..errors import UsageError
 from ..evaluation import plots
@@ -56,13 +57,17 @@ def _model_hashes(run: RunDir) -> dict[str, str]:
                                ("diffusion", "unet"))}
 
 
-def pairs(samplers: Sequence[str], nfes: Sequence[int]) -> list[str]:
-    """Sampler specs 'NAME-STEPS' with the most steps whose model calls fit each NFE budget."""
+def pairs(samplers: Sequence[str], nfes: Sequence[int], guidance: Guidance = UNGUIDED
+          ) -> list[str]:
+    """Sampler specs 'NAME-STEPS' with the most steps whose model calls fit each NFE budget
+    (its calls and, guided by the guide, the guide's)."""
     unknown = [name for name in samplers if name not in SAMPLERS]
     if unknown:
         raise UsageError(f"unknown sampler {unknown[0]!r} (choose from {', '.join(SAMPLERS)})")
     if not nfes or any(not 0 < n <= MAX_STEPS for n in nfes):
         raise UsageError(f"--nfe needs integers in 1 .. {MAX_STEPS}")
+    if guidance.by_guide:
+        nfes = guided_budgets(nfes)
     specs = [f"{name}-{SAMPLERS[name].steps_for(nfe)}" for name in samplers for nfe in nfes]
     return list(dict.fromkeys(specs))  # heun at NFE 5 and 6 is the same pair
 
@@ -112,11 +117,12 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
     """Score every pair on the run's denoiser (skipping pairs already scored), guided by the
     run's guide when `autoguidance` > 1 (its entries apart, the guide's calls in the NFE);
     returns the sweep (what R/sweep.json holds)."""
-    specs = pairs(samplers, guided_budgets(nfes) if autoguidance != 1.0 else nfes)
+    guidance = Guidance(autoguidance, "guide")
+    specs = pairs(samplers, nfes, guidance)
     if num_samples < MIN_SAMPLES or batch_size <= 0:
         raise UsageError(f"a sweep needs -n of at least {MIN_SAMPLES} (every score defined) "
                          "and a batch size > 0")
-    requests = [SamplingRequest.of(spec, autoguidance=autoguidance) for spec in specs]
+    requests = [SamplingRequest(SamplerChoice(spec), guidance=guidance) for spec in specs]
     hashes = _model_hashes(run)
     objective = checkpoint.load(run.model("diffusion"), kind="unet")[1]["objective"]
     key = config_hash(hashes["classifier"], hashes["vae"], num_samples, seed, LADDERS)
@@ -130,7 +136,7 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
         sweep["validation"] = _scores(evaluate_images(classifier, test_images, reference, None,
                                                       device))
     name, kind = hashes["diffusion"], objective.get("kind", "vp")
-    if autoguidance != 1.0:  # another denoiser: D guided by this guide at this scale
+    if guidance.by_guide:  # another denoiser: D guided by this guide at this scale
         guide_hash = checkpoint.model_hash_at(run.model("guide"), "unet")
         name = f"{name}+guide-{guide_hash[:16]}@{autoguidance:g}"
         kind = f"{kind} + autoguidance {autoguidance:g}"
