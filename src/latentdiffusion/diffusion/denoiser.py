@@ -10,8 +10,8 @@ noise) are the same process up to scale:
 and their network's output converts to x_0 as
     noise prediction: x_0 = (x_t - sqrt(1 - alpha_bar) noise) / sqrt(alpha_bar) = x - sigma noise
     v prediction:     x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
-(k-diffusion `external.py`, EDM `generate.py`; anchors.md). The network was trained on integer
-timesteps; a level between two of them is given the log-sigma interpolation of t.
+(Karras et al. 2022; k-diffusion `external.py`, EDM `generate.py`). The network was trained on
+integer timesteps; a level between two of them is given the log-sigma interpolation of t.
 
 Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023) and IADB (Heitz et al. 2023)
 take the straight path x_t = (1 - t) x_0 + t noise, t in [0, 1], and predict the velocity
@@ -37,18 +37,16 @@ from .schedule import NoiseSchedule
 
 Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction
 # The top of the `karras` and `logsnr` ladders (EDM's sigma_max): at sigma = 80 the data's share
-# of x_t is ~1%, and levels above it only spend steps on noise. On the default run's cosine VP
-# denoiser (its own top level is 20,291) it took heun-10 from FID 180.7 to 40.0 and dpmpp-2m-10
-# from 66.2 to 46.4 (2,000 digits; README, samplers); a cap of 20 was worse for both.
+# of x_t is ~1%, and levels above it only spend steps on noise (a cosine VP model's own top level
+# is 20,291); a cap of 20 was worse (docs/samplers.md).
 LADDER_SIGMA_MAX = 80.0
 # The bottom of those ladders for K steps is min(0.1, 10 / K^2) (or the model's own smallest
 # level if higher); from there the sampler's last step jumps to D(x, sigma_min). The latents have
 # unit standard deviation, so 0.1 is noise at a tenth of the data's spread. Steps below it refine
-# what the decoder cannot see, and a few-step solver needs them higher up: against the converged
-# ODE (DDIM-500 from the same noise, 2,000 samples) ending at 0.1 instead of the trained 0.0064
-# cut the latent RMS error of dpmpp-2m-10 from 0.081 to 0.055 and of heun-10 from 0.053 to 0.036
-# on the default MNIST run (0.067 -> 0.050 and 0.066 -> 0.037 on 32x32 colour digits); the final
-# jump's own error (~0.03) outweighs that gain from about 20 steps on, hence the 1 / K^2 fall.
+# what the decoder cannot see, and a few-step solver needs them higher up: ending at 0.1 brings
+# 10-step solvers closer to the converged ODE than ending at the trained 0.0064, while the final
+# jump's own error outweighs that gain from about 20 steps on, hence the 1 / K^2 fall
+# (benchmarks/ladders.py, docs/samplers.md).
 LADDER_SIGMA_MIN, LADDER_FALL = 0.1, 10.0  # bottom: min(LADDER_SIGMA_MIN, LADDER_FALL / K^2)
 # The samplers' rules beyond the model, in the key of every sample set and sweep they shape, so
 # images made under another rule are made again, not reused: the ladders' ends, their start from
@@ -84,11 +82,8 @@ def start(noise: torch.Tensor, sigma: float, data_mean: torch.Tensor | None) -> 
     The marginal of x = x_0 + sigma noise has mean E[x_0] and, for the unit-variance latents,
     std sqrt(1 + sigma^2). At the top of the ladders (sigma = 80) the mean is 1% of x, yet it is
     no detail: the latents' mean image (RMS 0.82 on MNIST) is left out of N(0, sigma^2) and the
-    ODE carries the error to the end. Starting from it took the FID of 10,000 `dpmpp-2m-10`
-    digits from 36.37 to 34.53 and of `heun-10` from 36.53 to 34.30 on the default VP run (DDIM-100:
-    32.56); on the flow run, with the flow prior's old scale (1 + sigma) made sqrt(1 + sigma^2)
-    as well, from 39.36 to 35.54 and 40.24 to 36.32 (README, samplers). `data_mean` (C, H, W) is
-    the training latents' mean, stored with the model; None starts from 0.
+    ODE carries the error to the end. `data_mean` (C, H, W) is the training latents' mean,
+    stored with the model; None starts from 0.
     """
     x = noise * (1 + sigma**2) ** 0.5
     return x if data_mean is None else x + data_mean.to(x)
@@ -167,10 +162,8 @@ class FlowDenoiser:
     sigma_max: float = LADDER_SIGMA_MAX
     data_mean: torch.Tensor | None = None  # (C, H, W) of the training x_0 (start)
     # At t = 1, x_t is pure noise, so E[x_0 | x_t] = E[x_0] exactly: D is data_mean there, not
-    # the network's guess at a level that the logit-normal t almost never trains (the RMS of its
-    # guess is 1.28 where the mean's is 0.82 on MNIST; IADB's `ddim-10` / `ddim-20` FID 45.06 /
-    # 41.02 -> 30.87 / 32.07 at 10,000 digits, README). Off for label-conditioned rows, whose
-    # E[x_0 | y] is their class's mean.
+    # the network's guess at a level that the logit-normal t almost never trains. Off for
+    # label-conditioned rows, whose E[x_0 | y] is their class's mean.
     mean_at_noise: bool = True
 
     def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:

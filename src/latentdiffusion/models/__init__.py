@@ -17,9 +17,8 @@ M = TypeVar("M", bound=nn.Module)
 def to_device(model: M, device: torch.device | str) -> M:
     """Move `model` to `device` with channels-last (NHWC) conv weights.
 
-    oneDNN's conv kernels are faster in that layout on the default preset's maps (2 CPU cores:
-    classifier training steps 1.3x, its features 1.7x, VAE steps 1.2x, UNet sampling 1.2x; about
-    even for the quick preset's narrow models; benchmarks/layout.py). Each conv's output follows
-    its weights' layout, so inputs need no conversion.
+    oneDNN's conv kernels are faster in that layout on the default preset's maps, about even on
+    the quick preset's narrow ones (benchmarks/layout.py). Each conv's output follows its
+    weights' layout, so inputs need no conversion.
     """
     return model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -183,9 +183,8 @@ class RunConfig:
 
 # `--objective flow` on a VP preset draws t from a logit-normal of std 0.5, not SD3's 1.0 (Esser
 # et al. 2024, tuned on 1024-px images): on 8x8 latents the narrower density, which trains the
-# middle of the path more and its ends less, took the flow model's `ddpm-20` FID from 25.40 to
-# 18.45 at 8 epochs (10k MNIST digits; VP 17.94), and from 118.5 to 65.2 on 32x32 colour digits
-# (3 epochs, 2,000 samples; VP 94.6) (README, objectives).
+# middle of the path more and its ends less, scores better on MNIST and on colour digits
+# (docs/recipe.md).
 FLOW_LOGIT_STD = 0.5
 
 
@@ -198,9 +197,8 @@ def with_objective_kind(objective: ObjectiveConfig, kind: str) -> ObjectiveConfi
     return dataclasses.replace(objective, kind=kind, logit_std=logit_std)  # type: ignore[arg-type]
 
 
-# The guidance scale of a conditional `ldm run`'s sample sets (`ldm sweep --guidance` measures
-# the trade-off at others). On the default preset (10k MNIST digits, `ddpm-20`): scale 1 FID
-# 6.75 at 96.6% accuracy, 1.5 FID 15.9 at 99.6%, 2 FID 30.2 at 99.95% (README, conditional).
+# The guidance scale of a conditional `ldm run`'s sample sets: higher accuracy for some FID
+# (`ldm sweep --guidance` measures the trade-off at other scales; docs/guidance.md).
 CONDITIONAL_GUIDANCE = 1.5
 
 

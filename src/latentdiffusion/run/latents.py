@@ -7,9 +7,8 @@ numbers. Two normalisations, each (C,) per channel:
   "scale_by_std"; the post's choice of a single factor);
 - "channel": shift = mean and scale = 1 / std of each channel. A low-KL VAE leaves its channels
   with means of +-2 std and unequal spreads; standardising each one gives every channel the same
-  signal-to-noise ratio at every t, which the noise schedule assumes. It helped on an earlier
-  VAE (FID 244 -> 186), but on the final one "global" won both ablations and a full default run
-  (FID 38.8 -> 32.1 at 10k, README), so the default preset uses "global".
+  signal-to-noise ratio at every t, which the noise schedule assumes. On the default preset's
+  VAE "global" scores better (docs/recipe.md), so the presets use it.
 """
 
 from __future__ import annotations
