@@ -57,6 +57,15 @@ def _model_hashes(run: RunDir) -> dict[str, str]:
                                ("diffusion", "unet"))}
 
 
+def _generate(run: RunDir, request: SamplingRequest, num_samples: int, seed: int,
+              device: torch.device, batch_size: int, progress: bool) -> tuple[Any, float]:
+    """One set of the run's denoiser, and the seconds it took."""
+    start = time.perf_counter()
+    images = generation.generate(run, "diffusion", num_samples, seed, request=request,
+                                 device=device, batch_size=batch_size, progress=progress)
+    return images, time.perf_counter() - start
+
+
 def pairs(samplers: Sequence[str], nfes: Sequence[int], guidance: Guidance = UNGUIDED
           ) -> list[str]:
     """Sampler specs 'NAME-STEPS' with the most steps whose model calls fit each NFE budget
@@ -146,10 +155,8 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
         spec = request.spec
         if spec in entry["results"]:
             continue
-        start = time.perf_counter()
-        images = generation.generate(run, "diffusion", num_samples, seed, request=request,
-                                     device=device, batch_size=batch_size, progress=progress)
-        seconds = time.perf_counter() - start
+        images, seconds = _generate(run, request, num_samples, seed, device, batch_size,
+                                    progress)
         scored = _scores(evaluate_images(classifier, images, reference, None, device))
         nfe = generation.nfe(run, request)
         entry["results"][spec] = {"sampler": request.sampler.name, "nfe": nfe,
@@ -228,10 +235,8 @@ def run_guidance_sweep(run: RunDir, dataset: Dataset, spec: str,
         name = f"{scale:g}"
         if name in sweep["results"]:
             continue
-        start = time.perf_counter()
-        images = generation.generate(run, "diffusion", num_samples, seed, request=request,
-                                     device=device, batch_size=batch_size, progress=progress)
-        seconds = time.perf_counter() - start
+        images, seconds = _generate(run, request, num_samples, seed, device, batch_size,
+                                    progress)
         labels = request.labels_of(range(num_samples), dataset.num_classes)
         assert labels is not None  # balanced
         metrics = evaluate_images(classifier, images, reference, labels, device)
