@@ -17,7 +17,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="MNIST directory (default $LDM_DATA_DIR)")
     p.add_argument("--run-dir", type=Path, default=Path("bench-out/default"))
     p.add_argument("--preset", default="default")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2 = the bar)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (2: the machine the docs measure on)")
     return p
 
 

@@ -16,6 +16,7 @@ from latentdiffusion.cli import main
 from latentdiffusion.data.images import to_uint8
 from latentdiffusion.diffusion import SamplingRequest, sample
 from latentdiffusion.evaluation.samples import load_samples
+from latentdiffusion.evaluation.tables import scored_sets
 from latentdiffusion.models import VAE
 from latentdiffusion.rng import generator, randn
 from latentdiffusion.run import checkpoint, latents
@@ -61,9 +62,15 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
                  "figures/class_histogram.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"random", "vae-prior", "vae-reconstruction", "ddim-5", "ddpm",
-                            "validation"}
-    for name, entry in metrics.items():
+    assert set(scored_sets(metrics)) == {"random", "vae-prior", "vae-reconstruction", "ddim-5",
+                                         "ddpm", "validation"}
+    assert set(metrics) - set(scored_sets(metrics)) == {"warnings", "memorisation"}
+    assert metrics["memorisation"]["set"] == "ddim-5" and metrics["memorisation"]["n"] == 24
+    assert metrics["memorisation"]["train_n"] == 96 and 0 <= metrics["memorisation"]["copies"] <= 1
+    # 24 images in a 16-d space are fewer than 5 d: every set's FID is flagged, and said so
+    few = {w["figures"]["set"] for w in metrics["warnings"] if w["code"] == "few-images"}
+    assert few == set(scored_sets(metrics))
+    for name, entry in scored_sets(metrics).items():
         for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "class_entropy_bits"):
             assert math.isfinite(entry[key]), (name, key)
         assert len(entry["class_histogram"]) == 10
@@ -180,7 +187,8 @@ def test_each_cli_stage_alone(data_dir: Path, tmp_path: Path,
     assert json.loads((tmp_path / "r.json").read_text()) == result
     assert main(["evaluate", "--baselines", *data, *common]) == 0
     baselines = json.loads(capsys.readouterr().out)
-    assert set(baselines) == {"validation", "random"}
+    assert set(scored_sets(baselines)) == {"validation", "random"}
+    assert isinstance(baselines["warnings"], list)  # the Random row's check
     assert baselines["validation"]["n"] == 40
 
 

@@ -7,11 +7,23 @@ WORLD_SIZE and LOCAL_RANK. Without them everything runs as a single process.
 from __future__ import annotations
 
 import os
+import platform
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import __version__
 from .errors import UsageError
+
+
+def environment() -> dict[str, Any]:
+    """What decides whether two runs agree bit for bit: the processes, the threads of each (the
+    order of float sums) and the library versions."""
+    return {"world_size": world_size(), "threads": torch.get_num_threads(),
+            "latentdiffusion": __version__, "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -15,8 +15,10 @@ from .. import data
 from .. import distributed as dist
 from ..data import Dataset, load_dataset
 from ..errors import LdmError, UsageError
+from ..evaluation import checks
 from ..evaluation.metrics import random_images
 from ..evaluation.samples import load_samples, save_samples
+from ..evaluation.tables import scored_sets
 from ..files import strict_json, write_json
 from ..run import checkpoint, generation, recipe, scores, stages, sweeps
 from ..run.config import RunConfig
@@ -76,7 +78,7 @@ def _train(args: argparse.Namespace, device: Any) -> str:
         unet = config.guide_unet if name == "guide" else config.unet
         trained = stages.train_diffusion(run, unet, schedule, config.objective, train_config,
                                          device=device, resume=resume, progress=progress,
-                                         name=name)
+                                         name=name, train_limit=config.train_limit)
     header = trained.header
     last = header["history"][-1] if header["history"] else {}
     return strict_json({"model": str(run.model(name)), "train_seconds": header["train_seconds"],
@@ -130,13 +132,24 @@ def _evaluate(args: argparse.Namespace, device: Any) -> str:
                                       random_images(dataset.train_images, len(test_images),
                                                     args.seed),
                                       None, device=device, seed=args.seed)}
+        found = checks.random_row({name: m["fid"] for name, m in result.items()})
+        result["warnings"] = [found.as_dict()] if found else []
     else:
         images, labels = samples
         result = scores.evaluate(dataset_of(args), run, images, labels, device=device,
-                                 seed=args.seed)
+                                 seed=args.seed, nearest=args.nearest)
     if args.out and dist.is_main():
         write_json(args.out, result)
+    _warn(result)
     return strict_json(result)
+
+
+def _warn(result: dict[str, Any]) -> None:
+    """One stderr line per finding of the evaluation's checks (in `result` or its sets)."""
+    found = [*result.get("warnings", []),
+             *(w for m in result.values() if isinstance(m, dict) for w in m.get("warnings", []))]
+    for message in dict.fromkeys(w["message"] for w in found):
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _sweep(args: argparse.Namespace, device: Any) -> str:
@@ -175,7 +188,9 @@ def _run(args: argparse.Namespace, device: Any) -> str:
     metrics = run_pipeline(config, args.run_dir, dataset_of(args), device=device,
                            force=tuple(args.force), progress=not args.quiet,
                            preset_name=recipe_name(args), on_stage=show)
-    summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)} for name, m in metrics.items()}
+    _warn(metrics)
+    summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)}
+               for name, m in scored_sets(metrics).items()}
     return strict_json({"run_dir": str(args.run_dir), "report": str(args.run_dir / "report.html"),
                        "fid": summary})
 

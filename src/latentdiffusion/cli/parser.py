@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--samples", type=Path, metavar="FILE.npz")
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
+    p.add_argument("--nearest", action="store_true",
+                   help="with --samples: how close the samples come to the training images "
+                        "(memorisation: nearest neighbours in the feature space)")
     p.add_argument("--out", type=json_out, help="also write the JSON here (.json)")
     p.add_argument("--seed", type=seed_value, default=0)
 

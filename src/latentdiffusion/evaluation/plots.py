@@ -43,6 +43,16 @@ def save_grid(images: np.ndarray, path: Path, rows: int = 8, cols: int = 9) -> N
     atomic_write(path, buffer.getvalue())
 
 
+def save_nearest(samples: np.ndarray, train: np.ndarray, neighbours: Sequence[Sequence[int]],
+                 path: Path) -> None:
+    """Each sample followed by its nearest training images (rows of `neighbours`), two
+    groups to a row."""
+    groups = [np.concatenate([samples[i:i + 1], train[list(rows)]])
+              for i, rows in enumerate(neighbours)]
+    images = np.concatenate(groups)
+    save_grid(images, path, rows=-(-len(images) // 8), cols=8)
+
+
 def save_reconstructions(originals: np.ndarray, reconstructions: np.ndarray, path: Path,
                          count: int = 12) -> None:
     """Top row: test images; bottom row: their VAE reconstructions."""

@@ -9,16 +9,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from .. import __version__
+from .. import distributed as dist
 from ..files import atomic_write
 from . import tables
 
@@ -72,7 +68,7 @@ def _git_revision() -> str:
 
 def _figures(root: Path, metrics: dict[str, Any],
              class_names: list[str]) -> list[tuple[str, Path]]:
-    diffusion = [k for k in metrics if k not in tables.ROW_NAMES]
+    diffusion = [k for k in tables.scored_sets(metrics) if k not in tables.ROW_NAMES]
     figures = [(f"Conditional samples: one row per requested class ({', '.join(class_names)})",
                 root / "figures" / "class_grid.png")]
     figures += [(f"Diffusion samples ({k}), the post's 8 x 9 grid",
@@ -126,10 +122,13 @@ def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict
     name, class_names = dataset["name"], list(dataset.get("class_names") or [])
     post = name == "mnist"  # the post's figures are of MNIST: beside no other data set's
     head = tables.FID_HEAD if post else tables.FID_HEAD[:-1]
+    warnings = metrics.get("warnings", [])
+    few = {w["figures"]["set"] for w in warnings if w["code"] == "few-images"}
     blocks: list[Block] = [Heading(f"latentdiffusion run: {root.name} ({name})", 1),
                            Paragraph(_intro(config, preset_name, dataset)),
+                           *_checks(warnings),
                            Heading("FID table"),
-                           Table(head, tables.fid_rows(metrics, guided, post))]
+                           Table(head, tables.fid_rows(metrics, guided, post, few))]
     class_rows = tables.class_rows(metrics)
     if class_rows:
         blocks += [Paragraph("Labelled sets against each class's training images:"),
@@ -146,13 +145,13 @@ def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict
                    Paragraph("Best of each objective and kind of sampler:"),
                    Table(*tables.best_per_objective(sweep))]
         blocks += _figure_if("FID against NFE", root / "figures" / "sweep.png")
+    if "memorisation" in metrics:
+        blocks += _memorisation(metrics["memorisation"], root / "figures" / "nearest.png")
     blocks.append(Heading("Figures"))
     blocks += [Figure(title, path) for title, path in _figures(root, metrics, class_names)]
     times = [[stage, f"{r['seconds']:.1f}", r["summary"]] for stage, r in records.items()]
     total = sum(r["seconds"] for r in records.values())
-    versions = {"latentdiffusion": __version__, "torch": torch.__version__,
-                "numpy": np.__version__, "python": platform.python_version(),
-                "git": _git_revision()}
+    versions = {**dist.environment(), "git": _git_revision()}
     seeds = {"classifier": config["classifier_train"]["seed"],
              "vae": config["vae_train"]["seed"],
              "diffusion": config["diffusion_train"]["seed"],
@@ -165,6 +164,34 @@ def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict
                         f"model hashes: {json.dumps(hashes)}"]),
                Heading("Config"), Code(json.dumps(config, indent=2), "json")]
     return blocks
+
+
+def _checks(warnings: list[dict[str, Any]]) -> list[Block]:
+    """The checks of the evaluation, above the table they are about."""
+    if not warnings:
+        return [Heading("Checks"),
+                Paragraph("None flagged: the feature network is well above chance on its own "
+                          "task, Random scores worst, no set collapsed, and every set has enough "
+                          "images for its FID.")]
+    return [Heading("Checks: read the table with these in mind"),
+            Bullets([f"WARNING: {w['message']}" for w in warnings])]
+
+
+def _memorisation(m: dict[str, Any], figure: Path) -> list[Block]:
+    """How close one set's samples come to the training images, against the test images."""
+    quantiles = [f"{q:g}" for q in m["quantiles"]]
+    rows = [[f"samples ({m['set']}, N = {m['n']:,})",
+             *(f"{d:.3g}" for d in m["sample_quantiles"])],
+            [f"test images (N = {m['test_n']:,})", *(f"{d:.3g}" for d in m["test_quantiles"])]]
+    text = (f"Distance in the feature space from each image to its nearest of the "
+            f"{m['train_n']:,} training images. {m['copies']:.2%} of the samples are closer to a "
+            f"training image than 99% of the test images are (distance below "
+            f"{m['copy_threshold']:.3g}): about 1% is what a model that does not copy gives, "
+            "and a share far above it means the model reproduces training images.")
+    blocks: list[Block] = [Heading(f"Memorisation: nearest training images ({m['set']})"),
+                           Paragraph(text), Table(["Distance quantile", *quantiles], rows)]
+    return blocks + _figure_if("Samples (left of each group of four) and their three nearest "
+                               "training images", figure)
 
 
 def _figure_if(title: str, path: Path) -> list[Block]:

@@ -7,15 +7,27 @@ from typing import Any
 
 from ..diffusion import SAMPLERS
 
+# What metrics.json holds besides one entry per scored set.
+NOT_SETS = ("warnings", "memorisation")
+
+
+def scored_sets(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The entries of metrics.json that are scored sets (Random, ..., Validation)."""
+    return {name: m for name, m in metrics.items() if name not in NOT_SETS}
+
+
 POST_FID = {"random": 48.43, "vae-prior": 63.49, "diffusion": 6.02, "validation": 0.30}
 ROW_NAMES = {"random": "Random", "vae-prior": "VAE (prior samples)",
              "vae-reconstruction": "VAE (test reconstructions)", "validation": "Validation"}
 
 
-def fid_rows(metrics: dict[str, Any], guided: str, post: bool) -> list[list[str]]:
+def fid_rows(metrics: dict[str, Any], guided: str, post: bool,
+             few: frozenset[str] | set[str] = frozenset()) -> list[list[str]]:
     """One row per set; `guided`: how the diffusion sets were guided (", autoguidance 1.5");
-    `post`: with the post's FID of the row (its figures are of MNIST)."""
+    `post`: with the post's FID of the row (its figures are of MNIST); `few`: sets with too
+    few images for their FID, marked."""
     rows = []
+    metrics = scored_sets(metrics)
     order = ["random", "vae-prior", "vae-reconstruction",
              *[k for k in metrics if k not in ROW_NAMES], "validation"]
     for name in order:
@@ -25,7 +37,8 @@ def fid_rows(metrics: dict[str, Any], guided: str, post: bool) -> list[list[str]
         post_fid = POST_FID.get(name, POST_FID["diffusion"] if name not in ROW_NAMES else None)
         label = ROW_NAMES.get(name, f"Diffusion ({name}{guided})")
         fid_format = ".3g" if m["fid"] is not None and abs(m["fid"]) < 1 else ".3f"  # not 0.000
-        row = [label, str(m["n"]), num(m["fid"], fid_format),
+        unreliable = " (too few images: read KID)" if name in few else ""
+        row = [label, str(m["n"]), num(m["fid"], fid_format) + unreliable,
                num(m["fid_over_validation"], ".1f") + "x",
                f"{num(m['kid_mean'], '.4f')} ± {num(m['kid_std'], '.4f')}",
                f"{num(m['precision'], '.3f')} / {num(m['recall'], '.3f')}",
@@ -49,7 +62,7 @@ FID_HEAD = ["Set", "N", "FID", "FID / Validation", "KID (mean ± std)", "Precisi
 def class_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """A conditional run's labelled sets: accuracy and FID against each class's images."""
     rows = []
-    for name, m in metrics.items():
+    for name, m in scored_sets(metrics).items():
         if "fid_class_mean" not in m:
             continue
         per_class = " ".join(num(f, ".2f") for f in m["fid_per_class"])

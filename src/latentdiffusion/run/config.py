@@ -138,6 +138,9 @@ class RunConfig:
     guide: GuideConfig = field(default_factory=GuideConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval_samples: int = 10_000  # size of the Random and VAE-prior sets
+    # The denoiser and its guide train on the latents of the first N training images (0: all):
+    # a small training set, to see whether the model copies it (the report's memorisation check).
+    train_limit: int = 0
 
     @property
     def guide_unet(self) -> UNetConfig:
@@ -148,7 +151,7 @@ class RunConfig:
         return dataclasses.replace(self.diffusion_train, epochs=self.guide.epochs)
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("eval_samples",))
+        check_fields(self, positive=("eval_samples",), nonnegative=("train_limit",))
         if self.eval_samples > MAX_SAMPLES:
             raise UsageError(f"RunConfig.eval_samples must be at most {MAX_SAMPLES}, got "
                              f"{self.eval_samples}")

@@ -76,9 +76,12 @@ def latents_key(vae_hash: str, mode: LatentMode, norm: LatentNorm, seed: int) ->
 
 
 def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: ObjectiveConfig,
-                  train: TrainConfig, latents_hash: str) -> StageKey:
+                  train: TrainConfig, latents_hash: str, train_limit: int = 0) -> StageKey:
+    """With the limit on the training latents only when there is one (the keys of denoisers
+    trained on all of them stay as they were)."""
+    limit = {"train_limit": train_limit} if train_limit else {}
     return StageKey.of(model=unet, schedule=schedule, objective=objective, train=train,
-                       latents=latents_hash)
+                       latents=latents_hash, **limit)
 
 
 def samples_key(vae_hash: str, diffusion_hash: str, sampling: SamplingConfig,

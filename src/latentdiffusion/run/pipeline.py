@@ -21,6 +21,7 @@ from ..errors import UsageError
 from ..evaluation import plots, report
 from ..evaluation.metrics import random_images
 from ..evaluation.samples import load_samples, save_samples
+from ..evaluation.tables import scored_sets
 from ..files import write_json
 from ..schema import from_dict, to_dict
 from . import checkpoint, generation, keys, latents, scores, stages, sweeps
@@ -93,7 +94,7 @@ class _Run:
                 write_json(self.run.root / "run.json", {
                     "stages": self.records, "preset": self.preset_name,
                     "config": to_dict(self.config), "data": self.dataset.describe(),
-                    "data_dir": self.dataset.origin})
+                    "data_dir": self.dataset.origin, "environment": dist.environment()})
         dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
         if self.on_stage and dist.is_main():
             self.on_stage(StageEvent(name, skip, seconds, summary))
@@ -129,13 +130,15 @@ class _Run:
         c = self.config
         return stages.train_diffusion(
             self.run, c.unet, c.schedule, c.objective, c.diffusion_train, device=self.device,
-            resume=self.resume("diffusion"), progress=self.progress).summary()
+            resume=self.resume("diffusion"), progress=self.progress,
+            train_limit=c.train_limit).summary()
 
     def guide(self) -> str:
         c = self.config
         return stages.train_diffusion(
             self.run, c.guide_unet, c.schedule, c.objective, c.guide_train, device=self.device,
-            resume=self.resume("guide"), progress=self.progress, name="guide").summary()
+            resume=self.resume("guide"), progress=self.progress, name="guide",
+            train_limit=c.train_limit).summary()
 
     def sample(self) -> str:
         return _sample_all(self.run, self.dataset, self.config, self.device, self.progress)
@@ -143,7 +146,8 @@ class _Run:
     def evaluate(self) -> str:
         return scores.evaluate_all(self.run, self.dataset, self.sets,
                                    self.config.eval_samples, self.device,
-                                   per_class=bool(self.config.unet.num_classes))
+                                   per_class=bool(self.config.unet.num_classes),
+                                   train_limit=self.config.train_limit)
 
     def report(self) -> str:
         return _report(self.run, self.dataset, self.config, self.preset_name, self.records)
@@ -178,7 +182,7 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
 
     latents_hash = checkpoint.load(run.latents, kind="latents")[1]["sha256"]
     key = keys.diffusion_key(c.unet, c.schedule, c.objective, c.diffusion_train,
-                                 latents_hash).digest
+                             latents_hash, c.train_limit).digest
     # A denoiser of an earlier release lacks its data mean (denoiser.start): trained again, to
     # the same weights.
     made = _made_with(run.model("diffusion"), "unet", key, "data_mean")
@@ -187,7 +191,7 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     guide_hash = None
     if c.guide.channels:  # autoguidance's guide: the same stage, a smaller UNet, fewer epochs
         key = keys.diffusion_key(c.guide_unet, c.schedule, c.objective, c.guide_train,
-                                     latents_hash).digest
+                                 latents_hash, c.train_limit).digest
         r.step("guide", key, _made_with(run.model("guide"), "unet", key, "data_mean"), r.guide)
         guide_hash = checkpoint.model_hash_at(run.model("guide"), "unet")
 
@@ -202,11 +206,16 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     key = keys.evaluation_key(sample_key, classifier_hash).digest
     metrics_path = run.root / "metrics.json"
     r.step("evaluate", key,
-           r.recorded("evaluate", key) and read_metrics(metrics_path) is not None, r.evaluate)
+           r.recorded("evaluate", key) and _has_checks(read_metrics(metrics_path)), r.evaluate)
     key = keys.report_key(key, _sweep_results(run), _guidance_results(run)).digest
     r.step("report", key, r.recorded("report", key, run.root / "report.md",
                                      run.root / "report.html"), r.report)
     return read_metrics(metrics_path) or {}  # rank 0 wrote a valid one in the step above
+
+
+def _has_checks(metrics: dict[str, Any] | None) -> bool:
+    """Whether a metrics.json holds the evaluation's checks (older ones are scored again)."""
+    return metrics is not None and "warnings" in metrics
 
 
 def _sweep_results(run: RunDir) -> dict[str, Any] | None:
@@ -278,13 +287,18 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
         for kind in ("linear", "cosine")}
     plots.save_schedules(schedules, figures / "schedules.png")
     metrics = read_metrics(run.root / "metrics.json") or {}  # the evaluate stage wrote it
-    generated = [k for k in metrics if k != "validation"]
+    generated = [k for k in scored_sets(metrics) if k != "validation"]
     if metrics["validation"]["class_histogram"] is not None:  # the feature network has classes
         plots.save_class_histograms({k: metrics[k]["class_histogram"] for k in generated},
                                     dataset.class_names, figures / "class_histogram.png")
     reconstructions, _ = load_samples(run.samples("vae-reconstruction"))
     originals = scores.scored_subset(dataset.test_images, None, c.eval_samples)[0]
     plots.save_reconstructions(originals, reconstructions, figures / "reconstructions.png")
+    if "memorisation" in metrics:  # the set's first samples beside their nearest training images
+        m = metrics["memorisation"]
+        images, _ = load_samples(run.samples(m["set"]))
+        plots.save_nearest(images, dataset.train_images, m["shown_neighbours"],
+                           figures / "nearest.png")
     if c.unet.num_classes:  # one row per requested class, from the first sampler's set
         images, labels = load_samples(run.samples(c.sampling.samplers[0]))
         if labels is not None:

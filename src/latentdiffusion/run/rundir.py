@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdmError
+from ..evaluation.tables import scored_sets
 from ..files import read_json
 
 try:
@@ -64,7 +65,8 @@ _METRIC_FIELDS = ("n", "fid", "fid_over_validation", "kid_mean", "kid_std", "pre
 def _is_metrics(value: Any) -> bool:
     return (isinstance(value, dict) and "validation" in value
             and all(isinstance(m, dict) and all(k in m for k in _METRIC_FIELDS)
-                    and isinstance(m["fid"], (int, float)) for m in value.values()))
+                    and isinstance(m["fid"], (int, float))
+                    for m in scored_sets(value).values()))
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -185,9 +185,10 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
                     device: torch.device, resume: Resume = "off", progress: bool = True,
-                    name: str = "diffusion") -> Trained:
-    """The denoiser on the cached latents; name="guide" for autoguidance's guide
-    (config.GuideConfig), the same stage with a smaller UNet and fewer epochs."""
+                    name: str = "diffusion", train_limit: int = 0) -> Trained:
+    """The denoiser on the cached latents (of the first `train_limit` training images, when
+    given); name="guide" for autoguidance's guide (config.GuideConfig), the same stage with a
+    smaller UNet and fewer epochs."""
     latent_set, latent_header = latents.load(run.latents)  # one read of the cache
     shape = tuple(latent_set.train.shape[1:])
     expected = (model_config.in_channels, model_config.latent_size, model_config.latent_size)
@@ -196,7 +197,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
                          "match unet.in_channels / latent_size to the VAE")
     schedule = NoiseSchedule.from_config(schedule_config)
     key = keys.diffusion_key(model_config, schedule_config, objective, train_config,
-                                 latent_header["sha256"])
+                             latent_header["sha256"], train_limit)
     train_set: tuple[torch.Tensor, ...] = (latent_set.normalised("train"),)
     test_set: tuple[torch.Tensor, ...] = (latent_set.normalised("test"),)
     if model_config.num_classes:  # a conditional model also sees each latent's label
@@ -205,6 +206,8 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
                              "for a class-conditional model")
         train_set += (latent_set.train_labels,)
         test_set += (latent_set.test_labels,)
+    if train_limit:
+        train_set = tuple(t[:train_limit] for t in train_set)
     loss = diffusion_loss(make_objective(objective, schedule), model_config.num_classes,
                           objective.label_dropout)
     return _train(run, name, UNet, model_config, train_config, loss, train_set, test_set,
