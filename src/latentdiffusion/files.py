@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -72,13 +73,34 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write(path, (strict_json(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+# The most a JSON file this program writes holds (a run's records are a few kB): a bigger one,
+# or a device, pipe or directory, is not one of them and is never read.
+MAX_JSON_BYTES = 16 << 20
+
+
+def load_small_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON of a regular file of at most MAX_JSON_BYTES; OSError (FileNotFoundError when
+    missing) or ValueError otherwise, before more than that is read."""
+    with open(path, "rb", opener=_nonblocking) as f:  # a FIFO must not block the open
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a directory, device or pipe)")
+        if info.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than a record of this program holds")
+        return json.loads(f.read(MAX_JSON_BYTES + 1))
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def read_json(path: str | os.PathLike[str], valid: Callable[[Any], bool]) -> Any | None:
     """A state file this program wrote: its JSON if `valid(it)`, else None. Missing is quiet;
     unreadable, garbled or of the wrong layout is logged as a warning, and the caller rebuilds
     the file (a damaged state file must never stop a run)."""
     path = Path(path)
     try:
-        value = json.loads(path.read_bytes())
+        value = load_small_json(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError

@@ -7,12 +7,12 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LdmError
+from ..errors import LdmError, UsageError
 from ..files import read_json
 
 try:
@@ -49,6 +49,54 @@ class RunDir:
     @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+
+# What the stages write in a run directory R: these folders, and these files beside the models.
+# Only the stages replace them; no --out may.
+_RUN_FOLDERS = frozenset({"samples", "cache", "checkpoints", "figures"})
+_RUN_FILES = frozenset({"run.json", "metrics.json", "report.md", "report.html", "sweep.json",
+                        "guidance.json", "config.toml", "config.json", ".lock"})
+# What only latentdiffusion puts in a folder: one of them makes it a run directory.
+_RUN_MARKERS = ("run.json", ".lock", "checkpoints",
+                *(f"{m}.safetensors" for m in ("classifier", "vae", "latents", "diffusion",
+                                                "guide")))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a folder a latentdiffusion command made a run directory."""
+    return path.is_dir() and any(os.path.lexists(path / m) for m in _RUN_MARKERS)
+
+
+def check_run_dir(path: Path) -> None:
+    """A run directory to write in must be new, empty or a run's: never a folder of the user's
+    files, which the stages would replace (UsageError)."""
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError:  # missing (made later) or not a folder (its own error follows)
+        return
+    if entries and not is_run_dir(path):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"--run-dir {path} holds files that are not a run's ({shown}); they "
+                         "are left as they are: pick a new or empty --run-dir")
+
+
+def check_replaceable(path: Path, what: str, ours: Callable[[Path], bool],
+                      label: str | None = None) -> None:
+    """`path`, which a command's --out writes, is missing or `ours(path)` (an earlier `what`
+    of that command), and in no case a run's own file (R/metrics.json, R/samples/x.npz), which
+    its stages would then take for their output (UsageError). `label`: how the message names
+    it (default: `--out PATH`)."""
+    label = label or f"--out {path}"
+    absolute = Path(os.path.abspath(path))
+    parent = absolute.parent
+    run = (parent if absolute.name in _RUN_FILES and is_run_dir(parent) else
+           parent.parent if parent.name in _RUN_FOLDERS and is_run_dir(parent.parent) else None)
+    if os.path.lexists(path) and not ours(path):
+        raise UsageError(f"{label} exists and is not an earlier {what} of ldm; it is left as "
+                         "it is: pick another --out")
+    if run is not None:
+        raise UsageError(f"{label} is a file of the run directory {run}, which only its stages "
+                         "write; it is left as it is: pick another --out")
 
 
 def _is_manifest(value: Any) -> bool:
@@ -232,6 +280,7 @@ def run_dir_lock(run_dir: str | os.PathLike[str], enabled: bool = True) -> Itera
         yield
         return
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
