@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -26,6 +27,19 @@ log = logging.getLogger(__name__)
 # ValueError (zipfile: RuntimeError for an encrypted member, NotImplementedError for an unknown
 # compression).
 BAD_NPZ = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
+# The most one file's arrays may take once decoded (MNIST's training images take 47 MB,
+# CIFAR-10's 150 MB): a run holds a few copies of its data, and a file whose declared shape
+# asks for more is refused from its header, before anything is decoded, so that no file makes
+# a command use more than about 1 GB.
+MAX_DECODED_BYTES = 256 << 20
+
+
+def check_decoded_size(path: str | os.PathLike[str], declared: int) -> None:
+    """DataError when the arrays of `path` declare more than MAX_DECODED_BYTES (read from
+    its headers, before any array is decoded)."""
+    if declared > MAX_DECODED_BYTES:
+        raise DataError(f"{path}: its arrays take {declared:,} bytes once decoded, more than "
+                        f"the {MAX_DECODED_BYTES:,} one file may hold here; use a subset")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -119,16 +133,54 @@ def write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of arrays: each one's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def write_checked_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """An .npz of `arrays` and their sha256, for read_checked_npz."""
+    write_npz(path, **arrays, content_sha256=np.array(_arrays_sha256(arrays)))
+
+
+def read_checked_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
+    """The arrays write_checked_npz wrote, or None when the file is missing, or (with a
+    warning) damaged, edited or of an older layout: a cache is then recomputed, never used."""
+    try:
+        npz_headers(path)  # bounded before anything is decoded
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, DataError, *BAD_NPZ) as err:
+        log.warning("%s is damaged (%s); recomputing it", path,
+                    str(err).removeprefix(f"{path}: ")[:80])
+        return None
+    stored = str(arrays.pop("content_sha256", ""))
+    if stored != _arrays_sha256(arrays):
+        log.warning("%s does not match its checksum (edited or damaged); recomputing it", path)
+        return None
+    return arrays
+
+
 def npz_headers(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of each array of an .npz, from the .npy headers inside the zip.
 
-    Each header is checked against the size the zip records for its member, so a header that
-    declares a billion images is refused (DataError) before numpy allocates them. A file that
+    Each header is checked against the size the zip records for its member, and their sum
+    against MAX_DECODED_BYTES, so a header that declares a billion images, or a small file that
+    decompresses to gigabytes, is refused (DataError) before numpy allocates anything. A file that
     is not a zip, or a garbled one, raises OSError, ValueError or one of BAD_NPZ: callers say
     what the file should have been.
     """
     arrays = {}
     with zipfile.ZipFile(path) as archive:
+        # The sizes the zip records, each checked against its member's header below.
+        check_decoded_size(path, sum(member.file_size for member in archive.infolist()))
         for member in archive.infolist():
             with archive.open(member) as f:
                 version = np.lib.format.read_magic(f)
