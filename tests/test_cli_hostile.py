@@ -76,7 +76,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("content", ["{}", "[]", "null", '{"stages": []}',
-                                     '{"stages": {"vae": 3}}', "\x00garbled", ""])
+                                     '{"stages": {"vae": 3}}', "\x00garbled", "",
+                                     '{"stages": {"classifier": {}}}',
+                                     '{"stages": {"vae": {"key": "k", "summary": ""}}}',
+                                     '{"stages": {"vae": {"key": "k", "seconds": 1}}}',
+                                     '{"stages": {}, "config": 3}'])
 def test_damaged_manifest_reads_as_empty(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                          content: str) -> None:
     path = tmp_path / "run.json"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from latentdiffusion.evaluation.samples import save_samples
+from latentdiffusion.files import atomic_write
 from test_cli_errors import CPU, assert_fails
 
 SAMPLE = ["sample", "--model", "vae", "-n", "4", *CPU]
@@ -74,3 +75,13 @@ def test_evaluate_out_that_is_a_device_or_pipe_is_never_read(
     assert_fails(capsys, 2, "evaluate", "--run-dir", tmp_path / "R", "--samples",
                  tmp_path / "s.npz", "--out", out, *CPU,
                  match="exists and is not an earlier evaluation file")
+
+
+def test_temp_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    dead, live = tmp_path / ".report.html.tmp-2147483647", tmp_path / ".report.html.tmp-1"
+    other = tmp_path / ".report.md.tmp-2147483647"
+    for leftover in (dead, live, other):
+        leftover.write_text("partial")
+    atomic_write(tmp_path / "report.html", b"report")
+    assert not dead.exists()  # no process has that pid: its writer was killed
+    assert live.exists() and other.exists()  # a live writer's, another file's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdmError, UsageError
-from ..files import read_json
+from ..files import pid_alive, read_json
 
 try:
     import fcntl
@@ -99,9 +100,18 @@ def check_replaceable(path: Path, what: str, ours: Callable[[Path], bool],
                          "write; it is left as it is: pick another --out")
 
 
+def _is_record(record: Any) -> bool:
+    """A stage's record in run.json as `ldm run` writes it: its key, seconds and summary."""
+    return (isinstance(record, dict) and isinstance(record.get("key"), str)
+            and isinstance(record.get("seconds"), (int, float))
+            and not isinstance(record["seconds"], bool) and math.isfinite(record["seconds"])
+            and isinstance(record.get("summary"), str))
+
+
 def _is_manifest(value: Any) -> bool:
     stages = value.get("stages") if isinstance(value, dict) else None
-    return isinstance(stages, dict) and all(isinstance(r, dict) for r in stages.values())
+    return (isinstance(stages, dict) and all(map(_is_record, stages.values()))
+            and isinstance(value.get("config", {}), dict))
 
 
 # The fields of each set that `ldm run`'s summary and the report read.
@@ -128,18 +138,6 @@ def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # 0 and below name process groups, never a lock's owner
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid this OS gives
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def _owner_gone(text: str, flock_free: bool) -> bool:
     """Whether a lock whose file says `text` may be taken over.
 
@@ -151,7 +149,7 @@ def _owner_gone(text: str, flock_free: bool) -> bool:
     parts = text.split()
     if len(parts) == 2 and parts[1].isdigit():
         host, pid = parts
-        return host == socket.gethostname() and not _pid_alive(int(pid))
+        return host == socket.gethostname() and not pid_alive(int(pid))
     return not parts or flock_free
 
 
