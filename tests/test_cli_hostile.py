@@ -299,3 +299,16 @@ def test_diffusion_options_on_another_model(capsys: pytest.CaptureFixture[str], 
                  tmp_path / "run", *CPU,
                  match=f"{option[0]} is an option of `ldm train diffusion`, not of `ldm train vae`")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("-n", "٤", "argument -n/--num-samples: '٤' is not an integer"),
+    ("--seed", "٣", "argument --seed: '٣' is not an integer"),
+    ("--steps", "３", "argument --steps: '３' is not an integer"),
+    ("--labels", "١", "labels: expected 'balanced' or comma-separated class indices"),
+    ("--guidance", "１", "argument --guidance: invalid float value: '１'")])
+def test_digits_of_other_scripts_are_refused(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path, option: str, value: str,
+                                             match: str) -> None:
+    assert_fails(capsys, 2, "sample", "--model", "diffusion", option, value, "--out",
+                 tmp_path / "x.npz", "--run-dir", tmp_path / "run", *CPU, match=match)

@@ -32,7 +32,7 @@ from ..run.pipeline import STAGES
 from ..run.presets import preset
 from ..run.rundir import RunDir, check_replaceable
 from ..run.sweeps import MIN_SAMPLES, pairs
-from ..schema import MAX_SAMPLES, from_dict
+from ..schema import MAX_SAMPLES, from_dict, parse_number
 
 
 def _earlier_samples(path: Path) -> bool:
@@ -200,7 +200,7 @@ def guidance_scales(text: str, specs: list[str]) -> list[float]:
         raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
                          f"({', '.join(specs)})")
     try:
-        scales = [float(v) for v in text.split(",")]
+        scales = [parse_number(v, float) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
     for scale in scales:
@@ -210,7 +210,7 @@ def guidance_scales(text: str, specs: list[str]) -> list[float]:
 
 def integers(text: str, option: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",")]
+        return [parse_number(v, int) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
