@@ -76,7 +76,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("content", ["{}", "[]", "null", '{"stages": []}',
-                                     '{"stages": {"vae": 3}}', "\x00garbled", ""])
+                                     '{"stages": {"vae": 3}}', "\x00garbled", "",
+                                     '{"stages": {"classifier": {}}}',
+                                     '{"stages": {"vae": {"key": "k", "summary": ""}}}',
+                                     '{"stages": {"vae": {"key": "k", "seconds": 1}}}',
+                                     '{"stages": {}, "config": 3}'])
 def test_damaged_manifest_reads_as_empty(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                          content: str) -> None:
     path = tmp_path / "run.json"
@@ -141,16 +145,29 @@ def test_sample_out_must_be_an_npz(capsys: pytest.CaptureFixture[str], tmp_path:
 
 
 def test_sample_whose_grid_cannot_be_written(capsys: pytest.CaptureFixture[str],
-                                             tiny_run: tuple[Path, Path],
-                                             tmp_path: Path) -> None:
+                                             tiny_run: tuple[Path, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _, run = tiny_run
     out = tmp_path / "s.npz"
-    (tmp_path / "s.png").mkdir()  # the grid's name is taken by a directory
-    line = assert_fails(capsys, 1, "sample", "--model", "vae", "-n", "3", "--out", out,
-                        "--run-dir", run, *CPU, "--quiet", match=f"{out} was written, but its "
-                        "grid was not (could not write")
+    (tmp_path / "s.png").mkdir()  # the grid's name is taken by a directory: refused at once
+    sample = ["sample", "--model", "vae", "-n", "3", "--out", out, "--run-dir", run, *CPU,
+              "--quiet"]
+    assert_fails(capsys, 2, *sample, match="(the grid of --out")
+    assert not out.exists()
+    (tmp_path / "s.png").rmdir()
+
+    def full_disk(path: Path, *images: np.ndarray, **arrays: np.ndarray) -> None:
+        raise LdmError(f"could not write {path}: no space left on device; nothing was replaced")
+
+    monkeypatch.setattr("latentdiffusion.evaluation.samples.save_grid",
+                        lambda images, path: full_disk(path))
+    line = assert_fails(capsys, 1, *sample, match=f"{out} was written, but its grid was not "
+                        "(could not write")
     assert str(tmp_path / "s.png") in line
     assert load_samples(out)[0].shape == (3, 28, 28)  # as the line says
+    monkeypatch.setattr("latentdiffusion.evaluation.samples.write_npz", full_disk)
+    line = assert_fails(capsys, 1, *sample, match=f"could not write {out}: no space left")
+    assert "was written" not in line  # the earlier file is intact, and the line says so
 
 
 @pytest.mark.parametrize("argv", [
@@ -282,3 +299,16 @@ def test_diffusion_options_on_another_model(capsys: pytest.CaptureFixture[str], 
                  tmp_path / "run", *CPU,
                  match=f"{option[0]} is an option of `ldm train diffusion`, not of `ldm train vae`")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("-n", "٤", "argument -n/--num-samples: '٤' is not an integer"),
+    ("--seed", "٣", "argument --seed: '٣' is not an integer"),
+    ("--steps", "３", "argument --steps: '３' is not an integer"),
+    ("--labels", "١", "labels: expected 'balanced' or comma-separated class indices"),
+    ("--guidance", "１", "argument --guidance: invalid float value: '１'")])
+def test_digits_of_other_scripts_are_refused(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: Path, option: str, value: str,
+                                             match: str) -> None:
+    assert_fails(capsys, 2, "sample", "--model", "diffusion", option, value, "--out",
+                 tmp_path / "x.npz", "--run-dir", tmp_path / "run", *CPU, match=match)

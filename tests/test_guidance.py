@@ -350,6 +350,10 @@ SAMPLE = ["sample", "--model", "diffusion", "--sampler", "ddim", "--steps", "2",
     (["--labels", "11"], "error: labels and guidance need a class-conditional model, and "),
     (["--guidance", "2"], "error: guidance needs labels to guide towards (--labels)"),
     (["--labels", "7", "--guidance", "-1"], "error: SamplingConfig.guidance must be >= 0"),
+    (["--labels", "7", "--guidance", "1e30"], "error: SamplingConfig.guidance must be at most "
+                                              "100, got 1e+30"),
+    (["--labels", "7", "--guidance", "1e308"], "SamplingConfig.guidance must be at most 100"),
+    (["--autoguidance", "1e39"], "error: SamplingConfig.autoguidance must be at most 100"),
     (["--labels", "7"], "error: labels and guidance need a class-conditional model, and "),
     (["--labels", "7", "--guidance", "3"], "is unconditional (train it with --conditional)"),
 ])

@@ -114,7 +114,8 @@ def test_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path: Path) -> No
 
 
 def test_idx_header_promising_far_more_than_the_file_holds(tmp_path: Path) -> None:
-    # 999,999 images declared (784 MB), 100 present: only what is there is ever touched.
+    # 999,999 images declared (784 MB, within MAX_DECODED_BYTES), 100 present: only what is
+    # there is ever touched.
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
     _gzip_with_zeros(path, struct.pack(">4I", IMAGE_MAGIC, 999_999, 28, 28), 100 * 784)
     with pytest.raises(DataError, match="the file is truncated"):

@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from .errors import UsageError
@@ -23,6 +24,17 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 64
 IMAGE_SIZES = range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE + 1, 4)
 # Images one set may hold: generating and scoring keep them and their features in memory.
 MAX_SAMPLES = 1_000_000
+
+
+Number = TypeVar("Number", int, float)
+
+
+def parse_number(text: str, kind: Callable[[str], Number]) -> Number:
+    """`kind(text)` (int or float) of ASCII text only: Python also reads other scripts' digits
+    ("٣", "３"), which no option or config value of ldm takes (ValueError)."""
+    if not text.isascii():
+        raise ValueError(f"not an ASCII number: {text!r}")
+    return kind(text)
 
 
 def check_fields(obj: Any, positive: tuple[str, ...] = (), unit: tuple[str, ...] = (),

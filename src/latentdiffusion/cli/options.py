@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
 from ..evaluation.samples import is_samples_file
+from ..files import load_small_json
 from ..models.classifier import ClassifierConfig
 from ..models.vae import VAEConfig
 from ..run import checkpoint, recipe
@@ -30,27 +30,38 @@ from ..run.config import (
 )
 from ..run.pipeline import STAGES
 from ..run.presets import preset
-from ..run.rundir import RunDir
+from ..run.rundir import RunDir, check_replaceable
 from ..run.sweeps import MIN_SAMPLES, pairs
-from ..schema import MAX_SAMPLES, from_dict
+from ..schema import MAX_SAMPLES, from_dict, parse_number
 
 
-def check_replaceable(path: Path, kind: str) -> None:
-    """An existing --out may only be an earlier output of the same command: never a data set,
-    a run's record or any other file the user has (UsageError)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if kind == "samples":
-        ours = is_samples_file(path)
-    else:
-        try:
-            found = json.loads(path.read_text())
-            ours = isinstance(found, dict) and ("fid" in found or "validation" in found)
-        except (OSError, ValueError):
-            ours = False
-    if not ours:
-        raise UsageError(f"--out {path} exists and is not an earlier {kind} file of ldm; "
-                         "it is left as it is: pick another --out")
+def _earlier_samples(path: Path) -> bool:
+    """An earlier `ldm sample --out`: a samples file, or a grid beside one."""
+    npz = path.with_suffix(".npz")
+    return is_samples_file(npz)
+
+
+def _earlier_evaluation(path: Path) -> bool:
+    """An earlier `ldm evaluate --out`: a small regular file of its JSON (never read whole
+    when it is a device, pipe or a big file)."""
+    try:
+        found = load_small_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and ("fid" in found or "validation" in found)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """`--out` of `ldm sample` (and its .png grid) or `ldm evaluate` replaces only an earlier
+    output of the same command: never a data set, a run's file, an image or anything else the
+    user has (UsageError)."""
+    if args.command == "sample":
+        check_replaceable(args.out, "samples file", _earlier_samples)
+        grid = args.out.with_suffix(".png")
+        check_replaceable(grid, "samples grid", _earlier_samples,
+                          label=f"{grid} (the grid of --out {args.out})")
+    elif args.command == "evaluate" and args.out is not None:
+        check_replaceable(args.out, "evaluation file", _earlier_evaluation)
 
 
 def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
@@ -143,11 +154,8 @@ def check_command(args: argparse.Namespace) -> None:
         _diffusion_options_only(args)
     if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
         raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
-    if args.command == "sample":
-        check_replaceable(args.out, "samples")
-    elif args.command == "evaluate" and args.out is not None:
-        check_replaceable(args.out, "evaluation")
-    elif args.command == "sweep":
+    check_out(args)
+    if args.command == "sweep":
         guidance = Guidance(args.autoguidance, "guide")
         specs = pairs(args.samplers.split(","), integers(args.nfe, "--nfe"), guidance)
         if args.num_samples < MIN_SAMPLES:
@@ -192,7 +200,7 @@ def guidance_scales(text: str, specs: list[str]) -> list[float]:
         raise UsageError(f"--guidance sweeps one sampler at one NFE, got {len(specs)} pairs "
                          f"({', '.join(specs)})")
     try:
-        scales = [float(v) for v in text.split(",")]
+        scales = [parse_number(v, float) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"--guidance: expected comma-separated numbers, got {text!r}") from None
     for scale in scales:
@@ -202,7 +210,7 @@ def guidance_scales(text: str, specs: list[str]) -> list[float]:
 
 def integers(text: str, option: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",")]
+        return [parse_number(v, int) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
 

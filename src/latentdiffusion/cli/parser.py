@@ -11,6 +11,7 @@ from ..diffusion import SAMPLERS
 from ..run import recipe
 from ..run.config import CONDITIONAL_GUIDANCE
 from ..run.presets import PRESETS, preset
+from ..schema import parse_number
 
 DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
                "FID report. `ldm run` does it all.")
@@ -36,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def positive(text: str) -> int:
     try:
-        value = int(text)
+        value = parse_number(text, int)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
@@ -46,7 +47,7 @@ def positive(text: str) -> int:
 
 def positive_float(text: str) -> float:
     try:
-        value = float(text)
+        value = parse_number(text, float)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
@@ -59,12 +60,19 @@ MAX_SEED = 2**63  # torch and numpy generators take 64-bit seeds; signed keeps e
 
 def seed_value(text: str) -> int:
     try:
-        value = int(text)
+        value = parse_number(text, int)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if not 0 <= value < MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be in 0 .. 2**63 - 1, got {value}")
     return value
+
+
+def number(text: str) -> float:
+    return parse_number(text, float)
+
+
+number.__name__ = "float"  # argparse names it in its message: "invalid float value: 'x'"
 
 
 def npz_out(text: str) -> Path:
@@ -123,7 +131,7 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditional", action="store_true",
                    help="a class-conditional denoiser; its sets are balanced over the "
                         "classes and guided")
-    p.add_argument("--guidance", type=float, metavar="S",
+    p.add_argument("--guidance", type=number, metavar="S",
                    help=f"with --conditional: the sets' guidance scale (default "
                         f"{CONDITIONAL_GUIDANCE:g})")
 
@@ -159,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
     p.add_argument("--epochs", type=positive)
     p.add_argument("--batch-size", type=positive, help="global batch size")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=number)
     p.add_argument("--seed", type=seed_value)
     p.add_argument("--checkpoint-every", type=positive, metavar="STEPS")
     p.add_argument("--checkpoint-seconds", type=positive_float, metavar="SECONDS",
@@ -194,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{name} {spec.default_steps or 'all'}" for name, spec in SAMPLERS.items())
                    + ")")
     p.add_argument("--variance", help="ddpm only: beta_tilde (default) or beta")
-    p.add_argument("--eta", type=float, help="ddim only: stochasticity in [0, 1] (default 0)")
+    p.add_argument("--eta", type=number, help="ddim only: stochasticity in [0, 1] (default 0)")
     p.add_argument("-n", "--num-samples", type=positive, default=1000)
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--batch-size", type=positive, default=500)
@@ -203,10 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditional diffusion only: a class index (7), a list cycled over "
                         "the samples (0,1,2) or 'balanced' (sample i draws class i mod K, of "
                         "the model's K); written into the .npz")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="S",
+    p.add_argument("--guidance", type=number, default=1.0, metavar="S",
                    help="classifier-free guidance scale: 1 unguided, 0 unconditional, "
                         "> 1 closer to the label")
-    p.add_argument("--autoguidance", type=float, default=1.0, metavar="S",
+    p.add_argument("--autoguidance", type=number, default=1.0, metavar="S",
                    help="autoguidance scale with the run's guide (`ldm train guide`): 1 off, "
                         "> 1 guided")
     p.add_argument("--out", type=npz_out, required=True,
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", metavar="S,S,..",
                    help="a conditional model's guidance scales, for one sampler and NFE: FID "
                         "and accuracy per scale (R/guidance.json, figures/guidance.png)")
-    p.add_argument("--autoguidance", type=float, default=1.0, metavar="S",
+    p.add_argument("--autoguidance", type=number, default=1.0, metavar="S",
                    help="sample every pair with the run's guide at this scale (1: off); --nfe "
                         "then counts the guide's calls too")
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import DataError, UsageError
+from ..files import check_decoded_size
 from .images import Split
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -123,6 +124,7 @@ def _read_idx_stream(path: Path, stream: io.BufferedIOBase, magic: int,
                         f"{MAX_IDX_ITEMS} this toolkit reads from one file; not a usable IDX "
                         "file")
     count = math.prod(dims)  # exact: numpy's prod would wrap around past 2**63
+    check_decoded_size(path, count)
     expected = header + count
     if not gz:  # a raw file's size is known without reading it
         size = os.fstat(stream.fileno()).st_size

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from ..errors import UsageError
+from ..schema import parse_number
 from .denoiser import Denoiser, Network
 
 BALANCED = "balanced"
@@ -37,7 +38,7 @@ def listed_labels(spec: str) -> tuple[int, ...]:
     if spec in ("", BALANCED):
         return ()
     try:
-        labels = tuple(int(part) for part in spec.split(","))
+        labels = tuple(parse_number(part, int) for part in spec.split(","))
     except ValueError:
         raise UsageError(f"labels: expected '{BALANCED}' or comma-separated class indices, "
                          f"got {spec!r}") from None

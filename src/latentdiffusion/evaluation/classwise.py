@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
-from ..files import BAD_NPZ, write_npz
+from ..files import read_checked_npz, write_checked_npz
 from .metrics import FeatureStats, classify_shard, data_classes, frechet_distance
 
 
@@ -31,18 +31,21 @@ class ClassReference:
     classifier_hash: str
 
     def save(self, path: Path) -> None:
-        write_npz(path, counts=self.counts, means=self.means, covs=self.covs,
-                  classifier_hash=np.array(self.classifier_hash))
+        write_checked_npz(path, counts=self.counts, means=self.means, covs=self.covs,
+                          classifier_hash=np.array(self.classifier_hash))
 
     @classmethod
     def load(cls, path: Path, classifier_hash: str) -> ClassReference | None:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["classifier_hash"]) != classifier_hash:
-                    return None
-                return cls(f["counts"], f["means"], f["covs"], classifier_hash)
-        except (OSError, KeyError, ValueError, TypeError, *BAD_NPZ):
+        """The cached statistics of this classifier; None when missing, of another classifier
+        or not as written (checksum and shapes), so they are computed again."""
+        f = read_checked_npz(path)
+        if f is None or set(f) != {"counts", "means", "covs", "classifier_hash"}:
             return None
+        k, d = f["means"].shape if f["means"].ndim == 2 else (-1, -1)
+        if (str(f["classifier_hash"]) != classifier_hash
+                or (f["counts"].shape, f["covs"].shape) != ((k,), (k, d, d))):
+            return None
+        return cls(f["counts"], f["means"], f["covs"], classifier_hash)
 
 
 def _class_stats(features: torch.Tensor, labels: torch.Tensor,

@@ -21,7 +21,7 @@ from torch import nn
 from .. import distributed as dist
 from ..data.images import to_unit_tensor
 from ..errors import DataError
-from ..files import BAD_NPZ, write_npz
+from ..files import read_checked_npz, write_checked_npz
 
 log = logging.getLogger(__name__)
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
@@ -133,19 +133,22 @@ class Reference:
     classifier_hash: str
 
     def save(self, path: Path) -> None:
-        write_npz(path, n=np.array(self.stats.n), mean=self.stats.mean, cov=self.stats.cov,
-                  subset=self.subset, classifier_hash=np.array(self.classifier_hash))
+        write_checked_npz(path, n=np.array(self.stats.n), mean=self.stats.mean,
+                          cov=self.stats.cov, subset=self.subset,
+                          classifier_hash=np.array(self.classifier_hash))
 
     @classmethod
     def load(cls, path: Path, classifier_hash: str) -> Reference | None:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["classifier_hash"]) != classifier_hash:
-                    return None
-                stats = FeatureStats(int(f["n"]), f["mean"], f["cov"])
-                return cls(stats, f["subset"], classifier_hash)
-        except (OSError, KeyError, ValueError, TypeError, *BAD_NPZ):  # TypeError: a .npy
+        """The cached statistics of this classifier; None when missing, of another classifier
+        or not as written (checksum and shapes), so they are computed again."""
+        f = read_checked_npz(path)
+        if f is None or set(f) != {"n", "mean", "cov", "subset", "classifier_hash"}:
             return None
+        d = f["mean"].shape[-1] if f["mean"].ndim == 1 else -1
+        shapes = (f["n"].shape, f["mean"].shape, f["cov"].shape, f["subset"].shape[1:])
+        if str(f["classifier_hash"]) != classifier_hash or shapes != ((), (d,), (d, d), (d,)):
+            return None
+        return cls(FeatureStats(int(f["n"]), f["mean"], f["cov"]), f["subset"], classifier_hash)
 
 
 def classify_shard(classifier: nn.Module, images: np.ndarray, device: torch.device

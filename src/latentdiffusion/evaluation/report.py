@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,24 @@ from . import tables
 
 
 @dataclass(frozen=True)
-class Heading:
+class Mono:
+    """Inline code in a heading or paragraph: a command or a name, shown as typed."""
     text: str
+
+
+# Text of a heading or paragraph: plain text, or plain text with inline code between.
+Text = str | tuple[str | Mono, ...]
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: Text
     level: int = 2
 
 
 @dataclass(frozen=True)
 class Paragraph:
-    text: str
+    text: Text
 
 
 @dataclass(frozen=True)
@@ -84,13 +95,13 @@ def _figures(root: Path, metrics: dict[str, Any],
     return [(title, path) for title, path in figures if path.exists()]
 
 
-def _intro(config: dict[str, Any], preset_name: str, dataset: dict[str, Any]) -> str:
+def _intro(config: dict[str, Any], preset_name: str, dataset: dict[str, Any]) -> Text:
     name, class_names = dataset["name"], list(dataset.get("class_names") or [])
     c = config["classifier"]
     shape = f"{c['image_size']}x{c['image_size']}" + (" RGB" if c["image_channels"] == 3 else "")
     classes = (f"{len(class_names)} class{'es' if len(class_names) > 1 else ''} "
                f"({', '.join(class_names)})" if class_names else "no labels")
-    data_line = (f"Data set `{name}` ({dataset.get('source', 'idx')}, content sha256 "
+    data_line = (f" ({dataset.get('source', 'idx')}, content sha256 "
                  f"{str(dataset.get('content_sha256', ''))[:16]}): {dataset.get('train', '?')} "
                  f"training and {dataset.get('test', '?')} test images, {shape}, {classes}.")
     if c["task"] == "labels":
@@ -108,8 +119,9 @@ def _intro(config: dict[str, Any], preset_name: str, dataset: dict[str, Any]) ->
                   "a classifier's feature space (the post's, or a labelled run's); compare "
                   "ratios to the Validation row within this report only. Class columns are "
                   "n/a.")
-    return (f"Preset `{preset_name}`. {data_line} FID is the Fréchet distance between "
-            f"{features} of each set and of the training images; {caveat}")
+    return ("Preset ", Mono(preset_name), ". Data set ", Mono(name),
+            f"{data_line} FID is the Fréchet distance between {features} of each set and of "
+            f"the training images; {caveat}")
 
 
 def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict[str, Any],
@@ -134,13 +146,14 @@ def sections(root: Path, config: dict[str, Any], preset_name: str, metrics: dict
         blocks += [Paragraph("Labelled sets against each class's training images:"),
                    Table(tables.class_head(class_names), class_rows)]
     if guidance:
-        blocks += [Heading(f"Guidance: fidelity against diversity (`ldm sweep --guidance`, "
-                           f"{guidance['sampler']}, N = {guidance['n']:,}, balanced labels)"),
+        blocks += [Heading(("Guidance: fidelity against diversity (",
+                            Mono("ldm sweep --guidance"),
+                            f", {guidance['sampler']}, N = {guidance['n']:,}, balanced labels)")),
                    Table(*tables.guidance_table(guidance))]
         blocks += _figure_if("Accuracy against FID", root / "figures" / "guidance.png")
     if sweep:
-        blocks += [Heading(f"Quality against cost: FID of each sampler against its model calls "
-                           f"(`ldm sweep`, N = {sweep['n']:,}, seed {sweep['seed']})"),
+        blocks += [Heading(("Quality against cost: FID of each sampler against its model calls (",
+                            Mono("ldm sweep"), f", N = {sweep['n']:,}, seed {sweep['seed']})")),
                    Table(*tables.sweep_table(sweep)),
                    Paragraph("Best of each objective and kind of sampler:"),
                    Table(*tables.best_per_objective(sweep))]
@@ -198,22 +211,59 @@ def _figure_if(title: str, path: Path) -> list[Block]:
     return [Figure(title, path, captioned=False)] if path.exists() else []
 
 
+# What Markdown would read as markup in a text: raw HTML and entities (written as entities,
+# which every Markdown reads), and backslash escapes for the rest: emphasis, links, code spans,
+# table cells; `_` only where it can open or close emphasis (never inside a word like a_b).
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_MD_SPECIAL = re.compile(r"[&<>\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def markdown_escape(text: str) -> str:
+    """`text` shown as written in Markdown: on one line, no character read as markup."""
+    return _MD_SPECIAL.sub(lambda m: _MD_ENTITIES.get(m[0], "\\" + m[0]),
+                           _CONTROL.sub(" ", text))
+
+
+def _backtick_run(text: str) -> int:
+    """The longest run of backticks in `text`: a code fence or span must be longer."""
+    return max((len(run) for run in re.findall("`+", text)), default=0)
+
+
+def _markdown_text(text: Text) -> str:
+    """A heading's or paragraph's text: plain parts escaped, inline code as a code span
+    (delimited by more backticks than it holds, so a backtick in a name cannot close it)."""
+    def code(span: str) -> str:
+        span = _CONTROL.sub(" ", span)
+        fence = "`" * (_backtick_run(span) + 1)
+        pad = " " if span.startswith("`") or span.endswith("`") else ""
+        return f"{fence}{pad}{span}{pad}{fence}"
+
+    parts = (text,) if isinstance(text, str) else text
+    return "".join(code(p.text) if isinstance(p, Mono) else markdown_escape(p) for p in parts)
+
+
 def markdown(blocks: list[Block], root: Path) -> str:
-    """The blocks as Markdown, one blank line between them; figures link into `root`."""
+    """The blocks as Markdown, one blank line between them; figures link into `root`. Every
+    text, cell and caption is escaped (markdown_escape): names from the data set or the run
+    directory show as written and never as HTML or table structure."""
+    e = markdown_escape
+
     def render(block: Block) -> str:
         if isinstance(block, Heading):
-            return "#" * block.level + " " + block.text
+            return "#" * block.level + " " + _markdown_text(block.text)
         if isinstance(block, Paragraph):
-            return block.text
+            return _markdown_text(block.text)
         if isinstance(block, Table):
-            lines = ["| " + " | ".join(block.head) + " |", "|" + "---|" * len(block.head)]
-            return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in block.rows])
+            lines = ["| " + " | ".join(map(e, block.head)) + " |", "|" + "---|" * len(block.head)]
+            return "\n".join(lines + ["| " + " | ".join(map(e, row)) + " |" for row in block.rows])
         if isinstance(block, Figure):
-            image = f"![{block.title}]({block.path.relative_to(root)})"
-            return f"### {block.title}\n\n{image}" if block.captioned else image
+            image = f"![{e(block.title)}]({block.path.relative_to(root)})"
+            return f"### {e(block.title)}\n\n{image}" if block.captioned else image
         if isinstance(block, Bullets):
-            return "\n".join(f"- {item}" for item in block.items)
-        return f"```{block.language}\n{block.text}\n```"
+            return "\n".join(f"- {e(item)}" for item in block.items)
+        fence = "`" * max(3, _backtick_run(block.text) + 1)
+        return f"{fence}{block.language}\n{block.text}\n{fence}"
 
     return "\n\n".join(map(render, blocks)) + "\n"
 
@@ -222,11 +272,15 @@ def page(blocks: list[Block], title: str) -> str:
     """The blocks as one HTML page, every text escaped and every image embedded."""
     e = html.escape
 
+    def text(value: Text) -> str:  # inline code keeps its backticks, as in plain text
+        parts = (value,) if isinstance(value, str) else value
+        return "".join(f"`{e(p.text)}`" if isinstance(p, Mono) else e(p) for p in parts)
+
     def render(block: Block) -> str:
         if isinstance(block, Heading):
-            return f"<h{block.level}>{e(block.text)}</h{block.level}>"
+            return f"<h{block.level}>{text(block.text)}</h{block.level}>"
         if isinstance(block, Paragraph):
-            return f"<p>{e(block.text)}</p>"
+            return f"<p>{text(block.text)}</p>"
         if isinstance(block, Table):
             return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block.head) + "</tr>"
                     + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.images import DROP_CHANNEL, TO_UINT8
-from ..errors import DataError
+from ..errors import DataError, LdmError
 from ..files import BAD_NPZ, npz_headers, write_npz
 from ..schema import MAX_SAMPLES
 from .plots import save_grid
@@ -25,10 +25,14 @@ KEYS = frozenset({"images", "labels", "sampler", "nfe", "guidance", "autoguidanc
 
 def save_samples(path: Path, images: np.ndarray, labels: np.ndarray | None = None,
                  **made: str | int | float) -> None:
-    """The samples file (`made`: how, e.g. the `sampler` and its `nfe`) and its .png grid."""
+    """The samples file (`made`: how, e.g. the `sampler` and its `nfe`) and its .png grid;
+    LdmError saying which of the two was not written."""
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
     write_npz(path, **arrays, **{k: np.asarray(v) for k, v in made.items()})
-    save_grid(images, path.with_suffix(".png"))
+    try:
+        save_grid(images, path.with_suffix(".png"))
+    except LdmError as err:  # its "nothing was replaced" is about the grid alone
+        raise LdmError(f"{path} was written, but its grid was not ({err})") from None
 
 
 def is_samples_file(path: Path) -> bool:

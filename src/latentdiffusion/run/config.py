@@ -72,6 +72,11 @@ class GuideConfig:
         check_fields(self, positive=("channels", "epochs"))
 
 
+# The largest guidance scale s: D_uncond + s (D_cond - D_uncond) far past the scales worth
+# sampling (docs/guidance.md), and before float32 overflows it (s = 1e30 gives NaN images).
+MAX_GUIDANCE = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Which sets `ldm run` generates and scores."""
@@ -103,6 +108,10 @@ class SamplingConfig:
             raise UsageError("SamplingConfig.samplers needs at least one sampler")
         if self.guidance < 0:
             raise UsageError(f"SamplingConfig.guidance must be >= 0, got {self.guidance}")
+        for scale in ("guidance", "autoguidance"):
+            if getattr(self, scale) > MAX_GUIDANCE:
+                raise UsageError(f"SamplingConfig.{scale} must be at most {MAX_GUIDANCE:g}, got "
+                                 f"{getattr(self, scale):g}")
         if not 0.0 <= self.eta <= 1.0:
             raise UsageError(f"SamplingConfig.eta must be in [0, 1], got {self.eta}")
         self.requests  # noqa: B018 (parses every sampler, the labels and the scales)

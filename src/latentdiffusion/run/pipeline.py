@@ -232,7 +232,7 @@ def refresh_report(run_root: Path, dataset: Dataset) -> bool:
     """Write the report of a finished run again (after a sweep); False when there is none."""
     run = RunDir(run_root)
     manifest = _manifest(run)
-    if "report" not in manifest.get("stages", {}):
+    if "report" not in manifest["stages"] or "config" not in manifest:
         return False
     config = from_dict(RunConfig, manifest["config"])
     _report(run, dataset, config, manifest.get("preset", "custom"), manifest["stages"])

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from ..errors import UsageError
 from ..files import atomic_write, strict_json
-from ..schema import from_dict, to_dict
+from ..schema import from_dict, parse_number, to_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -272,10 +272,8 @@ def _scalar(hint: type, value: Any) -> Any:
             return str(value)
         if hint is bool:
             return {"true": True, "false": False}.get(value.lower())
-        if not value.isascii():  # int() and float() also read other scripts' digits ("٣")
-            return None
         try:
-            return hint(value)
+            return parse_number(value, hint)
         except ValueError:
             return None
     if hint is float and type(value) is int:  # a hand-edited `lr = 1` means 1.0

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LdmError
+from ..errors import LdmError, UsageError
 from ..evaluation.tables import scored_sets
-from ..files import read_json
+from ..files import pid_alive, read_json
 
 try:
     import fcntl
@@ -52,9 +53,66 @@ class RunDir:
         return self.root / "figures"
 
 
+# What the stages write in a run directory R: these folders, and these files beside the models.
+# Only the stages replace them; no --out may.
+_RUN_FOLDERS = frozenset({"samples", "cache", "checkpoints", "figures"})
+_RUN_FILES = frozenset({"run.json", "metrics.json", "report.md", "report.html", "sweep.json",
+                        "guidance.json", "config.toml", "config.json", ".lock"})
+# What only latentdiffusion puts in a folder: one of them makes it a run directory.
+_RUN_MARKERS = ("run.json", ".lock", "checkpoints",
+                *(f"{m}.safetensors" for m in ("classifier", "vae", "latents", "diffusion",
+                                                "guide")))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a folder a latentdiffusion command made a run directory."""
+    return path.is_dir() and any(os.path.lexists(path / m) for m in _RUN_MARKERS)
+
+
+def check_run_dir(path: Path) -> None:
+    """A run directory to write in must be new, empty or a run's: never a folder of the user's
+    files, which the stages would replace (UsageError)."""
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError:  # missing (made later) or not a folder (its own error follows)
+        return
+    if entries and not is_run_dir(path):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"--run-dir {path} holds files that are not a run's ({shown}); they "
+                         "are left as they are: pick a new or empty --run-dir")
+
+
+def check_replaceable(path: Path, what: str, ours: Callable[[Path], bool],
+                      label: str | None = None) -> None:
+    """`path`, which a command's --out writes, is missing or `ours(path)` (an earlier `what`
+    of that command), and in no case a run's own file (R/metrics.json, R/samples/x.npz), which
+    its stages would then take for their output (UsageError). `label`: how the message names
+    it (default: `--out PATH`)."""
+    label = label or f"--out {path}"
+    absolute = Path(os.path.abspath(path))
+    parent = absolute.parent
+    run = (parent if absolute.name in _RUN_FILES and is_run_dir(parent) else
+           parent.parent if parent.name in _RUN_FOLDERS and is_run_dir(parent.parent) else None)
+    if os.path.lexists(path) and not ours(path):
+        raise UsageError(f"{label} exists and is not an earlier {what} of ldm; it is left as "
+                         "it is: pick another --out")
+    if run is not None:
+        raise UsageError(f"{label} is a file of the run directory {run}, which only its stages "
+                         "write; it is left as it is: pick another --out")
+
+
+def _is_record(record: Any) -> bool:
+    """A stage's record in run.json as `ldm run` writes it: its key, seconds and summary."""
+    return (isinstance(record, dict) and isinstance(record.get("key"), str)
+            and isinstance(record.get("seconds"), (int, float))
+            and not isinstance(record["seconds"], bool) and math.isfinite(record["seconds"])
+            and isinstance(record.get("summary"), str))
+
+
 def _is_manifest(value: Any) -> bool:
     stages = value.get("stages") if isinstance(value, dict) else None
-    return isinstance(stages, dict) and all(isinstance(r, dict) for r in stages.values())
+    return (isinstance(stages, dict) and all(map(_is_record, stages.values()))
+            and isinstance(value.get("config", {}), dict))
 
 
 # The fields of each set that `ldm run`'s summary and the report read.
@@ -82,18 +140,6 @@ def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # 0 and below name process groups, never a lock's owner
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid this OS gives
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def _owner_gone(text: str, flock_free: bool) -> bool:
     """Whether a lock whose file says `text` may be taken over.
 
@@ -105,7 +151,7 @@ def _owner_gone(text: str, flock_free: bool) -> bool:
     parts = text.split()
     if len(parts) == 2 and parts[1].isdigit():
         host, pid = parts
-        return host == socket.gethostname() and not _pid_alive(int(pid))
+        return host == socket.gethostname() and not pid_alive(int(pid))
     return not parts or flock_free
 
 
@@ -234,6 +280,7 @@ def run_dir_lock(run_dir: str | os.PathLike[str], enabled: bool = True) -> Itera
         yield
         return
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
