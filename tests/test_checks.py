@@ -81,6 +81,8 @@ def test_memorisation_known_answers() -> None:
     fresh = memorisation(rng.normal(size=(1000, 8)), test, train)  # new draws of the data
     assert fresh["copies"] < 0.05
     assert fresh["sample_quantiles"][2] > copies["sample_quantiles"][2]
+    assert checks.copies({**copies, "set": "ddpm-20"}) is not None
+    assert checks.copies(fresh) is None
     assert len(fresh["shown_neighbours"]) == 16 and len(fresh["shown_neighbours"][0]) == 3
 
 
@@ -141,10 +143,14 @@ def test_ldm_evaluate_flags_collapse_and_copies(tiny_run: tuple[Path, Path], tmp
     copied = tmp_path / "copied.npz"
     np.savez(copied, images=train[:48])  # the denoiser's own training images
     assert main(["evaluate", "--samples", str(copied), "--nearest", *common]) == 0
-    assert json.loads(capsys.readouterr().out)["memorisation"]["copies"] > 0.9
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["memorisation"]["copies"] > 0.9
+    assert "copies-training-images" in {w["code"] for w in result["warnings"]}
+    assert "of the test images are (about 1% without copying)" in captured.err
     fresh = tmp_path / "fresh.npz"
     np.savez(fresh, images=test)  # unseen images of the data: no copies, not alike
     assert main(["evaluate", "--samples", str(fresh), "--nearest", *common]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["memorisation"]["copies"] < 0.5
-    assert "samples-alike" not in {w["code"] for w in result["warnings"]}
+    assert result["memorisation"]["copies"] < 0.05
+    assert not {"samples-alike", "copies-training-images"} & {w["code"] for w in result["warnings"]}

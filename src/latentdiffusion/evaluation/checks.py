@@ -9,6 +9,8 @@ the numbers rest on and return findings (a code, one line for the user, the figu
   trained set; if not, the feature space does not tell noise from data;
 - collapse, in pixels (no feature network needed): a set whose images are much closer to each
   other than the data's are (every sample the same), and reconstructions that are nearly flat;
+- copies: the share of samples closer to a training image than 99% of the test images are
+  (evaluation/memorisation.py), about 1% for a model that does not copy;
 - the number of images against the feature dimension: below MIN_N_PER_DIM * d the covariance
   of a set is poorly estimated (of rank at most N - 1 < d when N <= d) and FID is biased
   upwards, so KID, which is unbiased, should be read instead.
@@ -30,6 +32,8 @@ RANDOM_OVER_VALIDATION = 2.0
 # below this share of the data's is flagged as collapsed.
 COLLAPSE_SHARE = 0.25
 MIN_N_PER_DIM = 5  # FID with fewer than 5 d images is flagged
+# Copies are flagged from 5% of a set: five times what a model that does not copy gives.
+COPY_SHARE = 0.05
 SPREAD_SUBSET = 500  # images drawn (fixed seed) to measure a set's pairwise distances
 
 
@@ -122,6 +126,20 @@ def flat_reconstructions(images: np.ndarray, data: np.ndarray) -> Finding | None
                    f"{spread:.3g}, the data's {reference:.3g}): the autoencoder learnt little, "
                    "and a diffusion model on its latents cannot do better",
                    {"spread": spread, "data_spread": reference})
+
+
+def copies(memorisation: dict[str, Any]) -> Finding | None:
+    """A set with many samples nearer to a training image than test images come."""
+    share = memorisation["copies"]
+    if share < COPY_SHARE:
+        return None
+    name = memorisation.get("set", "samples")
+    return Finding("copies-training-images",
+                   f"{name}: {share:.1%} of {memorisation['n']} samples are closer to a training "
+                   f"image than 99% of the test images are (about 1% without copying): the "
+                   f"model reproduces its {memorisation['train_n']} training images",
+                   {"set": name, "copies": share, "n": memorisation["n"],
+                    "train_n": memorisation["train_n"]})
 
 
 def sample_size(name: str, n: int, dim: int) -> Finding | None:

@@ -76,6 +76,8 @@ def evaluate(dataset: Dataset, run: RunDir, images: np.ndarray,
     result["warnings"] = [f.as_dict() for f in findings if f is not None]
     if nearest:
         result["memorisation"] = memorisation_of(classifier, images, dataset, device)
+        found = checks.copies(result["memorisation"])
+        result["warnings"] += [found.as_dict()] if found else []
     return result
 
 
@@ -147,12 +149,15 @@ def evaluate_all(run: RunDir, dataset: Dataset, sets: list[str], eval_samples: i
     floor = results["validation"]["fid"]
     for entry in results.values():
         entry["fid_over_validation"] = entry["fid"] / floor if floor > 0 else float("inf")
-    findings = _checks(run, results, loaded, ref.stats.mean.shape[0])
-    metrics: dict[str, Any] = {**results, "warnings": [f.as_dict() for f in findings]}
+    findings: list[checks.Finding | None] = [*_checks(run, results, loaded,
+                                                      ref.stats.mean.shape[0])]
+    metrics: dict[str, Any] = dict(results)
     generated = [name for name in sets if name not in BASELINE_SETS]
     if generated:
         metrics["memorisation"] = {"set": generated[0], **memorisation_of(
             classifier, loaded[generated[0]], dataset, device, train_limit)}
+        findings.append(checks.copies(metrics["memorisation"]))
+    metrics["warnings"] = [f.as_dict() for f in findings if f is not None]
     if dist.is_main():
         write_json(run.root / "metrics.json", metrics)
     return ", ".join(f"{k} FID {v['fid']:.3g}" for k, v in results.items())
