@@ -5,8 +5,10 @@ the numbers rest on and return findings (a code, one line for the user, the figu
 - the feature network: its held-out score on its own task against chance (1/K for K classes,
   1/4 for the rotation task). A network near chance maps every image to about the same
   features, and every FID in its space is meaningless;
-- the Random row: Gaussian pixels must score far worse than the test images and than every
-  trained set; if not, the feature space does not tell noise from data;
+- the Random row: Gaussian pixels must score far worse than the test images and than every set
+  the run's models make (the VAE's prior samples aside: the post's baseline, poor by design,
+  as they decode latents the small KL weight leaves far from N(0, I)); if not, the feature
+  space does not tell noise from data;
 - collapse, in pixels (no feature network needed): a set whose images are much closer to each
   other than the data's are (every sample the same), and reconstructions that are nearly flat;
 - copies: the share of samples closer to a training image than 99% of the test images are
@@ -28,6 +30,8 @@ import numpy as np
 CHANCE_MARGIN = 0.25
 # Random must score at least this many times the Validation FID, and worse than every set.
 RANDOM_OVER_VALIDATION = 2.0
+# Rows that are neither the model's output nor the reference: not compared, not checked.
+BASELINES = ("random", "vae-prior", "validation")
 # A set whose mean pairwise pixel distance (or whose reconstructions' per-image spread) is
 # below this share of the data's is flagged as collapsed.
 COLLAPSE_SHARE = 0.25
@@ -69,7 +73,7 @@ def random_row(fids: dict[str, float | None]) -> Finding | None:
     if random is None or validation is None:
         return None
     better = sorted(name for name, fid in fids.items()
-                    if name not in ("random", "validation") and fid is not None and fid >= random)
+                    if name not in BASELINES and fid is not None and fid >= random)
     if random >= RANDOM_OVER_VALIDATION * validation and not better:
         return None
     against = (f"as well as or better than {', '.join(better)}" if better else

@@ -173,7 +173,7 @@ def _checks(run: RunDir, results: dict[str, Any], images: dict[str, np.ndarray],
     found = [feature_network_check(run),
              checks.random_row({name: r["fid"] for name, r in results.items()})]
     found += [checks.collapse(name, x, data) for name, x in images.items()
-              if name not in ("random", "validation", "vae-reconstruction")]
+              if name not in (*checks.BASELINES, "vae-reconstruction")]
     if "vae-reconstruction" in images:
         found.append(checks.flat_reconstructions(images["vae-reconstruction"], data))
     found += [checks.sample_size(name, r["n"], feature_dim) for name, r in results.items()]
