@@ -209,8 +209,8 @@ def test_outputs_never_replace_other_files(tmp_path: Path,
     ("vae_train.batch_size=97", "error: vae_train.batch_size 97 is larger than the 96 "
                                 "training images of discs"),
     ("eval_samples=10000000000", "error: --set eval_samples: RunConfig.eval_samples must be at "
-                                 "most 1000000, got "
-                                 "10000000000"),
+                                 "most 342392 for 28x28x1 images (a set holds at most 256 MiB "
+                                 "of pixels), got 10000000000"),
 ])
 def test_a_run_that_cannot_finish_is_refused_first(tmp_path: Path, setting: str, line: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
