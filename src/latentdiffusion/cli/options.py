@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import Dataset
+from ..data.images import SPLITS
 from ..diffusion import SAMPLERS, SamplingRequest
 from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
@@ -229,6 +230,17 @@ def check_batches(config: RunConfig, dataset: Dataset, *stages: str) -> None:
         if batch > n:
             raise UsageError(f"{name}_train.batch_size {batch} is larger than the {n} training "
                              f"images of {dataset.name}")
+
+
+def check_splits(dataset: Dataset) -> None:
+    """Each split holds the MIN_SAMPLES images `ldm run` scores against (the test split: every
+    score defined) and looks up (the training split: nearest images), before any stage runs."""
+    for split in SPLITS:
+        n = len(dataset.split(split)[0])
+        if n < MIN_SAMPLES:
+            raise UsageError(f"the {split} split of {dataset.name} holds {n} image"
+                             f"{'s' if n != 1 else ''}; ldm run needs at least {MIN_SAMPLES} in "
+                             "each split (every score defined): give it more images")
 
 
 def run_shape(run: RunDir) -> ImageShape:
