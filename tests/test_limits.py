@@ -89,3 +89,15 @@ def test_generation_keeps_uint8_per_batch(vae_run: Path, monkeypatch: pytest.Mon
                                  batch_size=4, progress=False)
     assert converted == [4, 4, 2]
     assert images.dtype == np.uint8 and images.shape == (10, 28, 28)
+
+
+@pytest.mark.parametrize("option", [["--sampler", "heun"], ["--steps", "3"],
+                                    ["--eta", "0.5"], ["--variance", "beta"]])
+def test_sampler_options_with_the_vae_are_refused(option: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The VAE samples its prior: a sampler option given with it would be ignored."""
+    assert main(["sample", "--run-dir", str(tmp_path / "run"), "--model", "vae", *option,
+                 "-n", "4", "--out", str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: --sampler, --steps, --variance and --eta work "
+                                       "with --model diffusion\n")
+    assert not (tmp_path / "x.npz").exists()
