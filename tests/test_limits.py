@@ -101,3 +101,10 @@ def test_sampler_options_with_the_vae_are_refused(option: list[str], tmp_path: P
     assert capsys.readouterr().err == ("error: --sampler, --steps, --variance and --eta work "
                                        "with --model diffusion\n")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_labels_on_a_guided_preset_name_the_conditional_model(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny preset's autoguidance is not the user's: the line says what labels need."""
+    assert main(["config", "--preset", "tiny", "--set", "sampling.labels=1"]) == 2
+    assert "labels ask for a class-conditional model (--conditional" in capsys.readouterr().err
