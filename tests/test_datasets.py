@@ -423,3 +423,27 @@ def test_cache_decodes_once_and_never_returns_stale_data(
     os.utime(path, ns=(stamp, stamp + 1))
     changed = load_dataset(root)
     assert changed is not first and changed.content_hash != first.content_hash
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64])
+def test_integer_images_holding_bytes_are_read_as_uint8(tmp_path: Path, dtype: type) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16)).astype(np.uint8)
+    np.savez(tmp_path / "bytes.npz", train_images=images, test_images=images[:2])
+    np.savez(tmp_path / "wide.npz", train_images=images.astype(dtype),
+             test_images=images[:2].astype(dtype))
+    wide = load_dataset(tmp_path / "wide.npz")
+    assert wide.train_images.dtype == np.uint8
+    assert wide.content_hash == load_dataset(tmp_path / "bytes.npz").content_hash
+
+
+@pytest.mark.parametrize(("images", "advice"), [
+    (np.full((6, 16, 16), 0.5), r"float64 holding 0..0.5 \(convert with \(x \* 255\)"),
+    (np.full((6, 16, 16), 200.0), r"float64 holding 0..200 \(convert with x.round\(\)"),
+    (np.full((6, 16, 16), 65535, np.uint16), r"uint16 holding 0..65535 \(rescale them to 0..255"),
+])
+def test_other_images_get_advice_that_fits_their_values(tmp_path: Path, images: np.ndarray,
+                                                        advice: str) -> None:
+    images[0] = 0
+    np.savez(tmp_path / "bad.npz", train_images=images, test_images=images[:2])
+    _one_line_error(lambda: load_dataset(tmp_path / "bad.npz"),
+                    "train_images must be uint8 0..255, got " + advice)

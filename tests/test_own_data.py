@@ -209,8 +209,8 @@ def test_outputs_never_replace_other_files(tmp_path: Path,
     ("vae_train.batch_size=97", "error: vae_train.batch_size 97 is larger than the 96 "
                                 "training images of discs"),
     ("eval_samples=10000000000", "error: --set eval_samples: RunConfig.eval_samples must be at "
-                                 "most 1000000, got "
-                                 "10000000000"),
+                                 "most 342392 for 28x28x1 images (a set holds at most 256 MiB "
+                                 "of pixels), got 10000000000"),
 ])
 def test_a_run_that_cannot_finish_is_refused_first(tmp_path: Path, setting: str, line: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,6 +219,24 @@ def test_a_run_that_cannot_finish_is_refused_first(tmp_path: Path, setting: str,
     assert main(["run", "--preset", "tiny", "--data-dir", str(tmp_path / "discs.npz"),
                  "--run-dir", str(tmp_path / "run"), "--device", "cpu",
                  "--set", setting]) == 2
+    assert capsys.readouterr().err.strip() == line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("train", "test", "line"), [
+    (96, 1, "error: the test split of few holds 1 image; ldm run needs at least 4 in each split "
+            "(every score defined): give it more images"),
+    (1, 8, "error: the train split of few holds 1 image; ldm run needs at least 4 in each split "
+           "(every score defined): give it more images"),
+])
+def test_a_split_too_small_to_score_is_refused_first(tmp_path: Path, train: int, test: int,
+                                                     line: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    images, _ = _discs(96, seed=1)
+    np.savez(tmp_path / "few.npz", train_images=images[:train], test_images=images[:test])
+    batches = [f"--set={name}_train.batch_size=1" for name in ("classifier", "vae", "diffusion")]
+    assert main(["run", "--preset", "tiny", "--data-dir", str(tmp_path / "few.npz"),
+                 "--run-dir", str(tmp_path / "run"), "--device", "cpu", *batches]) == 2
     assert capsys.readouterr().err.strip() == line
     assert not (tmp_path / "run").exists()
 

@@ -24,6 +24,9 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 64
 IMAGE_SIZES = range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE + 1, 4)
 # Images one set may hold: generating and scoring keep them and their features in memory.
 MAX_SAMPLES = 1_000_000
+# ... and their uint8 pixels at most this many bytes: 342,392 images of 28x28, 87,381 of
+# 32x32x3, 21,845 of 64x64x3 (a set is held whole, and copied once when ranks gather it).
+MAX_SET_BYTES = 256 * 2**20
 
 
 Number = TypeVar("Number", int, float)
@@ -69,6 +72,15 @@ def check_image(obj: Any) -> None:
                          f"{MAX_IMAGE_SIZE}, got {size}")
     if obj.image_channels not in (1, 3):
         raise UsageError(f"{name}.image_channels must be 1 or 3, got {obj.image_channels}")
+
+
+def check_set_size(key: str, n: int, size: int, channels: int) -> None:
+    """UsageError unless a set of `n` images of size x size x channels fits MAX_SAMPLES and
+    MAX_SET_BYTES; `key` names the option or field that asked for it."""
+    limit = min(MAX_SAMPLES, MAX_SET_BYTES // (size * size * channels))
+    if n > limit:
+        raise UsageError(f"{key} must be at most {limit} for {size}x{size}x{channels} images "
+                         f"(a set holds at most {MAX_SET_BYTES // 2**20} MiB of pixels), got {n}")
 
 
 C = TypeVar("C")

@@ -14,7 +14,15 @@ from .. import distributed as dist
 from ..errors import LdmError
 from ..run.rundir import RunDir, run_dir_lock
 from .commands import config_command, data_command, dataset_of, dispatch
-from .options import check_batches, check_command, run_config, run_shape, shape_of, train_configs
+from .options import (
+    check_batches,
+    check_command,
+    check_splits,
+    run_config,
+    run_shape,
+    shape_of,
+    train_configs,
+)
 from .parser import build_parser
 
 
@@ -39,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "run":
                 args.resolved = run_config(args, shape_of(dataset_of(args)))
                 check_batches(args.resolved, dataset_of(args), "classifier", "vae", "diffusion")
+                check_splits(dataset_of(args))
             elif args.command == "train" and args.model in ("classifier", "vae"):
                 args.resolved = train_configs(args, shape_of(dataset_of(args)))
                 config, train_config, _ = args.resolved

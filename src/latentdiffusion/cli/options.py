@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import Dataset
+from ..data.images import SPLITS
 from ..diffusion import SAMPLERS, SamplingRequest
 from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
@@ -33,6 +34,7 @@ from ..run.presets import preset
 from ..run.rundir import RunDir, check_replaceable
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
+from .parser import DEFAULT_SAMPLER
 
 
 def _earlier_samples(path: Path) -> bool:
@@ -173,7 +175,8 @@ def sampling_request(args: argparse.Namespace) -> SamplingRequest:
     labels and the scales are checked before any work."""
     if args.model != "diffusion":
         _diffusion_options_only(args)
-    spec = args.sampler if args.steps is None else f"{args.sampler}-{args.steps}"
+    name = args.sampler or DEFAULT_SAMPLER
+    spec = name if args.steps is None else f"{name}-{args.steps}"
     defaults = SamplingConfig()
     # The run config's checks, with the same one-line errors: the request it makes is ours.
     sampling = SamplingConfig(variance=args.variance or defaults.variance,
@@ -190,9 +193,11 @@ def sampling_request(args: argparse.Namespace) -> SamplingRequest:
 
 
 def _diffusion_options_only(args: argparse.Namespace) -> None:
-    """`ldm sample` of the VAE takes no labels and no guidance."""
+    """`ldm sample` of the VAE takes no labels, no guidance and no sampler options."""
     if args.labels or args.guidance != 1.0 or args.autoguidance != 1.0:
         raise UsageError("--labels, --guidance and --autoguidance work with --model diffusion")
+    if any(getattr(args, o) is not None for o in ("sampler", "steps", "variance", "eta")):
+        raise UsageError("--sampler, --steps, --variance and --eta work with --model diffusion")
 
 
 def guidance_scales(text: str, specs: list[str]) -> list[float]:
@@ -229,6 +234,17 @@ def check_batches(config: RunConfig, dataset: Dataset, *stages: str) -> None:
         if batch > n:
             raise UsageError(f"{name}_train.batch_size {batch} is larger than the {n} training "
                              f"images of {dataset.name}")
+
+
+def check_splits(dataset: Dataset) -> None:
+    """Each split holds the MIN_SAMPLES images `ldm run` scores against (the test split: every
+    score defined) and looks up (the training split: nearest images), before any stage runs."""
+    for split in SPLITS:
+        n = len(dataset.split(split)[0])
+        if n < MIN_SAMPLES:
+            raise UsageError(f"the {split} split of {dataset.name} holds {n} image"
+                             f"{'s' if n != 1 else ''}; ldm run needs at least {MIN_SAMPLES} in "
+                             "each split (every score defined): give it more images")
 
 
 def run_shape(run: RunDir) -> ImageShape:

@@ -13,6 +13,9 @@ from ..run.config import CONDITIONAL_GUIDANCE
 from ..run.presets import PRESETS, preset
 from ..schema import parse_number
 
+# `ldm sample`'s sampler when --sampler is not given.
+DEFAULT_SAMPLER = "ddim"
+
 DESCRIPTION = ("Train and evaluate a latent diffusion model: classifier, VAE, denoiser, samples, "
                "FID report. `ldm run` does it all.")
 EPILOG = """examples:
@@ -196,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images into a samples .npz", formatter_class=fmt)
     _common(p)
     p.add_argument("--model", required=True, choices=("vae", "diffusion"))
-    p.add_argument("--sampler", default="ddim", help=f"{', '.join(SAMPLERS)}, or NAME-STEPS")
+    # No defaults in the parser (None): a sampler option given with --model vae is told apart.
+    p.add_argument("--sampler", help=f"{', '.join(SAMPLERS)}, or NAME-STEPS (default "
+                   f"{DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=positive,
                    help="sampler steps (default: " + ", ".join(
                        f"{name} {spec.default_steps or 'all'}" for name, spec in SAMPLERS.items())

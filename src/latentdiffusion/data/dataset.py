@@ -236,7 +236,10 @@ def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
                 seen.add((st.st_dev, st.st_ino))
                 dirs.append(name)
                 pending.append(name)
-            elif folder.is_image_name(entry.name) and entry.is_file():
+            elif folder.is_image_name(entry.name):
+                if not entry.is_file():  # never skipped silently: the user counts on it
+                    raise DataError(f"{root / name} is not a regular file (a dangling link, a "
+                                    "device or a pipe); remove it or put the image there")
                 files.append(_stamp_of(name, entry.stat()))
     return tuple(sorted(files)), tuple(sorted(dirs))
 

@@ -140,8 +140,22 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
 
 def _pixels(image: Image.Image) -> np.ndarray:
     """uint8 (H, W) for a grayscale image, (H, W, 3) for any other."""
+    image = _on_white(image)
     if image.mode in GRAY_MODES:
         return np.asarray(image if image.mode == "L" else image.convert("L"))
     if image.mode.startswith("I"):  # 16-bit gray: Pillow's convert("L") would clip at 255
         return (np.asarray(image.convert("I")) >> 8).clip(0, 255).astype(np.uint8)
     return np.asarray(image.convert("RGB"))
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency (RGBA, LA, a palette or gray with a transparent colour)
+    composited onto white, as a viewer shows it: dropping alpha would turn an icon whose shape
+    is only in its alpha (RGB = 0) into a black square. Others as they are."""
+    keyed = "transparency" in image.info and image.mode in ("1", "L", "P", "RGB")
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and not keyed:
+        return image
+    gray = image.mode in ("1", "L", "LA", "La")
+    rgba = image.convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return flat.convert("L" if gray else "RGB")

@@ -4,6 +4,7 @@ class names, their dtypes and shapes checked before anything is loaded."""
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,14 @@ def read_npz(path: Path) -> Splits:
     if unknown or missing:
         found = ", ".join(sorted(headers)) or "nothing"
         raise DataError(f"{path}: holds {found}; {NPZ_EXPECTED}")
+    converted: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         shape, dtype = headers[f"{split}_images"]
-        if dtype != np.uint8:
-            raise DataError(f"{path}: {split}_images must be uint8 0..255, got {dtype} "
-                            f"({TO_UINT8})")
+        if dtype.kind not in "iuf":
+            raise DataError(f"{path}: {split}_images must be uint8 0..255, got {dtype}")
+        if dtype != np.uint8:  # other numbers are judged by their values, before the rest
+            converted[f"{split}_images"] = _as_uint8(path, f"{split}_images",
+                                                     _load(path, (f"{split}_images",))[0])
         problem = image_shape_problem(shape[1:]) if shape else "a scalar is not images"
         if problem:
             raise DataError(f"{path}: {split}_images: {problem}")
@@ -52,11 +56,8 @@ def read_npz(path: Path) -> Splits:
         if len(names_shape) != 1 or names_dtype.kind != "U" or names_shape[0] > MAX_CLASSES:
             raise DataError(f"{path}: class_names must be a 1-D array of at most {MAX_CLASSES} "
                             f"str, got {names_dtype} {names_shape}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in headers}
-    except (OSError, ValueError, *BAD_NPZ) as err:
-        raise DataError(f"{path} is not a readable .npz ({err})") from None
+    rest = [key for key in headers if key not in converted]
+    arrays = {**dict(zip(rest, _load(path, rest), strict=True)), **converted}
     train_labels, test_labels = arrays.get("train_labels"), arrays.get("test_labels")
     class_names: tuple[str, ...] = ()
     if "class_names" in arrays:
@@ -78,3 +79,31 @@ def read_npz(path: Path) -> Splits:
 def _int64(labels: np.ndarray | None) -> np.ndarray | None:
     """Labels of an unusable dataset, int64 for `Dataset` to refuse with its own message."""
     return None if labels is None else labels.astype(np.int64)
+
+
+def _load(path: Path, keys: Sequence[str]) -> list[np.ndarray]:
+    """The arrays `keys` of an .npz whose headers were checked (never a pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return [f[key] for key in keys]
+    except (OSError, ValueError, *BAD_NPZ) as err:
+        raise DataError(f"{path} is not a readable .npz ({err})") from None
+
+
+def _as_uint8(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    """uint8 images: integers that are all in 0..255 are pixels already and converted; other
+    arrays are refused with the advice their values call for (x * 255 only for 0..1)."""
+    if images.dtype == np.uint8:
+        return images
+    low, high = (images.min(), images.max()) if images.size else (0, 0)
+    in_bytes = bool(0 <= low and high <= 255)
+    if images.dtype.kind in "iu" and in_bytes:
+        return images.astype(np.uint8)
+    if images.dtype.kind == "f" and 0 <= low and high <= 1:
+        advice = TO_UINT8
+    elif in_bytes:
+        advice = "convert with x.round().astype(np.uint8)"
+    else:
+        advice = "rescale them to 0..255 first"
+    raise DataError(f"{path}: {key} must be uint8 0..255, got {images.dtype} holding "
+                    f"{low:g}..{high:g} ({advice})")

@@ -13,8 +13,10 @@ from .denoiser import Denoiser
 from .guidance import UNGUIDED, Guidance, labels_for, listed_labels, parse_labels
 from .samplers import SamplerChoice
 
-NOT_WITH_LABELS = ("autoguidance is for unconditional sampling; a conditional model has "
-                   "classifier-free guidance (--guidance)")
+# Both halves named: a preset's autoguidance is not the user's, their labels may be.
+NOT_WITH_LABELS = ("labels ask for a class-conditional model (--conditional, which turns "
+                   "autoguidance off), and autoguidance is for unconditional sampling; a "
+                   "conditional model has classifier-free guidance (--guidance)")
 
 
 @dataclass(frozen=True)

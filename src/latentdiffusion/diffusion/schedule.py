@@ -16,6 +16,8 @@ from ..errors import UsageError
 from ..schema import check_fields
 
 ScheduleName = Literal["linear", "cosine"]
+# The most levels T a schedule may have: 10x the usual 1000, as many as a sampler may take steps.
+MAX_TIMESTEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("num_timesteps", "beta_start", "beta_end", "cosine_s"))
+        if self.num_timesteps > MAX_TIMESTEPS:
+            raise UsageError(f"ScheduleConfig.num_timesteps must be at most {MAX_TIMESTEPS}, got "
+                             f"{self.num_timesteps}")
         if not self.beta_start < self.beta_end < 1:
             raise UsageError("ScheduleConfig: need 0 < beta_start < beta_end < 1")
 

@@ -14,14 +14,18 @@ from ..diffusion.request import SamplingRequest
 from ..diffusion.samplers import VarianceName
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
+from ..models import VAE, Classifier, UNet, parameter_count
 from ..models.classifier import ClassifierConfig, ClassifierTask
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
-from ..schema import MAX_SAMPLES, check_fields
+from ..schema import MAX_SAMPLES, check_fields, check_set_size
 
 LatentMode = Literal["sample", "mean"]
 LatentNorm = Literal["global", "channel"]
 LrDecay = Literal["constant", "cosine"]
+# The most parameters one model may have: training holds 5 float32 copies (weights, gradients,
+# Adam's two moments, the EMA), 1 GB at this bound; the presets' models have 0.2M to 1.6M.
+MAX_PARAMETERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -161,15 +165,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("eval_samples",), nonnegative=("train_limit",))
-        if self.eval_samples > MAX_SAMPLES:
-            raise UsageError(f"RunConfig.eval_samples must be at most {MAX_SAMPLES}, got "
-                             f"{self.eval_samples}")
+        image = (self.classifier.image_size, self.classifier.image_channels)
+        check_set_size("RunConfig.eval_samples", self.eval_samples, *image)
+        check_set_size("RunConfig: sampling.num_samples", self.sampling.num_samples, *image)
         if self.unet.in_channels != self.vae.latent_channels:
             raise UsageError("unet.in_channels must equal vae.latent_channels")
         if self.unet.latent_size != self.vae.latent_size:
             raise UsageError(f"unet.latent_size must equal the VAE's latent size "
                              f"({self.vae.latent_size})")
-        image = (self.classifier.image_size, self.classifier.image_channels)
         if image != (self.vae.image_size, self.vae.image_channels):
             raise UsageError("classifier and vae must take the same image_size and "
                              "image_channels")
@@ -190,6 +193,20 @@ class RunConfig:
                                  "guide (set guide.channels to nothing)")
         if self.sampling.by_guide and not self.guide.channels:
             raise UsageError("sampling.autoguidance needs a guide (guide.channels)")
+        self._check_parameters()
+
+    def _check_parameters(self) -> None:
+        """Each model at most MAX_PARAMETERS, counted before any weight exists (UsageError)."""
+        models = {"classifier": (Classifier, self.classifier), "vae": (VAE, self.vae),
+                  "unet": (UNet, self.unet)}
+        if self.guide.channels:
+            models["guide"] = (UNet, self.guide_unet)
+        for name, (model, config) in models.items():
+            count = parameter_count(model, config)
+            if count > MAX_PARAMETERS:
+                raise UsageError(f"{name} would have {count:,} parameters, more than the "
+                                 f"{MAX_PARAMETERS:,} a model may have here; give it fewer or "
+                                 "narrower channels")
 
 
 
