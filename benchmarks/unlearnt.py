@@ -16,6 +16,8 @@ the warnings its evaluation raised.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -65,8 +67,9 @@ def textures(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
 
 def run(data: Path, run_dir: Path, preset: str) -> dict:
     start = time.perf_counter()
-    code = ldm(["run", "--data-dir", str(data), "--run-dir", str(run_dir), "--preset", preset,
-                "--quiet"])
+    with contextlib.redirect_stdout(io.StringIO()):  # its own JSON: this prints one object
+        code = ldm(["run", "--data-dir", str(data), "--run-dir", str(run_dir), "--preset",
+                    preset, "--quiet"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     table = {name: {"n": m["n"], "fid": m["fid"], "over_validation": m["fid_over_validation"]}
              for name, m in metrics.items() if name not in ("warnings", "memorisation")}
