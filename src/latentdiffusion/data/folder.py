@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
 import zlib
 from collections.abc import Sequence
@@ -35,8 +36,9 @@ def is_image_name(name: str) -> bool:
 
 
 def held_out(relative: str) -> bool:
-    """Whether the pool's test split holds this file (relative path, '/'-separated)."""
-    digest = hashlib.sha256(relative.encode()).digest()
+    """Whether the pool's test split holds this file (relative path, '/'-separated). The hash
+    is of the name's bytes on disk: a name that is not UTF-8 (`bad\\xff.png`) has them too."""
+    digest = hashlib.sha256(os.fsencode(relative)).digest()
     return int.from_bytes(digest[:8], "big") % HOLD_OUT == 0
 
 
@@ -109,7 +111,13 @@ def _split_layout(root: Path, split: str, files: Sequence[str], dirs: Sequence[s
     if not counts.all():
         empty = classes[int(np.argmin(counts))]
         raise DataError(f"{where / empty}: a class folder with no .png or .jpg images")
-    return list(inside), labels, classes
+    return list(inside), labels, tuple(map(shown_name, classes))
+
+
+def shown_name(name: str) -> str:
+    """A file or folder name as text: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates, unprintable and unencodable) become U+FFFD, as a file manager shows them."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
