@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +128,7 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
     for relative in files:
         path = root / relative
         try:
-            with Image.open(path, formats=("PNG", "JPEG")) as image:
+            with _quiet_open(path) as image:
                 size = image.size[::-1]  # Pillow's (W, H) -> (H, W)
                 if first is None:  # its size, checked before anything is decoded
                     problem = image_shape_problem(size)
@@ -144,6 +145,15 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
     if any(a.ndim == 3 for a in arrays):  # gray L -> RGB repeats the value, as Pillow does
         arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
     return np.stack(arrays)
+
+
+def _quiet_open(path: Path) -> Image.Image:
+    """Pillow's open without its DecompressionBombWarning: the size is checked right after
+    (16 to 64 pixels a side) before anything is decoded, so the warning could only come before
+    that one clear line; past twice its limit Pillow still refuses (DecompressionBombError)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path, formats=("PNG", "JPEG"))
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

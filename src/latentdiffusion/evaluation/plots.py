@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def literal(text: str) -> str:
 
 def _save(fig: plt.Figure, path: Path) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # A name in a script the font lacks (CJK class names) is drawn as boxes; the report's
+        # text shows it, so matplotlib's "Glyph ... missing" warning is no news to the user.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
 
