@@ -5,6 +5,7 @@ guide."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from latentdiffusion.diffusion import sample
 from latentdiffusion.diffusion.denoiser import FlowDenoiser
 from latentdiffusion.diffusion.guidance import GuidedDenoiser
 from latentdiffusion.errors import UsageError
+from latentdiffusion.run import generation
 from latentdiffusion.run.config import GuideConfig, SamplingConfig, conditional
 from latentdiffusion.run.keys import samples_key
 from latentdiffusion.run.presets import preset
@@ -157,3 +159,34 @@ def test_set_turns_the_guide_off() -> None:
         apply_sets(preset("default"), ["guide.channels="])
     with pytest.raises(UsageError, match="UNetConfig.channels needs at least one level"):
         apply_sets(preset("default"), ["unet.channels="])
+
+
+def test_a_conditional_run_has_no_guide(capsys: pytest.CaptureFixture[str],
+                                        tiny_run: tuple[Path, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ldm train guide` refuses a class-conditional run (the config refuses a guide there, so
+    advice to give it one led in a circle), and a guide never guides a conditional denoiser."""
+    data_dir, unconditional = tiny_run
+    common = ["--preset", "tiny", "--device", "cpu", "--quiet"]
+    assert_fails(capsys, 2, "train", "guide", "--conditional", *common, "--run-dir",
+                 unconditional, match="and --conditional asks for a class-conditional one")
+    run = tmp_path / "run"
+    shutil.copytree(unconditional, run)
+    for path in run.glob("guide*"):
+        path.unlink()
+    shutil.rmtree(run / "checkpoints" / "guide", ignore_errors=True)
+    # A guide trained for the unconditional denoiser, then the denoiser retrained conditional.
+    assert main(["train", "guide", *common, "--run-dir", str(run)]) == 0
+    assert main(["train", "diffusion", "--conditional", "--force", *common, "--run-dir",
+                 str(run), "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    assert_fails(capsys, 2, "train", "guide", "--force", *common, "--run-dir", run,
+                 match="diffusion.safetensors is class-conditional: it has classifier-free")
+    out = tmp_path / "x.npz"
+    assert_fails(capsys, 2, *SAMPLE, "--run-dir", run, "--autoguidance", "2", "--out", out,
+                 match="autoguidance guides an unconditional model, and")
+    # The guide's header is checked against the denoiser's whoever calls it.
+    monkeypatch.setattr(generation, "check_conditioning", lambda *args: None)
+    assert_fails(capsys, 1, *SAMPLE, "--run-dir", run, "--autoguidance", "2", "--out", out,
+                 match="guide.safetensors is for 0 classes but")
+    assert not out.exists()

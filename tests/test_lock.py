@@ -123,3 +123,23 @@ def test_second_holder_is_refused_in_both_modes(tmp_path: Path, mode: str) -> No
             with run_dir_lock(run):
                 pass
     assert not (run / ".lock").exists()
+
+
+def test_a_directory_that_refuses_the_lock_file_is_not_writable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    # What a user meets in a directory of root's, or sysfs (`/sys/kernel`) where access() says
+    # yes: creating .lock is refused. No lock exists, so no process can be said to hold it.
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open = os.open
+
+    def fake_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == run / ".lock":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    with pytest.raises(LdmError, match=f"^run directory {run} is not writable$"):
+        with run_dir_lock(run):
+            pass
+    assert not (run / ".lock").exists()

@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
@@ -25,8 +27,24 @@ from .options import (
 )
 from .parser import build_parser
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores Python's own display for in-process callers
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """A Python warning as one `warning: ...` line: Python's own display adds the file, line
+    and source text (`warnings.warn(`), which tell a user nothing."""
+    text = " ".join(str(message).split())
+    log.warning("warning: %s", text or category.__name__)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # usage errors (2) and --help (0), for in-process callers

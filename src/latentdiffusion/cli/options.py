@@ -122,6 +122,8 @@ def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
             if getattr(args, option):
                 raise UsageError(f"--{option} is an option of `ldm train diffusion`, not of "
                                  f"`ldm train {args.model}`")
+    if args.model == "guide":
+        check_guide_run(args)
     config = run_config(args, shape)
     if args.model == "guide" and not config.guide.channels:
         raise UsageError("this config has no guide; give it one with --set guide.channels=16,32")
@@ -136,6 +138,26 @@ def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
     if args.schedule:
         schedule = dataclasses.replace(schedule, kind=args.schedule)
     return config, train_config, schedule
+
+
+def check_guide_run(args: argparse.Namespace) -> None:
+    """`ldm train guide` is for an unconditional denoiser: a class-conditional one has
+    classifier-free guidance and no guide (its config refuses one, so no advice could help)."""
+    run = RunDir(args.run_dir)
+    if args.conditional:
+        which = "--conditional asks for a class-conditional one"
+    elif _conditional_denoiser(run):
+        which = f"{run.model('diffusion')} is class-conditional"
+    else:
+        return
+    raise UsageError(f"`ldm train guide` trains the guide of an unconditional model, and {which}: "
+                     "it has classifier-free guidance (--guidance with --labels), no guide")
+
+
+def _conditional_denoiser(run: RunDir) -> bool:
+    """Whether the run's denoiser file is class-conditional (False when there is none yet)."""
+    header = checkpoint.peek(run.model("diffusion"))
+    return header is not None and int(header.get("config", {}).get("num_classes", 0)) > 0
 
 
 def check_command(args: argparse.Namespace) -> None:

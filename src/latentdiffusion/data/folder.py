@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +37,9 @@ def is_image_name(name: str) -> bool:
 
 
 def held_out(relative: str) -> bool:
-    """Whether the pool's test split holds this file (relative path, '/'-separated)."""
-    digest = hashlib.sha256(relative.encode()).digest()
+    """Whether the pool's test split holds this file (relative path, '/'-separated). The hash
+    is of the name's bytes on disk: a name that is not UTF-8 (`bad\\xff.png`) has them too."""
+    digest = hashlib.sha256(os.fsencode(relative)).digest()
     return int.from_bytes(digest[:8], "big") % HOLD_OUT == 0
 
 
@@ -109,7 +112,13 @@ def _split_layout(root: Path, split: str, files: Sequence[str], dirs: Sequence[s
     if not counts.all():
         empty = classes[int(np.argmin(counts))]
         raise DataError(f"{where / empty}: a class folder with no .png or .jpg images")
-    return list(inside), labels, classes
+    return list(inside), labels, tuple(map(shown_name, classes))
+
+
+def shown_name(name: str) -> str:
+    """A file or folder name as text: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates, unprintable and unencodable) become U+FFFD, as a file manager shows them."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
@@ -119,7 +128,7 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
     for relative in files:
         path = root / relative
         try:
-            with Image.open(path, formats=("PNG", "JPEG")) as image:
+            with _quiet_open(path) as image:
                 size = image.size[::-1]  # Pillow's (W, H) -> (H, W)
                 if first is None:  # its size, checked before anything is decoded
                     problem = image_shape_problem(size)
@@ -136,6 +145,15 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
     if any(a.ndim == 3 for a in arrays):  # gray L -> RGB repeats the value, as Pillow does
         arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
     return np.stack(arrays)
+
+
+def _quiet_open(path: Path) -> Image.Image:
+    """Pillow's open without its DecompressionBombWarning: the size is checked right after
+    (16 to 64 pixels a side) before anything is decoded, so the warning could only come before
+    that one clear line; past twice its limit Pillow still refuses (DecompressionBombError)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path, formats=("PNG", "JPEG"))
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

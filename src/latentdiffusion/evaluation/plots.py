@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,9 +29,19 @@ def tile(images: np.ndarray, rows: int, cols: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def literal(text: str) -> str:
+    """`text` as matplotlib shows it as written: it reads `$...$` as math (a class named
+    `$x^{$` was a parse error), so every `$` is escaped; use it for all text from names."""
+    return text.replace("$", r"\$")
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    with warnings.catch_warnings():
+        # A name in a script the font lacks (CJK class names) is drawn as boxes; the report's
+        # text shows it, so matplotlib's "Glyph ... missing" warning is no news to the user.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
 
@@ -64,7 +75,7 @@ def save_schedules(schedules: dict[str, np.ndarray], path: Path) -> None:
     """alphas_cumprod over t for each schedule (the post's schedule plot)."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, alphas_cumprod in schedules.items():
-        ax.plot(np.arange(1, len(alphas_cumprod) + 1), alphas_cumprod, label=name)
+        ax.plot(np.arange(1, len(alphas_cumprod) + 1), alphas_cumprod, label=literal(name))
     ax.set_xlabel("t")
     ax.set_ylabel(r"$\bar\alpha_t$")
     ax.legend()
@@ -83,7 +94,7 @@ def save_losses(histories: dict[str, Sequence[dict]], path: Path) -> None:
         ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
         if "val_loss" in history[0]:
             ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
-        ax.set_title(name)
+        ax.set_title(literal(name))
         ax.set_xlabel("epoch")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -97,9 +108,9 @@ def save_class_histograms(histograms: dict[str, Sequence[float]], class_names: S
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k), 3))
     width = 0.8 / max(len(histograms), 1)
     for i, (name, histogram) in enumerate(histograms.items()):
-        ax.bar(np.arange(k) + i * width, histogram, width=width, label=name)
+        ax.bar(np.arange(k) + i * width, histogram, width=width, label=literal(name))
     ax.axhline(1 / k, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(np.arange(k) + 0.4 - width / 2, list(class_names),
+    ax.set_xticks(np.arange(k) + 0.4 - width / 2, [literal(c) for c in class_names],
                   rotation=45 if max(map(len, class_names)) > 2 else 0, ha="right")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("fraction")
@@ -113,12 +124,12 @@ def save_lines(lines: dict[str, Sequence[tuple[float, float]]], floor: tuple[str
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in lines.items():
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, "o-", label=name)
-    ax.axhline(floor[1], color="gray", linestyle="--", linewidth=1, label=floor[0])
+        ax.plot(xs, ys, "o-", label=literal(name))
+    ax.axhline(floor[1], color="gray", linestyle="--", linewidth=1, label=literal(floor[0]))
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel(literal(xlabel))
+    ax.set_ylabel(literal(ylabel))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
@@ -149,7 +160,7 @@ def save_tradeoff(points: Sequence[tuple[float, float, float]], path: Path,
     ax.plot(fids, accuracies, "o-")
     for s, x, y in points:
         ax.annotate(f"s = {s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(literal(xlabel))
     ax.set_ylabel("accuracy (classifier agrees with the label)")
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -72,6 +72,13 @@ def with_guide(run: RunDir, vae_hash: str, device: torch.device, denoiser: Denoi
         raise CheckpointError(f"{run.model('guide')} was trained with another objective, "
                               f"schedule or latents than {run.model('diffusion')}; retrain it "
                               "(ldm train guide)")
+    # Both must see the same labels: an unconditional guide of a conditional denoiser (or the
+    # reverse) would guide towards what neither was trained for.
+    classes = [int(h["config"].get("num_classes", 0)) for h in (guide_header, header)]
+    if classes[0] != classes[1]:
+        raise CheckpointError(f"{run.model('guide')} is for {classes[0]} classes but "
+                              f"{run.model('diffusion')} for {classes[1]}; a guide must be "
+                              "trained for the model it guides (ldm train guide)")
     reference = objective.denoiser(guide, stored_mean(guide_header, device))
     return GuidedDenoiser(denoiser, reference, guidance.scale)
 
@@ -83,11 +90,19 @@ def num_classes(run: RunDir) -> int:
 
 
 def check_conditioning(run: RunDir, request: SamplingRequest) -> None:
-    """Labels and guidance of the null label need a class-conditional model (UsageError)."""
+    """Labels and guidance of the null label need a class-conditional model, autoguidance an
+    unconditional one (UsageError)."""
     unconditional = request.guidance.reference == "unconditional"
-    if not (request.labels or (unconditional and request.guidance.active)):
+    needs_classes = bool(request.labels) or (unconditional and request.guidance.active)
+    if not (needs_classes or request.guidance.by_guide):
         return
     classes = num_classes(run)
+    if request.guidance.by_guide and classes:
+        raise UsageError(f"autoguidance guides an unconditional model, and "
+                         f"{run.model('diffusion')} is class-conditional: it has classifier-free "
+                         "guidance (--guidance with --labels), no guide")
+    if not needs_classes:
+        return
     if not classes:
         raise UsageError(f"labels and guidance need a class-conditional model, and "
                          f"{run.model('diffusion')} is unconditional (train it with "

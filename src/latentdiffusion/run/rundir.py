@@ -179,8 +179,10 @@ def _open_lock(run_dir: Path, lock: Path) -> int | None:
     except IsADirectoryError:
         raise LdmError(f"{lock} is a directory, not a lock file; remove it if nothing else uses "
                        f"{run_dir}") from None
-    except PermissionError:  # e.g. mode 000 and another user's: its owner may be alive
-        raise _in_use(run_dir, lock, None) from None
+    except PermissionError:
+        if not os.path.lexists(lock):  # nothing to open: the directory refused to create it
+            raise LdmError(f"run directory {run_dir} is not writable") from None
+        raise _in_use(run_dir, lock, None) from None  # e.g. mode 000 and another user's
     except OSError as err:
         if lock.is_symlink():
             raise LdmError(f"{lock} is a symbolic link, not a lock file; remove it if nothing "
