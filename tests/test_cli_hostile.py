@@ -121,7 +121,7 @@ def test_damaged_state_file_is_reported_and_rebuilt(
                          *CPU, "--quiet")
     assert code == 0, err
     reported = [line for line in err.splitlines() if "damaged" in line]
-    assert len(reported) == 1 and reported[0].startswith(f"{run / name} is damaged ("), err
+    assert len(reported) == 1 and reported[0].startswith(f"warning: {run / name} is damaged ("), err
     assert reported[0].endswith("; rebuilding it") and "Traceback" not in err
     assert json.loads(out)["fid"]["validation"]["n"] == 24
     # Rebuilt: the stages that reran are recorded (trained ones were found by their hashes).

@@ -30,6 +30,15 @@ from .parser import build_parser
 log = logging.getLogger(__name__)
 
 
+class _Lines(logging.Formatter):
+    """The library's log records as the CLI's lines: a warning says it is one, as the
+    evaluation's checks and Python's own warnings do ("warning: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.getMessage()
+        return f"warning: {line}" if record.levelno >= logging.WARNING else line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():  # restores Python's own display for in-process callers
         warnings.showwarning = _show_warning
@@ -41,7 +50,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     """A Python warning as one `warning: ...` line: Python's own display adds the file, line
     and source text (`warnings.warn(`), which tell a user nothing."""
     text = " ".join(str(message).split())
-    log.warning("warning: %s", text or category.__name__)
+    log.warning("%s", text or category.__name__)  # the handler says "warning: "
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -50,8 +59,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as exit_:  # usage errors (2) and --help (0), for in-process callers
         return exit_.code if isinstance(exit_.code, int) else 2
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Lines())
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler],
+                        force=True)
     try:
         output: str | None
         if args.command == "data":
