@@ -49,6 +49,18 @@ def test_edited_reference_cache_is_recomputed(tmp_path: Path,
     assert Reference.load(path, "abc") is None
 
 
+def test_reference_cache_of_an_older_layout_is_recomputed_quietly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "reference.npz"  # as written before caches carried a checksum
+    reference = _reference()
+    np.savez(path, n=np.array(10), mean=reference.stats.mean, cov=reference.stats.cov,
+             subset=reference.subset, classifier_hash=np.array("abc"))
+    with caplog.at_level("INFO"):
+        assert Reference.load(path, "abc") is None
+    assert "older layout" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_reference_cache_of_the_wrong_shape_is_recomputed(tmp_path: Path) -> None:
     path = tmp_path / "reference.npz"
     reference = _reference()

@@ -186,7 +186,10 @@ def read_checked_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | No
         log.warning("%s is damaged (%s); recomputing it", path,
                     str(err).removeprefix(f"{path}: ")[:80])
         return None
-    stored = str(arrays.pop("content_sha256", ""))
+    if "content_sha256" not in arrays:  # written before caches carried one: no alarm
+        log.info("%s is of an older layout; recomputing it", path)
+        return None
+    stored = str(arrays.pop("content_sha256"))
     if stored != _arrays_sha256(arrays):
         log.warning("%s does not match its checksum (edited or damaged); recomputing it", path)
         return None
