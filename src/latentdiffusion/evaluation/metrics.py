@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from ..data.images import to_unit_tensor
 from ..errors import DataError
 from ..files import read_checked_npz, write_checked_npz
 
-log = logging.getLogger(__name__)
 REFERENCE_SUBSET = 10_000  # real features kept for KID and precision/recall
 PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall
 
@@ -205,11 +203,7 @@ def evaluate_images(classifier: nn.Module, images: np.ndarray, reference: Refere
     stats = FeatureStats.from_features(local_features)
     features = dist.all_gather_rows(local_features)
     predictions = dist.all_gather_rows(local_predictions)
-    n = len(features)
-    d = features.shape[1]
-    if n < 10 * d:
-        log.warning("only %d samples for %d-d features: FID is biased upwards below %d",
-                    n, d, 10 * d)
+    n = len(features)  # too few for the feature dimension: checks.sample_size says so
     fake = features.numpy()
     rng = np.random.default_rng(seed)
     if len(fake) > REFERENCE_SUBSET:
