@@ -117,6 +117,19 @@ def test_fit_lowers_the_presets_v_min_snr_loss_on_the_training_patterns(tmp_path
     assert final < 0.6 * initial, (initial, final)
 
 
+def test_validating_less_often_trains_the_same_weights(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=5, batch_size=8, lr=1e-2, checkpoint_every=100, seed=0,
+                         ema_decay=0.9)
+    every, full = _fit(tmp_path / "every", config=config, val=True)
+    sparse_config = dataclasses.replace(config, validate_every=2)
+    sparse, part = _fit(tmp_path / "sparse", config=sparse_config, val=True)
+    _assert_same_weights(every, sparse)
+    _assert_same_weights(full.model, part.model)
+    assert [h["epoch"] for h in part.history] == [2, 4, 5]  # and always the last epoch
+    assert part.history[-1]["val_loss"] == full.history[-1]["val_loss"]
+    assert _key(config).digest == _key(sparse_config).digest  # no trained number changes
+
+
 def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
     model_a, result_a = _fit(tmp_path / "a")
     model_b, result_b = _fit(tmp_path / "b")

@@ -49,11 +49,15 @@ class TrainConfig:
     # no trained number, so neither is part of the stage key.
     checkpoint_every: int = 500
     checkpoint_seconds: float = 60.0
+    # Validate (and record the history) every this many epochs and after the last: a small
+    # training set has short epochs, and its validation on every test image then costs more
+    # than its training. Validation changes no trained number: not part of the stage key.
+    validate_every: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("epochs", "batch_size", "lr", "checkpoint_every",
-                                  "checkpoint_seconds"),
+                                  "checkpoint_seconds", "validate_every"),
                   unit=("ema_decay", "adam_beta2"), nonnegative=("seed",))
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise UsageError("TrainConfig: weight_decay, warmup_steps, grad_clip must be >= 0")

@@ -6,8 +6,9 @@ here and nowhere else: `fit` stores it in each checkpoint and continues only a c
 the same digest, the stage stores it in its output file, `ldm run` compares it to decide what
 to skip, and the named parts let a refusal say what changed.
 
-How often a run saves (`checkpoint_every`, `checkpoint_seconds`) is not part of a key: saving
-changes no trained number, so a run may resume with another cadence.
+How often a run saves or validates (`checkpoint_every`, `checkpoint_seconds`, `validate_every`)
+is not part of a key: neither changes a trained number, so a run may resume with another
+cadence.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..models.unet import UNetConfig
 from ..schema import config_hash, to_dict
 from .config import LatentMode, LatentNorm, SamplingConfig, TrainConfig
 
-NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds"})
+NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds", "validate_every"})
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 

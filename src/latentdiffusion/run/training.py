@@ -276,7 +276,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
         bar.update()
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-        if step % steps_per_epoch == 0:
+        if step % steps_per_epoch == 0 and (
+                (epoch + 1) % config.validate_every == 0 or step == total_steps):
             history.append(_end_epoch(epoch, loss_sum / loss_count, ema or model, loss_fn,
                                       val_data, config, device, val_metrics))
             log.info("%s epoch %d: %s", kind, epoch + 1, history[-1])
