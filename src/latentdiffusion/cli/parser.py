@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("verify",  # no defaults worth showing
                             help="check a dataset against its release, or describe any data")
     q.add_argument("--dataset", metavar="NAME",
-                   help=f"check the IDX files' content against this release "
+                   help=f"check the IDX files' content against the published data set "
                         f"({', '.join(DATASETS)}); without it, print what --data-dir "
                         "holds (IDX files, a folder of images or an .npz) and its content hash")
     q.add_argument("--data-dir", metavar="PATH",

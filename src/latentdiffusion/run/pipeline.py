@@ -59,7 +59,7 @@ def _manifest(run: RunDir) -> dict[str, Any]:
 
 def _made_with(path: Path, kind: str, key: str, *fields: str) -> bool:
     """Whether `path` verifies, holds a file of `kind` made under the stage key and has the
-    header `fields` that this release writes."""
+    header `fields` that this version writes."""
     header = checkpoint.peek(path)
     return (header is not None and header.get("kind") == kind and header.get("key") == key
             and all(field in header for field in fields))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ def _generate(run: RunDir, request: SamplingRequest, num_samples: int, seed: int
     images = generation.generate(run, "diffusion", num_samples, seed, request=request,
                                  device=device, batch_size=batch_size, progress=progress)
     return images, time.perf_counter() - start
+
+
+def _write(path: Path, sweep: dict[str, Any], plot: Callable[[], None] | None = None) -> None:
+    """Rank 0 writes the sweep's JSON (and, when given, its figure)."""
+    if dist.is_main():
+        write_json(path, sweep)
+        if plot is not None:
+            plot()
 
 
 def pairs(samplers: Sequence[str], nfes: Sequence[int], guidance: Guidance = UNGUIDED
@@ -164,11 +172,8 @@ def run_sweep(run: RunDir, dataset: Dataset, samplers: Sequence[str],
                                   "samples_per_second": num_samples / seconds, **scored}
         log.info("sweep %s (NFE %d): FID %.3f, %.0f samples/s", spec, nfe, scored["fid"],
                  num_samples / seconds)
-        if dist.is_main():
-            write_json(path, sweep)  # after each pair: an interrupted sweep continues
-    if dist.is_main():
-        write_json(path, sweep)
-        _plot_sweep(sweep, run.figures / "sweep.png")
+        _write(path, sweep)  # after each pair: an interrupted sweep continues
+    _write(path, sweep, lambda: _plot_sweep(sweep, run.figures / "sweep.png"))
     return sweep
 
 
@@ -245,11 +250,8 @@ def run_guidance_sweep(run: RunDir, dataset: Dataset, spec: str,
                                   **{k: metrics[k] for k in GUIDANCE_SCORES}}
         log.info("guidance %g (%s): FID %.3f, accuracy %.4f", scale, spec, metrics["fid"],
                  metrics["accuracy"])
-        if dist.is_main():
-            write_json(path, sweep)  # after each scale: an interrupted sweep continues
-    if dist.is_main():
-        write_json(path, sweep)
-        _plot_guidance(sweep, run.figures / "guidance.png")
+        _write(path, sweep)  # after each scale: an interrupted sweep continues
+    _write(path, sweep, lambda: _plot_guidance(sweep, run.figures / "guidance.png"))
     return sweep
 
 
