@@ -3,7 +3,7 @@ them, e.g. after benchmarks/diffusion.py): each variant trains its own denoiser 
 and is scored with the same sampler and N.
 
     python benchmarks/ablation.py --data-dir ../shared/data/mnist --run-dir bench-out/default \\
-        --epochs 4 -n 2000
+        --steps 3748 -n 2000
 Variants: the preset (v-prediction with min-SNR weights and t drawn by importance, one global
 latent scale, cosine schedule, GroupNorm, EMA, batch 64, DDPM with beta_tilde); the post's noise
 target with uniform weights and t; each of v and min-SNR alone; uniformly drawn t; min-SNR-5
@@ -36,7 +36,7 @@ from latentdiffusion.run.scores import evaluate
 
 def main() -> None:
     p = parser(__doc__ or "")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3748, help="denoiser steps (4 MNIST epochs)")
     p.add_argument("-n", "--num-samples", type=int, default=2000)
     p.add_argument("--sampler", default="ddpm-250",
                    help="sampler(s) used for every variant, comma-separated")
@@ -45,7 +45,7 @@ def main() -> None:
     device = setup(args)
     config = preset(args.preset)
     r = dataclasses.replace
-    c = r(config, diffusion_train=r(config.diffusion_train, epochs=args.epochs))
+    c = r(config, diffusion_train=r(config.diffusion_train, steps=args.steps))
     variants: dict[str, tuple[RunConfig, str]] = {
         "baseline": (c, "beta_tilde"),
         "post_objective_noise_uniform": (r(c, objective=ObjectiveConfig()), "beta_tilde"),
@@ -93,7 +93,7 @@ def main() -> None:
     base = RunDir(args.run_dir)
     dataset = load_dataset(args.data_dir)
     validation = evaluate(dataset, base, *dataset.split("test"), device=device)
-    result: dict = {"benchmark": "ablation", "epochs": args.epochs, "n": args.num_samples,
+    result: dict = {"benchmark": "ablation", "steps": args.steps, "n": args.num_samples,
                     "sampler": args.sampler, "validation_fid": validation["fid"]}
     for name, (v, variance) in variants.items():
         run = RunDir(args.run_dir / "ablation" / name)

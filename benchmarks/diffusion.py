@@ -40,13 +40,13 @@ def main() -> None:
     p.add_argument("--samplers", default="ddim-50,ddpm")
     p.add_argument("-n", "--num-samples", type=int, default=10_000)
     p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--epochs", type=int, help="override the preset's diffusion epochs")
+    p.add_argument("--steps", type=int, help="override the preset's denoiser steps")
     args = p.parse_args()
     device = setup(args)
     config = preset(args.preset)
     train_config = config.diffusion_train
-    if args.epochs:
-        train_config = dataclasses.replace(train_config, epochs=args.epochs)
+    if args.steps:
+        train_config = dataclasses.replace(train_config, steps=args.steps)
     run = RunDir(args.run_dir)
     dataset = load_dataset(args.data_dir)
     result: dict = {"benchmark": "diffusion", "preset": args.preset,

@@ -81,7 +81,7 @@ def test_the_config_rules() -> None:
     default = preset("default")
     assert default.guide.channels and default.sampling.autoguidance > 1
     assert default.guide_unet == dataclasses.replace(default.unet, channels=(16, 32))
-    assert default.guide_train == dataclasses.replace(default.diffusion_train, epochs=1)
+    assert default.guide_train == dataclasses.replace(default.diffusion_train, steps=937)
     with pytest.raises(UsageError, match="autoguidance must be >= 1"):
         SamplingConfig(autoguidance=0.5)
     with pytest.raises(UsageError, match="autoguidance is for unconditional sampling"):
@@ -91,8 +91,8 @@ def test_the_config_rules() -> None:
     with pytest.raises(UsageError, match="guide: UNetConfig: every channel count must be "
                                          "divisible by groups"):
         dataclasses.replace(default, guide=GuideConfig(channels=(12, 20)))
-    with pytest.raises(UsageError, match="GuideConfig.epochs must be > 0"):
-        GuideConfig(channels=(8,), epochs=0)
+    with pytest.raises(UsageError, match="GuideConfig.steps must be > 0"):
+        GuideConfig(channels=(8,), steps=0)
     # A class-conditional run has classifier-free guidance instead of a guide.
     run = conditional(default)
     assert not run.guide.channels and run.sampling.autoguidance == 1.0

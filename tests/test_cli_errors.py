@@ -188,9 +188,9 @@ def test_unknown_preset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "classifier", "--epochs", "0"], "must be > 0, got 0"),
+    (["train", "classifier", "--steps", "0"], "must be > 0, got 0"),
     (["train", "vae", "--batch-size", "-4"], "must be > 0, got -4"),
-    (["train", "vae", "--epochs", "two"], "'two' is not an integer"),
+    (["train", "vae", "--steps", "two"], "'two' is not an integer"),
     (["sample", "--model", "vae", "-n", "0", "--out", "x.npz"], "must be > 0, got 0"),
     (["sample", "--model", "gan", "--out", "x.npz"], "invalid choice: 'gan'"),
     (["sample", "--model", "vae"], "--out"),

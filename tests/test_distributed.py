@@ -40,8 +40,8 @@ from latentdiffusion.run.training import Batch, fit, init_model
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
 # 32 examples, global batch 8 (4 per rank): 4 steps per epoch, 8 in all.
-CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
-                     checkpoint_every=1, seed=5)
+CONFIG = TrainConfig(steps=8, validate_every=4, batch_size=8, lr=3e-3, warmup_steps=2,
+                     ema_decay=0.9, checkpoint_every=1, seed=5)
 TOTAL_STEPS = 8
 CPU = torch.device("cpu")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -202,7 +202,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run: tuple[Pa
     _assert_close(_weights(model, ema), rank0, atol=5e-5)
     single, single_history = one_process_weights
     _assert_close(_weights(model, ema), single, atol=5e-5)
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["step"] for h in history] == [4, 8]
     for mine, theirs in zip(history, single_history, strict=True):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
         assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
@@ -262,8 +262,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data_dir = write_dataset(root / "data")
     run = root / "run"
     common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu", "--quiet"]
-    # More VAE epochs than the preset's one, so that different latents decode differently.
-    assert main(["train", "vae", "--preset", "tiny", "--epochs", "20", *common]) == 0
+    # More VAE steps than the preset's 6, so that different latents decode differently.
+    assert main(["train", "vae", "--preset", "tiny", "--steps", "120", *common]) == 0
     assert main(["encode", *common]) == 0
     assert main(["train", "diffusion", "--preset", "tiny", *common]) == 0
     return data_dir, run
@@ -340,7 +340,7 @@ def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = write_dataset(root / "data")
     run = root / "run"
     common = ["--data-dir", str(data_dir), "--run-dir", str(run), "--device", "cpu", "--quiet"]
-    assert main(["train", "vae", "--preset", "tiny", "--epochs", "20", *common]) == 0
+    assert main(["train", "vae", "--preset", "tiny", "--steps", "120", *common]) == 0
     assert main(["encode", *common]) == 0
     assert main(["train", "diffusion", "--preset", "tiny", "--conditional", *common]) == 0
     return run

@@ -135,7 +135,7 @@ def test_conditional_training_resumes_exactly(tmp_path: Path) -> None:
     """Kill after 3 of 8 steps and resume: the same weights as an uninterrupted run."""
     g = generator(0)
     data = (torch.randn(32, 2, 8, 8, generator=g), torch.arange(32) % 10)
-    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, ema_decay=0.9, checkpoint_every=1,
+    config = TrainConfig(steps=8, batch_size=8, lr=3e-3, ema_decay=0.9, checkpoint_every=1,
                          seed=5)
     inner = diffusion_loss(make_objective(TINY_OBJECTIVE, TINY_SCHEDULE), 10, 0.5)
 

@@ -199,8 +199,8 @@ def test_training_a_tiny_flow_model_lowers_its_loss(tmp_path: Path) -> None:
     x = patterns[torch.arange(32) % 4] + 0.1 * torch.randn(32, 2, 8, 8, generator=g)
     data = (x / x.std(),)
     loss_fn = diffusion_loss(make_objective(FLOW, SCHEDULE))
-    config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
-                         checkpoint_every=100)
+    config = TrainConfig(steps=24, batch_size=8, lr=1e-2, lr_decay="constant",
+                         checkpoint_every=100, validate_every=4)
     model = init_model(UNet, TINY_UNET, 0)
     result = fit(model, loss_fn, data, data, config, state_dir=tmp_path, kind="unet",
                  key=StageKey.of(model=TINY_UNET, train=config, objective=FLOW),

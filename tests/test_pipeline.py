@@ -54,9 +54,9 @@ def test_run_tiny_preset_end_to_end(data_dir: Path, tmp_path: Path,
 
     for name in ("classifier", "vae", "diffusion", "guide", "latents"):
         assert (run / f"{name}.safetensors").is_file()
-    guide = checkpoint.peek(run / "guide.safetensors")  # the tiny preset's guide: (4, 8), 1 epoch
+    guide = checkpoint.peek(run / "guide.safetensors")  # the tiny preset's guide: (4, 8), 6 steps
     assert guide is not None and guide["config"]["channels"] == [4, 8]
-    assert guide["train_config"]["epochs"] == 1
+    assert guide["train_config"]["steps"] == 6
     for name in ("report.md", "report.html", "metrics.json", "run.json",
                  "figures/losses.png", "figures/schedules.png", "figures/reconstructions.png",
                  "figures/class_histogram.png"):

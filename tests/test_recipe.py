@@ -199,7 +199,7 @@ def test_set_each_type_of_value() -> None:
                  if k not in {"unet.channels", "diffusion_train.lr", "sampling.guidance",
                               "eval_samples", "sampling.samplers", "schedule.kind",
                               "sampling.labels", "unet.num_classes", "guide.channels",
-                              "sampling.autoguidance"}}
+                              "guide.steps", "sampling.autoguidance"}}
     assert untouched == {k: v for k, v in leaves(base).items() if k in untouched}
     # --conditional swaps the preset's guide for classifier-free guidance
     assert got.guide.channels == () and got.sampling.autoguidance == 1.0
@@ -271,8 +271,8 @@ ERRORS = [
      "cfg.toml: unet.time_dim: expected an integer, got '8'"),
     ("cfg.json", json.dumps({"eval_samples": "9" * 100_000}), [],
      f"cfg.json: eval_samples: expected an integer, got '{'9' * 59}..."),  # cut short
-    ("cfg.toml", "[diffusion_train]\nepochs = 2.0\n", [],
-     "cfg.toml: diffusion_train.epochs: expected an integer, got 2.0"),
+    ("cfg.toml", "[diffusion_train]\nsteps = 2.0\n", [],
+     "cfg.toml: diffusion_train.steps: expected an integer, got 2.0"),
     ("cfg.json", '{"unet": {"channels": [1.5]}}', [],
      "cfg.json: unet.channels: expected a list of integers, got [1.5]"),
     ("cfg.toml", "[diffusion_train]\nlr = -1\n", [],

@@ -147,10 +147,10 @@ def test_run_retrains_a_stage_whose_upstream_changed_from_step_zero(
     assert code == 0, err
     assert events(err)["diffusion"] == "ran"
     assert "resumed unet" not in err
-    assert "unet epoch 1:" in err  # it trained the epoch, it did not copy the old history
+    assert "unet step 6:" in err  # it trained the steps, it did not copy the old history
     new = _diffusion_header(run)
     assert new["key"] != old["key"]
-    assert new["history"][0]["epoch"] == 1
+    assert new["history"][0]["step"] == 6
     assert new["history"][0]["train_loss"] != old["history"][0]["train_loss"]
     for path in (run / "checkpoints" / "diffusion").glob("step-*.safetensors"):
         assert checkpoint.load(path)[1]["key"] == new["key"], path  # no old checkpoint left
@@ -161,7 +161,7 @@ def test_run_force_starts_the_stage_over(finished: tuple[Path, Path], run: Path,
     code, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", finished[0], "--run-dir",
                     run, *CPU, "--force", "diffusion")
     assert code == 0, err
-    assert "resumed unet" not in err and "unet epoch 1:" in err
+    assert "resumed unet" not in err and "unet step 6:" in err
     # Deterministic: started over with the same config, it ends on the same weights.
     assert_same_weights(run, finished[1])
 

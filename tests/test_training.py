@@ -40,9 +40,9 @@ from latentdiffusion.run.training import (
 )
 
 UNET, SCHEDULE, OBJECTIVE = TINY_UNET, TINY_SCHEDULE, TINY_OBJECTIVE
-# 32 examples / 8 = 4 steps per epoch, 2 epochs; EMA, warm-up and cosine decay all on.
-CONFIG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
-                     checkpoint_every=1, seed=3)
+# 32 examples / 8 = 4 steps per epoch, 8 steps (2 epochs); EMA, warm-up and cosine decay on.
+CONFIG = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, ema_decay=0.9,
+                     checkpoint_every=1, validate_every=4, seed=3)
 TOTAL_STEPS = 8
 CPU = torch.device("cpu")
 
@@ -92,14 +92,15 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 
 
 def test_fit_lowers_the_loss(tmp_path: Path) -> None:
-    config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, lr_decay="constant",
-                         checkpoint_every=100, seed=0)
+    config = TrainConfig(steps=24, batch_size=8, lr=1e-2, lr_decay="constant",
+                         checkpoint_every=100, validate_every=4, seed=0)
     loss_fn = diffusion_loss(make_objective(ObjectiveConfig(), SCHEDULE))  # noise, uniform t
     initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(16, 1), 8, 0, CPU)
     assert initial == pytest.approx(1.0, abs=0.2)  # the zero predictor: E |noise|^2
     _, result = _fit(tmp_path, config=config, val=True, loss_fn=loss_fn)
     history = result.history
-    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert [h["step"] for h in history] == list(range(4, 25, 4))
+    assert [h["epoch"] for h in history] == list(range(1, 7))  # 32 examples, 4 steps an epoch
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)
     assert history[-1]["val_loss"] < 0.8 * initial, (initial, history)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -108,7 +109,7 @@ def test_fit_lowers_the_loss(tmp_path: Path) -> None:
 def test_fit_lowers_the_presets_v_min_snr_loss_on_the_training_patterns(tmp_path: Path) -> None:
     # Validation patterns differ from the training ones and min-SNR weighs the noisy steps,
     # where x_0 of an unseen pattern cannot be guessed; so score the training patterns.
-    config = TrainConfig(epochs=30, batch_size=8, lr=1e-2, lr_decay="constant",
+    config = TrainConfig(steps=120, batch_size=8, lr=1e-2, lr_decay="constant",
                          checkpoint_every=100, seed=0)
     loss_fn = diffusion_loss(make_objective(OBJECTIVE, SCHEDULE))
     initial = evaluate_loss(init_model(UNet, UNET, 0), loss_fn, _data(), 8, 0, CPU)
@@ -117,15 +118,40 @@ def test_fit_lowers_the_presets_v_min_snr_loss_on_the_training_patterns(tmp_path
     assert final < 0.6 * initial, (initial, final)
 
 
+def test_the_budget_is_steps_whatever_the_set_size(tmp_path: Path) -> None:
+    """A set of 8 examples trains the same 12 steps as one of 48, over 6 times the epochs; each
+    epoch sees every example of a fresh permutation once."""
+    config = dataclasses.replace(CONFIG, steps=12, validate_every=6)
+    seen: dict[int, list[torch.Tensor]] = {8: [], 48: []}
+    for n, rows in seen.items():
+        data = (torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 2, 8, 8),)
+
+        def loss_fn(model: nn.Module, batch: Batch, rows: list[torch.Tensor] = rows
+                    ) -> torch.Tensor:
+            rows.append(batch.tensors[0][:, 0, 0, 0].long())
+            return model(batch.tensors[0], torch.zeros(len(batch.tensors[0]))).square().mean()
+
+        result = fit(init_model(UNet, UNET, 0), loss_fn, data, None, config,
+                     state_dir=tmp_path / str(n), kind="unet", key=_key(config),
+                     model_config=UNET, device=CPU, progress=False)
+        assert [h["step"] for h in result.history] == [6, 12]
+        assert result.history[-1]["epoch"] == 12 * 8 / n
+    assert len(seen[8]) == len(seen[48]) == 12
+    small = torch.cat(seen[8]).reshape(12, 8)  # one batch is one epoch of 8
+    assert all(sorted(epoch.tolist()) == list(range(8)) for epoch in small)
+    assert len({tuple(epoch.tolist()) for epoch in small}) > 1  # reshuffled each epoch
+    assert sorted(torch.cat(seen[48]).tolist()) == sorted(2 * list(range(48)))
+
+
 def test_validating_less_often_trains_the_same_weights(tmp_path: Path) -> None:
-    config = TrainConfig(epochs=5, batch_size=8, lr=1e-2, checkpoint_every=100, seed=0,
-                         ema_decay=0.9)
+    config = TrainConfig(steps=20, batch_size=8, lr=1e-2, checkpoint_every=100, seed=0,
+                         ema_decay=0.9, validate_every=4)
     every, full = _fit(tmp_path / "every", config=config, val=True)
-    sparse_config = dataclasses.replace(config, validate_every=2)
+    sparse_config = dataclasses.replace(config, validate_every=8)
     sparse, part = _fit(tmp_path / "sparse", config=sparse_config, val=True)
     _assert_same_weights(every, sparse)
     _assert_same_weights(full.model, part.model)
-    assert [h["epoch"] for h in part.history] == [2, 4, 5]  # and always the last epoch
+    assert [h["step"] for h in part.history] == [8, 16, 20]  # and always after the last step
     assert part.history[-1]["val_loss"] == full.history[-1]["val_loss"]
     assert _key(config).digest == _key(sparse_config).digest  # no trained number changes
 

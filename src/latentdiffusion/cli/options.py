@@ -129,7 +129,7 @@ def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
         raise UsageError("this config has no guide; give it one with --set guide.channels=16,32")
     field = {"classifier": "classifier_train", "vae": "vae_train",
              "diffusion": "diffusion_train", "guide": "guide_train"}[args.model]
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("lr", args.lr), ("checkpoint_every", args.checkpoint_every),
                                    ("checkpoint_seconds", args.checkpoint_seconds))
                  if v is not None}

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guide: autoguidance's smaller denoiser (the config's guide)")
     _common(p)
     p.add_argument("--preset", default="default", help=", ".join(PRESETS))
-    p.add_argument("--epochs", type=positive)
+    p.add_argument("--steps", type=positive, help="optimizer steps (the training length)")
     p.add_argument("--batch-size", type=positive, help="global batch size")
     p.add_argument("--lr", type=number)
     p.add_argument("--seed", type=seed_value)

@@ -6,7 +6,7 @@
   s = 1 is the conditional model, s = 0 the unconditional one, s > 1 trades diversity for
   samples the classifier agrees with. The two are evaluated in one doubled batch.
 - Autoguidance (Karras et al. 2024): D_ref is a smaller denoiser of the same process trained for
-  fewer epochs (the run's guide). Where the two differ, the strong one is more often right, and
+  fewer steps (the run's guide). Where the two differ, the strong one is more often right, and
   the step goes further its way; it needs no labels.
 The samplers, `VPDenoiser` and `FlowDenoiser` never see a label: the labels are bound to the
 network (`functools.partial`) before the objective turns it into a denoiser.

@@ -84,18 +84,20 @@ def save_schedules(schedules: dict[str, np.ndarray], path: Path) -> None:
 
 
 def save_losses(histories: dict[str, Sequence[dict]], path: Path) -> None:
-    """Train and validation loss per epoch, one panel per model."""
+    """Train and validation loss against optimizer steps, one panel per model (against epochs
+    for a history recorded without steps)."""
     names = [name for name, history in histories.items() if history]
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3),
                              squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         history = histories[name]
-        epochs = [h["epoch"] for h in history]
-        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        unit = "step" if all("step" in h for h in history) else "epoch"
+        x = [h[unit] for h in history]
+        ax.plot(x, [h["train_loss"] for h in history], "o-", label="train")
         if "val_loss" in history[0]:
-            ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+            ax.plot(x, [h["val_loss"] for h in history], "s-", label="validation")
         ax.set_title(literal(name))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(unit)
         ax.legend()
         ax.grid(alpha=0.3)
     _save(fig, path)

@@ -30,9 +30,13 @@ MAX_PARAMETERS = 50_000_000
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How one model is optimised; shared by the classifier, the VAE and the denoiser."""
+    """How one model is optimised; shared by the classifier, the VAE and the denoiser.
 
-    epochs: int = 5
+    The length is a number of optimizer steps, not epochs: a set of 1,000 images trains as
+    many steps as one of 60,000 (over 60 times the epochs), which is what lets a small set
+    learn at all (docs/recipe.md, "Training lengths")."""
+
+    steps: int = 2000
     batch_size: int = 128  # global batch: split across ranks under torchrun
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -49,14 +53,13 @@ class TrainConfig:
     # no trained number, so neither is part of the stage key.
     checkpoint_every: int = 500
     checkpoint_seconds: float = 60.0
-    # Validate (and record the history) every this many epochs and after the last: a small
-    # training set has short epochs, and its validation on every test image then costs more
-    # than its training. Validation changes no trained number: not part of the stage key.
-    validate_every: int = 1
+    # Validate (and record the history) every this many steps and after the last. Validation
+    # changes no trained number: not part of the stage key.
+    validate_every: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("epochs", "batch_size", "lr", "checkpoint_every",
+        check_fields(self, positive=("steps", "batch_size", "lr", "checkpoint_every",
                                   "checkpoint_seconds", "validate_every"),
                   unit=("ema_decay", "adam_beta2"), nonnegative=("seed",))
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
@@ -66,18 +69,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class GuideConfig:
     """The guide of autoguidance (Karras et al. 2024): a smaller denoiser trained for fewer
-    epochs, with the same objective on the same latents. Sampling with scale s uses
+    steps, with the same objective on the same latents. Sampling with scale s uses
         D_s(x, sigma) = D_guide(x, sigma) + s (D(x, sigma) - D_guide(x, sigma)),
     which pushes each step away from the errors the weaker model makes more of (diffuse,
     in-between shapes), with no labels, and narrows the data's variety far less than
     classifier-free guidance (diffusion/guidance.py). The guide's UNet is the denoiser's with
-    `channels`; its training the denoiser's with `epochs`."""
+    `channels`; its training the denoiser's with `steps`."""
 
     channels: tuple[int, ...] = ()  # () = no guide
-    epochs: int = 1
+    steps: int = 1000
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("channels", "epochs"))
+        check_fields(self, positive=("channels", "steps"))
 
 
 # The largest guidance scale s: D_uncond + s (D_cond - D_uncond) far past the scales worth
@@ -165,7 +168,7 @@ class RunConfig:
 
     @property
     def guide_train(self) -> TrainConfig:
-        return dataclasses.replace(self.diffusion_train, epochs=self.guide.epochs)
+        return dataclasses.replace(self.diffusion_train, steps=self.guide.steps)
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("eval_samples",), nonnegative=("train_limit",))

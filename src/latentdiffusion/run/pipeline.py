@@ -189,7 +189,7 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     r.step("diffusion", key, made, r.diffusion)
 
     guide_hash = None
-    if c.guide.channels:  # autoguidance's guide: the same stage, a smaller UNet, fewer epochs
+    if c.guide.channels:  # autoguidance's guide: the same stage, a smaller UNet, fewer steps
         key = keys.diffusion_key(c.guide_unet, c.schedule, c.objective, c.guide_train,
                                  latents_hash, c.train_limit).digest
         r.step("guide", key, _made_with(run.model("guide"), "unet", key, "data_mean"), r.guide)

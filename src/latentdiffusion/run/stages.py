@@ -48,13 +48,13 @@ class Trained:
     repaired: bool  # the model file was there but unreadable, and was rebuilt
 
     def summary(self) -> str:
-        """One line for `ldm run`: how the stage ran and its last epoch's numbers."""
+        """One line for `ldm run`: how the stage ran and its last validation's numbers."""
         how = [f"resumed from {self.resumed_from}"] if self.resumed_from else []
         if self.repaired:
             how.insert(0, "model file was corrupt, rebuilt")
         history = self.header["history"]
-        last = ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"
-                         ) if history else "trained"
+        last = ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items()
+                         if k not in ("step", "epoch")) if history else "trained"
         return "; ".join([*how, last])
 
 
@@ -188,7 +188,7 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
                     name: str = "diffusion", train_limit: int = 0) -> Trained:
     """The denoiser on the cached latents (of the first `train_limit` training images, when
     given); name="guide" for autoguidance's guide (config.GuideConfig), the same stage with a
-    smaller UNet and fewer epochs."""
+    smaller UNet and fewer steps."""
     latent_set, latent_header = latents.load(run.latents)  # one read of the cache
     shape = tuple(latent_set.train.shape[1:])
     expected = (model_config.in_channels, model_config.latent_size, model_config.latent_size)

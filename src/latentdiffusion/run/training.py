@@ -198,13 +198,16 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     only once this run has saved its first one (resume.py).
     """
     n = len(train_data[0])
+    # An epoch is one pass over a fresh permutation, its last partial batch dropped; the budget
+    # `config.steps` runs over as many epochs as it takes (the last one may end part-way).
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch == 0:
-        raise LdmError(f"batch size {config.batch_size} is larger than the {n} training examples")
+        raise LdmError(f"{kind}: batch size {config.batch_size} is larger than the {n} training "
+                       "examples; give a smaller batch size")
     if config.batch_size % dist.world_size():
         raise LdmError(f"batch size {config.batch_size} is not divisible by the "
                        f"{dist.world_size()} processes")
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.steps
     checkpoints = StateDir(state_dir, f"train-state/{kind}", key, resume)
 
     to_device(model, device).train()
@@ -276,11 +279,11 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
         bar.update()
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-        if step % steps_per_epoch == 0 and (
-                (epoch + 1) % config.validate_every == 0 or step == total_steps):
-            history.append(_end_epoch(epoch, loss_sum / loss_count, ema or model, loss_fn,
-                                      val_data, config, device, val_metrics))
-            log.info("%s epoch %d: %s", kind, epoch + 1, history[-1])
+        if step % config.validate_every == 0 or step == total_steps:
+            history.append(_validate(step, step / steps_per_epoch, loss_sum / loss_count,
+                                     ema or model, loss_fn, val_data, config, device,
+                                     val_metrics))
+            log.info("%s step %d: %s", kind, step, history[-1])
             loss_sum, loss_count = 0.0, 0
         save_now = step % config.checkpoint_every == 0 or step == total_steps
         if not save_now:  # by time as well: rank 0's clock decides for every rank
@@ -296,11 +299,13 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
                      resumed_from=checkpoints.resume_from[0] if checkpoints.resume_from else None)
 
 
-def _end_epoch(epoch: int, train_loss: float, model: nn.Module, loss_fn: LossFn,
-               val_data: Sequence[torch.Tensor] | None, config: TrainConfig,
-               device: torch.device,
-               val_metrics: Callable[[nn.Module], dict[str, float]] | None) -> dict[str, float]:
-    record = {"epoch": epoch + 1, "train_loss": train_loss}
+def _validate(step: int, epochs: float, train_loss: float, model: nn.Module, loss_fn: LossFn,
+              val_data: Sequence[torch.Tensor] | None, config: TrainConfig,
+              device: torch.device,
+              val_metrics: Callable[[nn.Module], dict[str, float]] | None) -> dict[str, float]:
+    """One history record: the step, the passes over the data so far, the mean training loss
+    since the last record, and the validation numbers."""
+    record = {"step": step, "epoch": round(epochs, 3), "train_loss": train_loss}
     was_training = model.training
     if val_data is not None:
         record["val_loss"] = evaluate_loss(model, loss_fn, val_data, VAL_BATCH_SIZE, config.seed,
