@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace, device: Any) -> str:
                                           device=device, resume=resume, progress=progress)
     elif dataset is not None:
         trained = stages.train_vae(dataset, run, config.vae, train_config, device=device,
-                                   resume=resume, progress=progress)
+                                   resume=resume, progress=progress, augment=config.augment)
     else:  # the denoiser, or with a smaller UNet autoguidance's guide
         unet = config.guide_unet if name == "guide" else config.unet
         trained = stages.train_diffusion(run, unet, schedule, config.objective, train_config,
@@ -221,9 +221,11 @@ def dispatch(args: argparse.Namespace, device: Any) -> str | None:
         return _train(args, device)
     if args.command == "encode":
         # The config checks both choices, with the same one-line error as every other value.
-        options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+        options = RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm,
+                            augment=args.augment)
         header = stages.encode(dataset_of(args), RunDir(args.run_dir), options.latent_mode,
-                               options.latent_norm, device=device, seed=args.seed)
+                               options.latent_norm, device=device, seed=args.seed,
+                               augment=options.augment)
         return strict_json({"latents": str(args.run_dir / "latents.safetensors"),
                            "shift": header["shift"], "scale": header["scale"],
                            "mode": header["mode"]})

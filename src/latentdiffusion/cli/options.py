@@ -100,6 +100,8 @@ def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> Run
     if args.config is not None:
         config = recipe.load(args.config, config)
     config = with_objective(with_seed(config, args.seed), args.objective)
+    if args.augment is not None:  # RunConfig checks the value
+        config = dataclasses.replace(config, augment=args.augment)
     config = recipe.apply_sets(with_conditional(config, args), args.set)
     made_for = image_shape_of(config.classifier)
     if shape is not None and made_for != shape:
@@ -165,7 +167,8 @@ def check_command(args: argparse.Namespace) -> None:
     if args.command == "train":
         train_configs(args)
     elif args.command == "encode":
-        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm)
+        RunConfig(latent_mode=args.latent_mode, latent_norm=args.latent_norm,
+                  augment=args.augment)
     elif args.command == "run":
         run_config(args)
         for name in args.force:

@@ -123,6 +123,14 @@ def _recipe_files(p: argparse.ArgumentParser) -> None:
                         "`ldm config` lists every key)")
 
 
+def _augment(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--augment", default=default, metavar="KIND",
+                   help="none, or xflip: the VAE and the denoiser also see the training images "
+                        "mirrored (for small sets of pictures that may be mirrored, not digits; "
+                        "default: the config's)" if default is None else
+                        "none, or xflip: also encode the mirrored training images")
+
+
 def _recipe(p: argparse.ArgumentParser) -> None:
     """The options that make `ldm run`'s config (and `ldm config`'s, which prints it)."""
     p.add_argument("--preset", default="default",
@@ -134,6 +142,7 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditional", action="store_true",
                    help="a class-conditional denoiser; its sets are balanced over the "
                         "classes and guided")
+    _augment(p)
     p.add_argument("--guidance", type=number, metavar="S",
                    help=f"with --conditional: the sets' guidance scale (default "
                         f"{CONDITIONAL_GUIDANCE:g})")
@@ -179,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
     p.add_argument("--conditional", action="store_true",
                    help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
+    _augment(p)
     _recipe_files(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -195,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-norm", default=latents_default.latent_norm,
                    help="global (one 1/std factor) or channel (standardise each channel)")
     p.add_argument("--seed", type=seed_value, default=0)
+    _augment(p, default="none")
 
     p = sub.add_parser("sample", help="generate images into a samples .npz", formatter_class=fmt)
     _common(p)

@@ -72,6 +72,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (pixels.squeeze(1) if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1)).numpy()
 
 
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, 3) mirrored left to right (axis 2 is W in both)."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def mirror_where(images: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) with the images where `where` (B,) is True mirrored left to right."""
+    return torch.where(where.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 
 def default_class_names(labels: Sequence[np.ndarray], where: object) -> tuple[str, ...]:
     """str(k) for k in 0..max label, for labels that come without names."""

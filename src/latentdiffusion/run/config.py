@@ -23,6 +23,9 @@ from ..schema import MAX_SAMPLES, check_fields, check_set_size
 LatentMode = Literal["sample", "mean"]
 LatentNorm = Literal["global", "channel"]
 LrDecay = Literal["constant", "cosine"]
+# "xflip": the VAE trains on a random half of each batch mirrored, and the denoiser on the
+# latents of every training image and of its mirror (encoded once, in the latents file).
+Augment = Literal["none", "xflip"]
 # The most parameters one model may have: training holds 5 float32 copies (weights, gradients,
 # Adam's two moments, the EMA), 1 GB at this bound; the presets' models have 0.2M to 1.6M.
 MAX_PARAMETERS = 50_000_000
@@ -161,6 +164,9 @@ class RunConfig:
     # The denoiser and its guide train on the latents of the first N training images (0: all):
     # a small training set, to see whether the model copies it (the report's memorisation check).
     train_limit: int = 0
+    # Mirrored training images for the VAE and the denoiser (not the classifier, whose features
+    # score the run): for small sets of pictures that may be mirrored, never for digits or text.
+    augment: Augment = "none"
 
     @property
     def guide_unet(self) -> UNetConfig:

@@ -23,7 +23,7 @@ from ..diffusion.objective import ObjectiveConfig
 from ..diffusion.schedule import ScheduleConfig
 from ..models.unet import UNetConfig
 from ..schema import config_hash, to_dict
-from .config import LatentMode, LatentNorm, SamplingConfig, TrainConfig
+from .config import Augment, LatentMode, LatentNorm, SamplingConfig, TrainConfig
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds", "validate_every"})
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
@@ -67,13 +67,21 @@ def _show(value: Any) -> str:
     return json.dumps(value)
 
 
-def model_key(model: Any, train: TrainConfig, data_hash: str) -> StageKey:
-    """The classifier and the VAE: their configs and the content hash of the data set."""
-    return StageKey.of(model=model, train=train, data=data_hash)
+def _augmented(augment: Augment) -> dict[str, Any]:
+    """The augmentation as a key part only when there is one (other keys stay as they were)."""
+    return {"augment": augment} if augment != "none" else {}
 
 
-def latents_key(vae_hash: str, mode: LatentMode, norm: LatentNorm, seed: int) -> StageKey:
-    return StageKey.of(vae=vae_hash, mode=mode, norm=norm, seed=seed)
+def model_key(model: Any, train: TrainConfig, data_hash: str,
+              augment: Augment = "none") -> StageKey:
+    """The classifier and the VAE: their configs, the content hash of the data set and the
+    VAE's augmentation."""
+    return StageKey.of(model=model, train=train, data=data_hash, **_augmented(augment))
+
+
+def latents_key(vae_hash: str, mode: LatentMode, norm: LatentNorm, seed: int,
+                augment: Augment = "none") -> StageKey:
+    return StageKey.of(vae=vae_hash, mode=mode, norm=norm, seed=seed, **_augmented(augment))
 
 
 def diffusion_key(unet: UNetConfig, schedule: ScheduleConfig, objective: ObjectiveConfig,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import to_unit_tensor
+from ..data.images import mirrored, to_unit_tensor
 from ..models.vae import VAE, sample_posterior
 from ..rng import generator, randn
 from . import checkpoint
@@ -40,10 +40,27 @@ class LatentSet:
     # written before labels were kept
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    # (N, C, S, S) the latents of the mirrored training images (`--augment xflip`), or None
+    train_mirrored: torch.Tensor | None = None
 
     def normalised(self, split: str) -> torch.Tensor:
         """x_0 of the diffusion model for the train or test split."""
         return normalise(self.train if split == "train" else self.test, self.shift, self.scale)
+
+    def training_set(self, labels: bool, limit: int = 0) -> tuple[torch.Tensor, ...]:
+        """The denoiser's training tensors: x_0 (N, C, S, S) and, with `labels`, (N,) labels;
+        the first `limit` images only when given; each followed by its mirror's when cached."""
+        parts = [(self.train, self.train_labels)]
+        if self.train_mirrored is not None:
+            parts.append((self.train_mirrored, self.train_labels))
+        tensors: list[tuple[torch.Tensor, ...]] = []
+        for latents, label in parts:
+            chosen: tuple[torch.Tensor, ...] = (normalise(latents, self.shift, self.scale),)
+            if labels:
+                assert label is not None  # checked by the caller
+                chosen += (label,)
+            tensors.append(tuple(t[:limit] if limit else t for t in chosen))
+        return tuple(torch.cat(columns) for columns in zip(*tensors, strict=True))
 
 
 def _per_channel(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
@@ -91,12 +108,15 @@ def encode_images(vae: VAE, images: np.ndarray, mode: LatentMode, seed: int,
 def build(vae: VAE, vae_hash: str, train_images: np.ndarray, test_images: np.ndarray,
           mode: LatentMode, norm: LatentNorm, seed: int, device: torch.device,
           train_labels: np.ndarray | None = None,
-          test_labels: np.ndarray | None = None) -> LatentSet:
+          test_labels: np.ndarray | None = None, mirror: bool = False) -> LatentSet:
+    """Encode both splits (and, with `mirror`, the mirrored training images) and take the
+    normalisation's statistics over every training latent."""
     train = encode_images(vae, train_images, mode, seed, device)
     test = encode_images(vae, test_images, mode, seed + 1, device)
-    shift, scale = statistics(train, norm)
+    flipped = encode_images(vae, mirrored(train_images), mode, seed + 2, device) if mirror else None
+    shift, scale = statistics(train if flipped is None else torch.cat([train, flipped]), norm)
     return LatentSet(train, test, shift, scale, vae_hash, mode, _labels(train_labels),
-                     _labels(test_labels))
+                     _labels(test_labels), flipped)
 
 
 def _labels(labels: np.ndarray | None) -> torch.Tensor | None:
@@ -107,6 +127,8 @@ def save(path: Path, latents: LatentSet, **meta: object) -> str:
     tensors = {"train": latents.train, "test": latents.test}
     if latents.train_labels is not None and latents.test_labels is not None:
         tensors.update(train_labels=latents.train_labels, test_labels=latents.test_labels)
+    if latents.train_mirrored is not None:
+        tensors["train_mirrored"] = latents.train_mirrored
     return checkpoint.save(path, tensors, KIND, shift=list(latents.shift),
                            scale=list(latents.scale), vae_hash=latents.vae_hash,
                            mode=latents.mode, **meta)
@@ -117,7 +139,8 @@ def load(path: Path) -> tuple[LatentSet, dict]:
     tensors, header = checkpoint.load(path, kind=KIND)
     return LatentSet(tensors["train"], tensors["test"], tuple(header["shift"]),
                      tuple(header["scale"]), header["vae_hash"], header["mode"],
-                     tensors.get("train_labels"), tensors.get("test_labels")), header
+                     tensors.get("train_labels"), tensors.get("test_labels"),
+                     tensors.get("train_mirrored")), header
 
 
 def has_labels(path: Path) -> bool:

@@ -118,12 +118,13 @@ class _Run:
     def vae(self) -> str:
         c = self.config
         return stages.train_vae(self.dataset, self.run, c.vae, c.vae_train, device=self.device,
-                                resume=self.resume("vae"), progress=self.progress).summary()
+                                resume=self.resume("vae"), progress=self.progress,
+                                augment=c.augment).summary()
 
     def encode(self) -> str:
         c = self.config
         stages.encode(self.dataset, self.run, c.latent_mode, c.latent_norm, device=self.device,
-                      seed=c.vae_train.seed)
+                      seed=c.vae_train.seed, augment=c.augment)
         return "latents cached"
 
     def diffusion(self) -> str:
@@ -170,11 +171,12 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
     key = keys.model_key(c.classifier, c.classifier_train, dataset.content_hash).digest
     r.step("classifier", key, _made_with(run.model("classifier"), "classifier", key),
            r.classifier)
-    key = keys.model_key(c.vae, c.vae_train, dataset.content_hash).digest
+    key = keys.model_key(c.vae, c.vae_train, dataset.content_hash, c.augment).digest
     r.step("vae", key, _made_with(run.model("vae"), "vae", key), r.vae)
 
     vae_hash = checkpoint.model_hash_at(run.model("vae"), "vae")
-    key = keys.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed).digest
+    key = keys.latents_key(vae_hash, c.latent_mode, c.latent_norm, c.vae_train.seed,
+                           c.augment).digest
     # A conditional denoiser needs the labels, which caches made before them lack.
     encoded = _made_with(run.latents, "latents", key) and (
         not c.unet.num_classes or latents.has_labels(run.latents))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..data import Dataset
-from ..data.images import to_unit_tensor
+from ..data.images import mirror_where, to_unit_tensor
 from ..diffusion import NoiseSchedule
 from ..diffusion.objective import ObjectiveConfig, diffusion_loss, make_objective
 from ..diffusion.schedule import ScheduleConfig
@@ -31,7 +31,7 @@ from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig, vae_loss
 from ..schema import to_dict
 from . import checkpoint, keys, latents
-from .config import LatentMode, LatentNorm, TrainConfig
+from .config import Augment, LatentMode, LatentNorm, TrainConfig
 from .resume import Resume
 from .rundir import RunDir
 from .training import Batch, LossFn, fit, init_model
@@ -146,7 +146,9 @@ def _check_images(dataset: Dataset, size: int, channels: int) -> None:
 
 def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
               train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
-              progress: bool = True) -> Trained:
+              progress: bool = True, augment: Augment = "none") -> Trained:
+    """The VAE on the training images; with `augment` "xflip", a random half of each batch
+    mirrored."""
     _check_images(dataset, model_config.image_size, model_config.image_channels)
     train_images = to_unit_tensor(dataset.train_images)
     test_images = to_unit_tensor(dataset.test_images)
@@ -154,24 +156,28 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
                     model_config.latent_size)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        return vae_loss(model, batch.tensors[0], batch.randn(*latent_shape),
-                        model_config.kl_weight)
+        images, noise = batch.tensors[0], batch.randn(*latent_shape)
+        if augment == "xflip":  # drawn after the noise: without it, the same numbers as before
+            images = mirror_where(images, batch.rand() < 0.5)
+        return vae_loss(model, images, noise, model_config.kl_weight)
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
                   (test_images,), keys.model_key(model_config, train_config,
-                                                     dataset.content_hash),
+                                                 dataset.content_hash, augment),
                   device, resume, progress)
 
 
 def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
-           device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Encode train and test once; store latents, their shift and scale, and the VAE hash."""
+           device: torch.device, seed: int = 0, augment: Augment = "none") -> dict[str, Any]:
+    """Encode train and test once (and the mirrored training images with `augment` "xflip");
+    store latents, their shift and scale, and the VAE hash."""
     vae, vae_header = checkpoint.load_model(run.model("vae"), VAE, device)
     dataset.check_trained_on(vae_header, run.model("vae"))  # latents of the VAE's own data
     vae_hash = checkpoint.model_hash_of(vae_header)
-    key = keys.latents_key(vae_hash, mode, norm, seed)
+    key = keys.latents_key(vae_hash, mode, norm, seed, augment)
     latent_set = latents.build(vae, vae_hash, dataset.train_images, dataset.test_images, mode,
-                               norm, seed, device, dataset.train_labels, dataset.test_labels)
+                               norm, seed, device, dataset.train_labels, dataset.test_labels,
+                               mirror=augment == "xflip")
     if dist.is_main():
         latents.save(run.latents, latent_set, key=key.digest, key_fields=key.fields,
                      num_classes=dataset.num_classes, class_names=list(dataset.class_names))
@@ -198,16 +204,13 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
     schedule = NoiseSchedule.from_config(schedule_config)
     key = keys.diffusion_key(model_config, schedule_config, objective, train_config,
                              latent_header["sha256"], train_limit)
-    train_set: tuple[torch.Tensor, ...] = (latent_set.normalised("train"),)
     test_set: tuple[torch.Tensor, ...] = (latent_set.normalised("test"),)
     if model_config.num_classes:  # a conditional model also sees each latent's label
         if latent_set.train_labels is None or latent_set.test_labels is None:
             raise UsageError(f"{run.latents} was cached without labels; rerun `ldm encode` "
                              "for a class-conditional model")
-        train_set += (latent_set.train_labels,)
         test_set += (latent_set.test_labels,)
-    if train_limit:
-        train_set = tuple(t[:train_limit] for t in train_set)
+    train_set = latent_set.training_set(bool(model_config.num_classes), train_limit)
     loss = diffusion_loss(make_objective(objective, schedule), model_config.num_classes,
                           objective.label_dropout)
     return _train(run, name, UNet, model_config, train_config, loss, train_set, test_set,
