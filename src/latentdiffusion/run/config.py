@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from ..data.prepare import PrepareConfig
 from ..diffusion.objective import ObjectiveConfig
 from ..diffusion.request import SamplingRequest
 from ..diffusion.samplers import VarianceName
@@ -158,6 +159,8 @@ class RunConfig:
     # The denoiser and its guide train on the latents of the first N training images (0: all):
     # a small training set, to see whether the model copies it (the report's memorisation check).
     train_limit: int = 0
+    # How a folder's pictures (or an .npz's images) are prepared: --image-size, background.
+    data: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
     def guide_unet(self) -> UNetConfig:
