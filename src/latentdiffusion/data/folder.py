@@ -143,16 +143,15 @@ def _decode(root: Path, files: Sequence[str], prepare: PrepareConfig) -> np.ndar
                 size = image.size[::-1]  # Pillow's (W, H) -> (H, W)
                 if first is None:  # its size, checked before anything is decoded
                     problem = image_shape_problem(size)
+                    other = _other_size(root, files, size) if problem else None
+                    if other is not None:  # pictures of many sizes: name two
+                        raise _mixed(root, (relative, size), other)
                     if problem:
                         raise DataError(f"{path}: {problem}, or pass --image-size "
                                         f"{_suggested(size)} to resize and centre-crop them")
                     first = (relative, size)
                 elif size != first[1]:
-                    raise DataError(f"{path} is {size[0]}x{size[1]} but {root / first[0]} is "
-                                    f"{first[1][0]}x{first[1][1]}; every image must have the "
-                                    f"same size, or pass --image-size "
-                                    f"{_suggested(size, first[1])} to resize and centre-crop "
-                                    "them all to one")
+                    raise _mixed(root, first, (relative, size))
                 arrays.append(pixels(image, prepare.rgb))
         except _BAD_IMAGE as err:
             raise DataError(f"{path}: not a readable PNG or JPEG image ({err})") from None
@@ -184,6 +183,27 @@ def _decode_prepared(root: Path, files: Sequence[str], prepare: PrepareConfig) -
         log.warning("%s: %d of %d images are smaller than %dx%d; they were upscaled (blurrier "
                     "than the rest)", root, upscaled, len(files), size, size)
     return out[..., 0].copy() if gray.all() else out
+
+
+def _mixed(root: Path, *found: tuple[str, tuple[int, int]]) -> DataError:
+    (a, (a_height, a_width)), (b, (b_height, b_width)) = found
+    size = _suggested(found[0][1], found[1][1])
+    return DataError(f"{root / b} is {b_height}x{b_width} but {root / a} is {a_height}x"
+                     f"{a_width}; every image must have the same size, or pass --image-size "
+                     f"{size} to resize and centre-crop them all to {size}x{size}")
+
+
+def _other_size(root: Path, files: Sequence[str], size: tuple[int, int]
+                ) -> tuple[str, tuple[int, int]] | None:
+    """The first file whose (H, W) differs from `size`, from the headers alone."""
+    for relative in files:
+        try:
+            with _quiet_open(root / relative) as image:
+                if image.size[::-1] != size:
+                    return relative, image.size[::-1]
+        except _BAD_IMAGE:
+            continue  # (said when it is decoded)
+    return None
 
 
 def _suggested(*sizes: tuple[int, int]) -> int:
