@@ -157,8 +157,16 @@ def test_mixed_sizes_are_refused_without_image_size_and_read_with_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _mixed(tmp_path / "mixed")
     line = assert_fails(capsys, 1, "data", "verify", "--data-dir", root,
-                        match="every image must have the same size, or pass --image-size")
-    assert "00.png" in line and "01.png" in line and "32x43" in line and "30x40" in line
+                        match="pass --image-size 28 to resize and centre-crop them all to 28x28")
+    assert f"{root / '00.png'}: images are 30x40" in line and f"{root / '01.png'} is 32x43" in line
+    square = tmp_path / "square"  # square, usable sizes: the same hint
+    square.mkdir()
+    for name, side in (("a.png", 32), ("b.png", 48), ("c.png", 32)):
+        _bands(side, side).save(square / name)
+    assert_fails(capsys, 1, "data", "verify", "--data-dir", square,
+                 match=f"{square / 'b.png'} is 48x48 but {square / 'a.png'} is 32x32; every "
+                       "image must have the same size, or pass --image-size 32 to resize and "
+                       "centre-crop them all to 32x32")
     code, out, err = ldm(capsys, "data", "verify", "--data-dir", root, "--image-size", "32")
     assert code == 0, err
     described = json.loads(out)
@@ -349,18 +357,21 @@ def test_pictures_smaller_than_s_are_upscaled_with_one_warning(
                         "upscaled (blurrier than the rest)"]
 
 
-def test_config_carries_image_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_config_file_carries_image_size(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     root = _mixed(tmp_path / "pics", n=6)
     code, out, err = ldm(capsys, "config", "--preset", "tiny", "--data-dir", root,
                          "--image-size", "16", "--set", "data.background=black")
     assert code == 0, err
-    assert "[data]\nimage_size = 16\nbackground = \"black\"" in out
-    assert "image_size = 16" in out.split("[classifier]")[1].split("[")[0]
+    assert '[data]\nimage_size = 16\nbackground = "black"' in out
+    assert "image_size = 16" in out.split("[classifier]")[1].split("[")[0]  # scaled to it
     config = tmp_path / "mine.toml"
     config.write_text(out)
-    code, out, err = ldm(capsys, "data", "verify", "--data-dir", root)  # needs --image-size
-    assert code == 1
-    with pytest.raises(UsageError, match="got 8"):
-        PrepareConfig(image_size=8)
-    with pytest.raises(DataError, match="every image must have the same size"):
-        load_dataset(root)
+    # The file alone prepares the folder (a mixed one, refused without it) and fits it.
+    code, again, err = ldm(capsys, "config", "--preset", "tiny", "--data-dir", root,
+                           "--config", config)
+    assert code == 0, err
+    assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # (the first line: the command)
+    assert_fails(capsys, 2, "config", "--data-dir", root, "--config", config, "--image-size",
+                 "20", match="the config is for images 16x16x3, no labels but the data set "
+                             "has 20x20x3")

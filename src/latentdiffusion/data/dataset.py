@@ -301,7 +301,7 @@ def _folder(path: Path, stamp: Stamp, prepare: PrepareConfig, settled: bool) -> 
         return cached
     started = time.perf_counter()
     splits = folder.read_folder(path, files, stamp[1], prepare)
-    log.info("prepared %d pictures of %s at %dx%d in %.1f s", len(files), path,
+    log.debug("prepared %d pictures of %s at %dx%d in %.1f s", len(files), path,
              prepare.image_size, prepare.image_size, time.perf_counter() - started)
     if settled:
         cache.store(key, splits)

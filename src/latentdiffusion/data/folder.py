@@ -145,10 +145,12 @@ def _decode(root: Path, files: Sequence[str], prepare: PrepareConfig) -> np.ndar
                     problem = image_shape_problem(size)
                     other = _other_size(root, files, size) if problem else None
                     if other is not None:  # pictures of many sizes: name two
-                        raise _mixed(root, (relative, size), other)
+                        height, width = other[1]
+                        problem += f", and {root / other[0]} is {height}x{width}"
                     if problem:
-                        raise DataError(f"{path}: {problem}, or pass --image-size "
-                                        f"{_suggested(size)} to resize and centre-crop them")
+                        pick = _suggested(size, *([other[1]] if other else []))
+                        raise DataError(f"{path}: {problem}; pass --image-size {pick} to "
+                                        f"resize and centre-crop them all to {pick}x{pick}")
                     first = (relative, size)
                 elif size != first[1]:
                     raise _mixed(root, first, (relative, size))
