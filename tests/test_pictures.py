@@ -17,7 +17,6 @@ from latentdiffusion.data import dataset as datasets
 from latentdiffusion.data import folder, load_dataset
 from latentdiffusion.data.cache import cache_dir
 from latentdiffusion.data.prepare import ORIENTATION_TAG, PrepareConfig, prepare_image
-from latentdiffusion.errors import DataError, UsageError
 from test_cli_errors import CPU, assert_fails, ldm
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

@@ -144,7 +144,7 @@ def _decode(root: Path, files: Sequence[str], prepare: PrepareConfig) -> np.ndar
                 if first is None:  # its size, checked before anything is decoded
                     problem = image_shape_problem(size)
                     other = _other_size(root, files, size) if problem else None
-                    if other is not None:  # pictures of many sizes: name two
+                    if problem and other is not None:  # pictures of many sizes: name two
                         height, width = other[1]
                         problem += f", and {root / other[0]} is {height}x{width}"
                     if problem:
