@@ -4,6 +4,7 @@ orientation, the content hash, the on-disk cache and the one-line refusals of ba
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 import zlib
@@ -292,16 +293,13 @@ def _with_bad(tmp_path: Path, name: str, content: bytes | None = None) -> Path:
 
 
 def _jpeg_bytes() -> bytes:
-    path_free = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3),
-                                                                  dtype=np.uint8))
-    import io
+    noise = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    path_free.save(buffer, "JPEG")
+    Image.fromarray(noise).save(buffer, "JPEG")
     return buffer.getvalue()
 
 
 def _hostile_exif() -> bytes:
-    import io
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30)).save(buffer, "PNG",
                                     exif=b"MM\x00\x2a\x00\x00\x00\x08\xff\xff" + bytes(10))
