@@ -58,6 +58,15 @@ def register(monkeypatch: pytest.MonkeyPatch, root: Path, name: str = "mnist") -
     datasets._CACHE.clear()  # the registry changed, not the files
 
 
+@pytest.fixture(autouse=True)
+def prepared_cache(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Prepared folders are cached in a temp directory of each test, never the user's."""
+    where = tmp_path_factory.mktemp("prepared")
+    monkeypatch.setenv("LDM_PREPARED_CACHE", str(where))
+    return where
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data")

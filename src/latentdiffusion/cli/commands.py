@@ -28,6 +28,7 @@ from ..run.rundir import RunDir
 from .options import (
     guidance_scales,
     integers,
+    prepare_of,
     recipe_name,
     run_config,
     sampling_request,
@@ -54,7 +55,7 @@ def _load_dataset(args: argparse.Namespace) -> Dataset:
             print(f"{name} not found in {root}; downloading it there (use --data-dir DIR to "
                   "point at a copy)", file=sys.stderr)
             data.download(root, name)
-    return load_dataset(args.data_dir, args.dataset)
+    return load_dataset(args.data_dir, args.dataset, prepare_of(args))
 
 
 def _train(args: argparse.Namespace, device: Any) -> str:
@@ -199,7 +200,10 @@ def config_command(args: argparse.Namespace, argv: Sequence[str]) -> str:
 def data_command(args: argparse.Namespace) -> str:
     if args.action == "verify":
         if args.dataset is None:  # any source, described by content (no published checksum)
-            return strict_json(load_dataset(args.data_dir).describe())
+            return strict_json(load_dataset(args.data_dir, prepare=prepare_of(args)).describe())
+        if args.image_size:
+            raise UsageError("--image-size describes any data without --dataset; --dataset "
+                             "checks the release's files as they are")
         return strict_json(data.verify(args.data_dir, args.dataset))
     bars: list[tqdm] = []  # made at the first byte: a refused directory prints no empty bar
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..data import Dataset
 from ..data.images import SPLITS
+from ..data.prepare import PrepareConfig
 from ..diffusion import SAMPLERS, SamplingRequest
 from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
@@ -82,6 +83,21 @@ def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
     return dataclasses.replace(config, objective=with_objective_kind(config.objective, kind))
 
 
+def with_image_size(config: RunConfig, size: int | None) -> RunConfig:
+    if size is None:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
+
+
+def prepare_of(args: argparse.Namespace) -> PrepareConfig:
+    """How the command prepares its data: the run config's [data] (its file, --image-size,
+    --set data.KEY) for `ldm run`, `ldm train` and `ldm config`; --image-size for the others.
+    UsageError for a bad value."""
+    if args.command in ("run", "train", "config"):
+        return run_config(args).data
+    return PrepareConfig(image_size=getattr(args, "image_size", None) or 0)
+
+
 def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     guidance = getattr(args, "guidance", None)
     if not args.conditional:
@@ -99,7 +115,8 @@ def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> Run
     config = for_images(preset(args.preset), shape or ImageShape())
     if args.config is not None:
         config = recipe.load(args.config, config)
-    config = with_objective(with_seed(config, args.seed), args.objective)
+    config = with_image_size(with_objective(with_seed(config, args.seed), args.objective),
+                             getattr(args, "image_size", None))
     if args.augment is not None:  # RunConfig checks the value
         config = dataclasses.replace(config, augment=args.augment)
     config = recipe.apply_sets(with_conditional(config, args), args.set)
@@ -164,6 +181,7 @@ def _conditional_denoiser(run: RunDir) -> bool:
 
 def check_command(args: argparse.Namespace) -> None:
     """Every value of the command, before the run directory is created or locked."""
+    prepare_of(args)
     if args.command == "train":
         train_configs(args)
     elif args.command == "encode":

@@ -11,7 +11,7 @@ from ..diffusion import SAMPLERS
 from ..run import recipe
 from ..run.config import CONDITIONAL_GUIDANCE
 from ..run.presets import PRESETS, preset
-from ..schema import parse_number
+from ..schema import IMAGE_SIZES, parse_number
 
 # `ldm sample`'s sampler when --sampler is not given.
 DEFAULT_SAMPLER = "ddim"
@@ -86,6 +86,23 @@ def npz_out(text: str) -> Path:
     return Path(text)
 
 
+def image_size(text: str) -> int:
+    try:
+        value = parse_number(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value and value not in IMAGE_SIZES:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4 from {IMAGE_SIZES[0]} to "
+                                         f"{IMAGE_SIZES[-1]} (or 0: the images' own size), "
+                                         f"got {value}")
+    return value
+
+
+IMAGE_SIZE_HELP = ("resize each picture so its shorter side is S and centre-crop it to S x S "
+                   "(pictures of any size and mode; default: the images' own size, which must "
+                   "be one square size of 16 to 64)")
+
+
 def json_out(text: str) -> Path:
     if not text.endswith(".json"):
         raise argparse.ArgumentTypeError(f"must end in .json, got {text!r}")
@@ -110,6 +127,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", metavar="NAME",
                    help=f"a registered IDX data set ({', '.join(DATASETS)}); "
                         "downloaded into the user cache when no --data-dir holds it")
+    p.add_argument("--image-size", type=image_size, metavar="S", help=IMAGE_SIZE_HELP)
 
 
 def _recipe_files(p: argparse.ArgumentParser) -> None:
@@ -170,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", metavar="PATH",
                    help="IDX directory, folder of images or .npz (default: "
                         f"${DATA_DIR_ENV} or the user cache)")
+    q.add_argument("--image-size", type=image_size, metavar="S",
+                   help=f"without --dataset: {IMAGE_SIZE_HELP}")
     q.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="train one model", formatter_class=fmt)

@@ -1,18 +1,20 @@
 """The `Dataset` every stage reads, and `load_dataset`, which loads one from any source.
 
 Sources: the four IDX files of an MNIST-format release (`idx.py`, `registry.py`), a folder of
-images in torchvision's ImageFolder layout (`folder.py`), or an .npz of arrays (`npz.py`). A
-command loads its
-dataset once per stage; an in-process cache keyed by the files' stamps decodes it once.
+images in torchvision's ImageFolder layout (`folder.py`), or an .npz of arrays (`npz.py`), each
+read as it is or prepared to one size (`prepare.py`). A command loads its dataset once per
+stage; an in-process cache keyed by the files' stamps decodes it once, and a prepared folder is
+also cached on disk (`cache.py`) for the next command.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -20,11 +22,20 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError, UsageError
-from . import folder, idx, npz, registry
+from . import cache, folder, idx, npz, registry
 from .idx import SPLIT_FILES
-from .images import SPLITS, Split, check_image_item, default_class_names, image_shape_problem
+from .images import (
+    SPLITS,
+    Split,
+    Splits,
+    check_image_item,
+    default_class_names,
+    image_shape_problem,
+)
+from .prepare import AS_THEY_ARE, PrepareConfig, check_prepared_bytes, resize_images
 from .registry import DATASETS
 
+log = logging.getLogger(__name__)
 Source = Literal["idx", "folder", "npz"]
 EXPECTED = ("--data-dir takes a directory with the four IDX files (`ldm data download` fetches "
             "them), a folder of .png/.jpg images, or an .npz holding train_images and "
@@ -52,6 +63,8 @@ class Dataset:
     test_labels: np.ndarray | None
     class_names: tuple[str, ...]  # K names; () when unlabelled
     origin: str = ""  # the path it was read from, for messages
+    # How its pictures were prepared; part of its identity when it changes anything.
+    prepared: PrepareConfig = field(default_factory=PrepareConfig)
 
     def __post_init__(self) -> None:
         where = f"{self.origin or self.name} ({self.source})"
@@ -111,7 +124,8 @@ class Dataset:
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 over both splits' shapes, dtypes and bytes, and the class names."""
+        """sha256 over both splits' shapes, dtypes and bytes, the class names and, when they
+        change anything, the preparation settings (a set read as it is keeps its hash)."""
         digest = hashlib.sha256()
         for array in (self.train_images, self.train_labels, self.test_images,
                       self.test_labels):
@@ -121,6 +135,8 @@ class Dataset:
                 digest.update(f"{array.dtype.str}{array.shape};".encode())
                 digest.update(np.ascontiguousarray(array).data)
         digest.update(json.dumps(self.class_names).encode())
+        if self.prepared.is_set:
+            digest.update(json.dumps(self.prepared.identity(), sort_keys=True).encode())
         return digest.hexdigest()
 
     def check_trained_on(self, header: dict[str, Any], path: Path) -> None:
@@ -130,20 +146,24 @@ class Dataset:
         if trained_on != self.content_hash:
             raise UsageError(f"{path} was trained on another data set than {self.name} "
                              f"(content {str(trained_on)[:12]}, given {self.content_hash[:12]});"
-                             " pass the run's --data-dir (run.json's data_dir names it)")
+                             " pass the run's --data-dir and --image-size (run.json's data_dir "
+                             "and data name them)")
 
     def describe(self) -> dict[str, Any]:
         """What it is and how big (train, test: image counts), JSON-able; content_sha256
-        identifies the content wherever it was read from."""
+        identifies the content wherever it was read from; `prepared` is there when the
+        pictures were prepared."""
+        prepared = {"prepared": self.prepared.identity()} if self.prepared.is_set else {}
         return {"name": self.name, "source": self.source, "content_sha256": self.content_hash,
                 "image_size": self.image_size, "channels": self.channels,
                 "train": len(self.train_images), "test": len(self.test_images),
-                "class_names": list(self.class_names)}
+                "class_names": list(self.class_names), **prepared}
 
 
-def load_dataset(data_dir: str | os.PathLike[str] | None,
-                 dataset: str | None = None) -> Dataset:
-    """Load a registered IDX dataset, an IDX directory, a folder of images or an .npz.
+def load_dataset(data_dir: str | os.PathLike[str] | None, dataset: str | None = None,
+                 prepare: PrepareConfig = AS_THEY_ARE) -> Dataset:
+    """Load a registered IDX dataset, an IDX directory, a folder of images or an .npz,
+    prepared as `prepare` says (by default: as they are).
 
     `data_dir` defaults as in `registry.resolve_data_dir`. Without `dataset`, an IDX directory is
     named by its content: a registered name when its MD5s match, else the directory's name.
@@ -152,18 +172,19 @@ def load_dataset(data_dir: str | os.PathLike[str] | None,
         registry.dataset_info(dataset)  # a UsageError for an unknown name
     path = registry.resolve_data_dir(data_dir, dataset or "mnist")
     source, stamp = _locate(path, dataset)
-    key = (str(path.resolve()), dataset)
+    key = (str(path.resolve()), dataset, prepare)
     cached = _CACHE.pop(key, None)
     if cached is not None and cached[0] == stamp:
         _CACHE[key] = cached  # most recently used last
         return cached[1]
     started = time.time_ns()
-    loaded = _read(path, source, stamp, dataset)
+    settled = all(max(s[2], s[3]) < started - SETTLE_NS for s in stamp[0])
+    loaded = _read(path, source, stamp, dataset, prepare, settled)
     for array in (loaded.train_images, loaded.train_labels, loaded.test_images,
                   loaded.test_labels):
         if array is not None:
             array.setflags(write=False)  # shared by every caller in this process
-    if all(max(s[2], s[3]) < started - SETTLE_NS for s in stamp[0]):
+    if settled:
         _CACHE[key] = (stamp, loaded)
         while len(_CACHE) > CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]
@@ -174,7 +195,7 @@ def load_dataset(data_dir: str | os.PathLike[str] | None,
 # stamp: its files' stamps and, for a folder, its subfolders (relative, sorted).
 FileStamp = tuple[str, int, int, int, int]
 Stamp = tuple[tuple[FileStamp, ...], tuple[str, ...]]
-_CACHE: dict[tuple[str, str | None], tuple[Stamp, Dataset]] = {}
+_CACHE: dict[tuple[str, str | None, PrepareConfig], tuple[Stamp, Dataset]] = {}
 
 
 def _stamp_of(relative: str, st: os.stat_result) -> FileStamp:
@@ -244,13 +265,16 @@ def _walk(root: Path) -> tuple[tuple[FileStamp, ...], tuple[str, ...]]:
     return tuple(sorted(files)), tuple(sorted(dirs))
 
 
-def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Dataset:
-    files = [file_stamp[0] for file_stamp in stamp[0]]
+def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None,
+          prepare: PrepareConfig, settled: bool) -> Dataset:
+    """The data set at `path`; a prepared folder from the disk cache when its files' stamps
+    and the settings match (written there when the files have `settled`)."""
     if source == "npz":
-        return Dataset(path.stem, "npz", *npz.read_npz(path), origin=str(path))
+        splits = _resized(path, npz.read_npz(path), prepare.image_size)
+        return Dataset(path.stem, "npz", *splits, origin=str(path), prepared=prepare)
     if source == "folder":
-        splits = folder.read_folder(path, files, stamp[1])
-        return Dataset(path.resolve().name, "folder", *splits, origin=str(path))
+        return Dataset(path.resolve().name, "folder", *_folder(path, stamp, prepare, settled),
+                       origin=str(path), prepared=prepare)
     digests: dict[Path, str] = {}  # MD5s of the decompressed files: they name it by content
     arrays = [idx.read_split(path, split, check_item=check_image_item, digests=digests)
               for split in SPLITS]
@@ -262,8 +286,41 @@ def _read(path: Path, source: Source, stamp: Stamp, dataset: str | None) -> Data
     labels = [split_labels.astype(np.int64) for _, split_labels in arrays]
     class_names = (DATASETS[name].class_names if name in DATASETS
                    else default_class_names(labels, path))
-    return Dataset(name, "idx", arrays[0][0], labels[0], arrays[1][0], labels[1], class_names,
-                   origin=str(path))
+    splits = _resized(path, Splits(arrays[0][0], labels[0], arrays[1][0], labels[1],
+                                   class_names), prepare.image_size)
+    return Dataset(name, "idx", *splits, origin=str(path), prepared=prepare)
+
+
+def _folder(path: Path, stamp: Stamp, prepare: PrepareConfig, settled: bool) -> Splits:
+    files = [file_stamp[0] for file_stamp in stamp[0]]
+    if not prepare.image_size:  # images of one size as they are: quick to decode
+        return folder.read_folder(path, files, stamp[1], prepare)
+    key = cache.cache_key(path, stamp, prepare.identity())
+    cached = cache.load(key, len(files), prepare.image_size)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    splits = folder.read_folder(path, files, stamp[1], prepare)
+    log.debug("prepared %d pictures of %s at %dx%d in %.1f s", len(files), path,
+             prepare.image_size, prepare.image_size, time.perf_counter() - started)
+    if settled:
+        cache.store(key, splits)
+    return splits
+
+
+def _resized(path: Path, splits: Splits, size: int) -> Splits:
+    """The splits of an .npz or IDX data set at `size` (0: as they are); smaller images are
+    upscaled with a warning, as a folder's are."""
+    side = splits.train_images.shape[1] if splits.train_images.ndim >= 3 else 0
+    if (not size or side == size or image_shape_problem(splits.train_images.shape[1:])
+            or splits.test_images.shape[1:] != splits.train_images.shape[1:]):
+        return splits  # (`Dataset` refuses unusable shapes with its own message)
+    check_prepared_bytes(path, len(splits.train_images) + len(splits.test_images), size)
+    if side < size:
+        log.warning("%s: its %dx%d images were upscaled to %dx%d (--image-size)", path, side,
+                    side, size, size)
+    return splits._replace(train_images=resize_images(splits.train_images, size),
+                           test_images=resize_images(splits.test_images, size))
 
 
 def _name_by_content(digests: dict[Path, str]) -> str | None:

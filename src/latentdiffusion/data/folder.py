@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import struct
-import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +19,20 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..schema import IMAGE_SIZES
 from .idx import MAX_IDX_ITEMS
 from .images import Splits, image_shape_problem
+from .prepare import (
+    AS_THEY_ARE,
+    PrepareConfig,
+    check_pixels,
+    check_prepared_bytes,
+    pixels,
+    prepare_image,
+)
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-GRAY_MODES = ("1", "L", "LA")  # decoded as "L"; 16-bit gray ("I;16", "I") is scaled to 8 bits
 HOLD_OUT = 10  # a pool without train/ and test/ keeps 1 image in HOLD_OUT for testing
 # What Pillow raises for a corrupt or hostile image besides OSError (UnidentifiedImageError).
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
@@ -43,8 +50,10 @@ def held_out(relative: str) -> bool:
     return int.from_bytes(digest[:8], "big") % HOLD_OUT == 0
 
 
-def read_folder(root: Path, files: Sequence[str], dirs: Sequence[str]) -> Splits:
-    """Decode the images of a folder, given its image files and subfolders (relative, sorted)."""
+def read_folder(root: Path, files: Sequence[str], dirs: Sequence[str],
+                prepare: PrepareConfig = AS_THEY_ARE) -> Splits:
+    """Decode the images of a folder, given its image files and subfolders (relative, sorted),
+    as they are or prepared (`prepare.image_size`)."""
     if len(files) > 2 * MAX_IDX_ITEMS:
         raise DataError(f"{root}: {len(files)} images, more than the {2 * MAX_IDX_ITEMS} this "
                         "toolkit reads from one folder")
@@ -84,7 +93,8 @@ def read_folder(root: Path, files: Sequence[str], dirs: Sequence[str]) -> Splits
         test_labels = None if labels is None else labels[is_test]
     names = [*train_files, *test_files]
     order = sorted(range(len(names)), key=names.__getitem__)  # the first in sorted order sets
-    decoded = _decode(root, [names[i] for i in order])[np.argsort(order)]  # the image size
+    decode = _decode_prepared if prepare.image_size else _decode
+    decoded = decode(root, [names[i] for i in order], prepare)[np.argsort(order)]  # the size
     return Splits(decoded[:len(train_files)], train_labels, decoded[len(train_files):],
                   test_labels, classes)
 
@@ -121,8 +131,9 @@ def shown_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "replace")
 
 
-def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
-    """Images uint8 (N, H, W), or (N, H, W, 3) when any of them is in colour."""
+def _decode(root: Path, files: Sequence[str], prepare: PrepareConfig) -> np.ndarray:
+    """Images of one size as they are: uint8 (N, H, W), or (N, H, W, 3) when any of them is
+    in colour."""
     arrays: list[np.ndarray] = []
     first: tuple[str, tuple[int, int]] | None = None
     for relative in files:
@@ -132,14 +143,18 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
                 size = image.size[::-1]  # Pillow's (W, H) -> (H, W)
                 if first is None:  # its size, checked before anything is decoded
                     problem = image_shape_problem(size)
+                    other = _other_size(root, files, size) if problem else None
+                    if problem and other is not None:  # pictures of many sizes: name two
+                        height, width = other[1]
+                        problem += f", and {root / other[0]} is {height}x{width}"
                     if problem:
-                        raise DataError(f"{path}: {problem}")
+                        pick = _suggested(size, *([other[1]] if other else []))
+                        raise DataError(f"{path}: {problem}; pass --image-size {pick} to "
+                                        f"resize and centre-crop them all to {pick}x{pick}")
                     first = (relative, size)
                 elif size != first[1]:
-                    raise DataError(f"{path} is {size[0]}x{size[1]} but {root / first[0]} is "
-                                    f"{first[1][0]}x{first[1][1]}; every image must have the "
-                                    "same size")
-                arrays.append(_pixels(image))
+                    raise _mixed(root, first, (relative, size))
+                arrays.append(pixels(image, prepare.rgb))
         except _BAD_IMAGE as err:
             raise DataError(f"{path}: not a readable PNG or JPEG image ({err})") from None
     if any(a.ndim == 3 for a in arrays):  # gray L -> RGB repeats the value, as Pillow does
@@ -147,33 +162,65 @@ def _decode(root: Path, files: Sequence[str]) -> np.ndarray:
     return np.stack(arrays)
 
 
+def _decode_prepared(root: Path, files: Sequence[str], prepare: PrepareConfig) -> np.ndarray:
+    """Pictures of any size and mode, each resized and centre-cropped to S x S: uint8
+    (N, S, S), or (N, S, S, 3) when any of them is in colour."""
+    size = prepare.image_size
+    check_prepared_bytes(root, len(files), size)
+    out = np.empty((len(files), size, size, 3), np.uint8)  # gray ones repeat their value
+    gray = np.zeros(len(files), dtype=bool)
+    upscaled = 0
+    for i, relative in enumerate(files):
+        path = root / relative
+        try:
+            with _quiet_open(path) as image:
+                check_pixels(path, image.size)  # from the header, before decoding
+                array, small = prepare_image(image, prepare)
+        except _BAD_IMAGE as err:
+            raise DataError(f"{path}: not a readable PNG or JPEG image ({err})") from None
+        out[i] = array[:, :, None] if array.ndim == 2 else array
+        gray[i] = array.ndim == 2
+        upscaled += small
+    if upscaled:
+        log.warning("%s: %d of %d images are smaller than %dx%d; they were upscaled (blurrier "
+                    "than the rest)", root, upscaled, len(files), size, size)
+    return out[..., 0].copy() if gray.all() else out
+
+
+def _mixed(root: Path, *found: tuple[str, tuple[int, int]]) -> DataError:
+    (a, (a_height, a_width)), (b, (b_height, b_width)) = found
+    size = _suggested(found[0][1], found[1][1])
+    return DataError(f"{root / b} is {b_height}x{b_width} but {root / a} is {a_height}x"
+                     f"{a_width}; every image must have the same size, or pass --image-size "
+                     f"{size} to resize and centre-crop them all to {size}x{size}")
+
+
+def _other_size(root: Path, files: Sequence[str], size: tuple[int, int]
+                ) -> tuple[str, tuple[int, int]] | None:
+    """The first file whose (H, W) differs from `size`, from the headers alone."""
+    for relative in files:
+        try:
+            with _quiet_open(root / relative) as image:
+                if image.size[::-1] != size:
+                    return relative, image.size[::-1]
+        except _BAD_IMAGE:
+            continue  # (said when it is decoded)
+    return None
+
+
+def _suggested(*sizes: tuple[int, int]) -> int:
+    """An --image-size for images of these (H, W): the largest that needs no upscaling."""
+    side = min(min(size) for size in sizes) // 4 * 4
+    return max(IMAGE_SIZES[0], min(IMAGE_SIZES[-1], side))
+
+
 def _quiet_open(path: Path) -> Image.Image:
-    """Pillow's open without its DecompressionBombWarning: the size is checked right after
-    (16 to 64 pixels a side) before anything is decoded, so the warning could only come before
-    that one clear line; past twice its limit Pillow still refuses (DecompressionBombError)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    """Pillow's open without its own decompression-bomb check (a warning, or an error past
+    twice its limit, neither naming the size): the caller checks the size from the header
+    before anything is decoded (16 to 64 pixels a side, or `check_pixels`), in one line."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # (data sets are read on one thread)
+    try:
         return Image.open(path, formats=("PNG", "JPEG"))
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    """uint8 (H, W) for a grayscale image, (H, W, 3) for any other."""
-    image = _on_white(image)
-    if image.mode in GRAY_MODES:
-        return np.asarray(image if image.mode == "L" else image.convert("L"))
-    if image.mode.startswith("I"):  # 16-bit gray: Pillow's convert("L") would clip at 255
-        return (np.asarray(image.convert("I")) >> 8).clip(0, 255).astype(np.uint8)
-    return np.asarray(image.convert("RGB"))
-
-
-def _on_white(image: Image.Image) -> Image.Image:
-    """An image with transparency (RGBA, LA, a palette or gray with a transparent colour)
-    composited onto white, as a viewer shows it: dropping alpha would turn an icon whose shape
-    is only in its alpha (RGB = 0) into a black square. Others as they are."""
-    keyed = "transparency" in image.info and image.mode in ("1", "L", "P", "RGB")
-    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and not keyed:
-        return image
-    gray = image.mode in ("1", "L", "LA", "La")
-    rgba = image.convert("RGBA")
-    flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return flat.convert("L" if gray else "RGB")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit

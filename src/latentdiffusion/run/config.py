@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from ..data.prepare import PrepareConfig
 from ..diffusion.objective import ObjectiveConfig
 from ..diffusion.request import SamplingRequest
 from ..diffusion.samplers import VarianceName
@@ -167,6 +168,8 @@ class RunConfig:
     # Mirrored training images for the VAE and the denoiser (not the classifier, whose features
     # score the run): for small sets of pictures that may be mirrored, never for digits or text.
     augment: Augment = "none"
+    # How a folder's pictures (or an .npz's images) are prepared: --image-size, background.
+    data: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
     def guide_unet(self) -> UNetConfig:
