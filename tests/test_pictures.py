@@ -372,3 +372,24 @@ def test_a_config_file_carries_image_size(tmp_path: Path,
     assert_fails(capsys, 2, "config", "--data-dir", root, "--config", config, "--image-size",
                  "20", match="the config is for images 16x16x3, no labels but the data set "
                              "has 20x20x3")
+
+
+def test_a_mixed_folder_runs_end_to_end_and_later_commands_prepare_it_alike(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ldm run --image-size 16` (with mirroring) on pictures of 100 sizes; `ldm sample
+    --reconstruct` then reads the run's own preparation from run.json."""
+    root = _mixed(tmp_path / "pics", n=100)  # 1 in 10 held out: a test split of about 10
+    run = tmp_path / "run"
+    code, _, err = ldm(capsys, "run", "--preset", "tiny", "--data-dir", root, "--run-dir", run,
+                       "--image-size", "16", "--augment", "xflip", *CPU)
+    assert code == 0, err
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["config"]["data"]["image_size"] == 16
+    assert manifest["config"]["augment"] == "xflip"
+    assert manifest["data"]["image_size"] == 16 and manifest["data"]["channels"] == 3
+    out = tmp_path / "recon.npz"
+    code, _, err = ldm(capsys, "sample", "--model", "vae", "--reconstruct", "test", "--run-dir",
+                       run, "--data-dir", root, "--out", out, *CPU)
+    assert code == 0, err
+    with np.load(out) as saved:
+        assert saved["images"].shape[1:] == (16, 16, 3)

@@ -32,7 +32,7 @@ from ..run.config import (
 )
 from ..run.pipeline import STAGES
 from ..run.presets import preset
-from ..run.rundir import RunDir, check_replaceable
+from ..run.rundir import RunDir, check_replaceable, read_manifest
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
 from .parser import DEFAULT_SAMPLER
@@ -91,11 +91,17 @@ def with_image_size(config: RunConfig, size: int | None) -> RunConfig:
 
 def prepare_of(args: argparse.Namespace) -> PrepareConfig:
     """How the command prepares its data: the run config's [data] (its file, --image-size,
-    --set data.KEY) for `ldm run`, `ldm train` and `ldm config`; --image-size for the others.
-    UsageError for a bad value."""
+    --set data.KEY) for `ldm run`, `ldm train` and `ldm config`; for the others --image-size,
+    or without it the settings the run directory's run.json records. UsageError for a bad
+    value."""
     if args.command in ("run", "train", "config"):
         return run_config(args).data
-    return PrepareConfig(image_size=getattr(args, "image_size", None) or 0)
+    size = getattr(args, "image_size", None)
+    if size is None and getattr(args, "run_dir", None) is not None:
+        recorded = read_manifest(Path(args.run_dir) / "run.json").get("config", {}).get("data")
+        if isinstance(recorded, dict):  # the run's own preparation, checked again
+            return from_dict(PrepareConfig, recorded)
+    return PrepareConfig(image_size=size or 0)
 
 
 def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
