@@ -140,7 +140,7 @@ def test_sample_out_must_be_an_npz(capsys: pytest.CaptureFixture[str], tmp_path:
     target = tmp_path / out
     target.write_text("the user's file")
     assert_fails(capsys, 2, "sample", "--model", "vae", "--out", target, "--run-dir",
-                 tmp_path / "run", *CPU, match="argument --out: must end in .npz")
+                 tmp_path / "run", *CPU, match="--out must end in .npz")
     assert target.read_text() == "the user's file"
 
 
@@ -262,8 +262,8 @@ def test_sweep_refuses_what_it_cannot_score(capsys: pytest.CaptureFixture[str], 
 
 
 @pytest.mark.parametrize(("argv", "match"), [
-    (["--sampler", "ddpm", "--eta", "0.5"], "--eta is an option of ddim, not of ddpm"),
-    (["--sampler", "heun", "--variance", "beta"], "--variance is an option of ddpm, not of heun"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "eta is an option of ddim, not of ddpm"),
+    (["--sampler", "heun", "--variance", "beta"], "variance is an option of ddpm, not of heun"),
     (["--sampler", "ddim-20000"], "steps must be an integer in 1 .. 10000"),
 ])
 def test_sampler_options_it_would_ignore(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
 from .errors import UsageError
+from .version import __version__
 
 
 def environment() -> dict[str, Any]:

@@ -13,26 +13,29 @@ from tqdm.auto import tqdm
 
 from .. import data
 from .. import distributed as dist
+from ..api import export
+from ..api.experiment import run_stages, shape_of
+from ..api.pipeline import diffusion_samples
 from ..data import Dataset, load_dataset
 from ..errors import UsageError
 from ..evaluation import checks
+from ..evaluation.image_files import save_png_folder
 from ..evaluation.metrics import random_images
 from ..evaluation.samples import load_samples, save_samples
 from ..evaluation.tables import scored_sets
 from ..files import strict_json, write_json
 from ..run import checkpoint, generation, recipe, scores, stages, sweeps
 from ..run.config import RunConfig
-from ..run.pipeline import StageEvent, refresh_report, run_pipeline
+from ..run.pipeline import StageEvent, refresh_report
 from ..run.resume import Resume
 from ..run.rundir import RunDir
 from .options import (
     guidance_scales,
     integers,
     prepare_of,
-    recipe_name,
     run_config,
+    run_options,
     sampling_request,
-    shape_of,
 )
 
 
@@ -100,17 +103,21 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
                                                 device=device)
     else:
         request = sampling_request(args)
-        if args.model == "diffusion":
-            generation.check_conditioning(run, request)
-            made = request.record(generation.nfe(run, request))
-            if request.labels:
-                labels = request.labels_of(range(args.num_samples), generation.num_classes(run))
-        images = generation.generate(run, args.model, args.num_samples, args.seed,
-                                     request=request, device=device, batch_size=args.batch_size,
-                                     progress=not args.quiet)
+        if args.model == "diffusion":  # the function Pipeline.sample calls
+            samples = diffusion_samples(run, args.num_samples, request, seed=args.seed,
+                                        device=device, batch_size=args.batch_size,
+                                        progress=not args.quiet)
+            images, labels, made = samples.images, samples.labels, samples.made
+        else:
+            images = generation.generate(run, "vae", args.num_samples, args.seed,
+                                         device=device, batch_size=args.batch_size,
+                                         progress=not args.quiet)
     if not dist.is_main():
         return None
-    save_samples(args.out, images, labels, **made)
+    if args.format == "png":
+        save_png_folder(args.out, images, labels, **made)
+    else:
+        save_samples(args.out, images, labels, **made)
     return strict_json({"out": str(args.out), "n": len(images), **made})
 
 
@@ -172,18 +179,15 @@ def _guidance_sweep(args: argparse.Namespace, device: Any) -> str:
 
 
 def _run(args: argparse.Namespace, device: Any) -> str:
-    config = args.resolved  # main built it for this data
-    if dist.is_main():  # beside run.json's resolved config
-        recipe.save_copy(args.config, args.run_dir)
-
     def show(event: StageEvent) -> None:
         if not args.quiet:
             status = "skipped (up to date)" if event.skipped else f"{event.seconds:.1f} s"
             tqdm.write(f"[{event.name}] {status}: {event.summary}", file=sys.stderr)
 
-    metrics = run_pipeline(config, args.run_dir, dataset_of(args), device=device,
-                           force=tuple(args.force), progress=not args.quiet,
-                           preset_name=recipe_name(args), on_stage=show)
+    # The config main built for this data; the stages under the lock, as `latentdiffusion.run`
+    metrics = run_stages(args.resolved, args.run_dir, dataset_of(args), run_options(args),
+                         device=device, force=args.force, progress=not args.quiet,
+                         on_stage=show, command=shlex.join(["ldm", *args.argv]))
     _warn(metrics)
     summary = {name: {"n": m["n"], "fid": round(m["fid"], 4)}
                for name, m in scored_sets(metrics).items()}
@@ -239,5 +243,7 @@ def dispatch(args: argparse.Namespace, device: Any) -> str | None:
         return _evaluate(args, device)
     if args.command == "sweep":
         return _sweep(args, device)
+    if args.command == "export":
+        return strict_json(export(args.run_dir, args.out, license=args.license))
     return _run(args, device)
 

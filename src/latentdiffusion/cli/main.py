@@ -13,18 +13,11 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
+from ..api.experiment import check_batches, config_for, shape_of
 from ..errors import LdmError
 from ..run.rundir import RunDir, run_dir_lock
 from .commands import config_command, data_command, dataset_of, dispatch
-from .options import (
-    check_batches,
-    check_command,
-    check_splits,
-    run_config,
-    run_shape,
-    shape_of,
-    train_configs,
-)
+from .options import check_command, run_options, run_shape, train_configs
 from .parser import build_parser
 
 log = logging.getLogger(__name__)
@@ -56,6 +49,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for run.json
     except SystemExit as exit_:  # usage errors (2) and --help (0), for in-process callers
         return exit_.code if isinstance(exit_.code, int) else 2
     quiet = getattr(args, "quiet", False)
@@ -74,9 +68,7 @@ def _main(argv: Sequence[str] | None) -> int:
             device = dist.resolve_device(args.device)
             # The config for the data (it must fit), before the run dir exists.
             if args.command == "run":
-                args.resolved = run_config(args, shape_of(dataset_of(args)))
-                check_batches(args.resolved, dataset_of(args), "classifier", "vae", "diffusion")
-                check_splits(dataset_of(args))
+                args.resolved = config_for(run_options(args), dataset_of(args))
             elif args.command == "train" and args.model in ("classifier", "vae"):
                 args.resolved = train_configs(args, shape_of(dataset_of(args)))
                 config, train_config, _ = args.resolved
@@ -85,7 +77,8 @@ def _main(argv: Sequence[str] | None) -> int:
             elif args.command == "train":
                 args.resolved = train_configs(args, run_shape(RunDir(args.run_dir)))
             dist.init(device)
-            writes = args.command in ("train", "encode", "run", "sweep")
+            # `ldm run` takes the lock in the function it shares with `latentdiffusion.run`
+            writes = args.command in ("train", "encode", "sweep")
             with run_dir_lock(args.run_dir, enabled=writes and dist.is_main()):
                 output = dispatch(args, device)
         if output is not None and dist.is_main():

@@ -8,30 +8,21 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..data import Dataset
-from ..data.images import SPLITS
+from ..api.experiment import RunOptions, check_force
+from ..api.exports import check_out as check_export_out
+from ..api.pipeline import sampling_request as api_sampling_request
 from ..data.prepare import PrepareConfig
-from ..diffusion import SAMPLERS, SamplingRequest
+from ..diffusion import SamplingRequest
 from ..diffusion.guidance import Guidance
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
+from ..evaluation.image_files import is_png_folder
 from ..evaluation.samples import is_samples_file
 from ..files import load_small_json
 from ..models.classifier import ClassifierConfig
 from ..models.vae import VAEConfig
-from ..run import checkpoint, recipe
-from ..run.config import (
-    CONDITIONAL_GUIDANCE,
-    ImageShape,
-    RunConfig,
-    SamplingConfig,
-    conditional,
-    for_images,
-    image_shape_of,
-    with_objective_kind,
-)
-from ..run.pipeline import STAGES
-from ..run.presets import preset
+from ..run import checkpoint
+from ..run.config import ImageShape, RunConfig, SamplingConfig, image_shape_of
 from ..run.rundir import RunDir, check_replaceable, read_manifest
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
@@ -58,35 +49,20 @@ def check_out(args: argparse.Namespace) -> None:
     """`--out` of `ldm sample` (and its .png grid) or `ldm evaluate` replaces only an earlier
     output of the same command: never a data set, a run's file, an image or anything else the
     user has (UsageError)."""
-    if args.command == "sample":
+    if args.command == "sample" and args.format == "png":
+        check_replaceable(args.out, "samples folder", is_png_folder)
+    elif args.command == "sample":
+        if args.out.suffix != ".npz":  # the grid goes beside it as .png: the same name
+            raise UsageError(f"--out must end in .npz (the samples file; a .png grid is written "
+                             f"beside it; --format png writes a folder), got '{args.out}'")
         check_replaceable(args.out, "samples file", _earlier_samples)
         grid = args.out.with_suffix(".png")
         check_replaceable(grid, "samples grid", _earlier_samples,
                           label=f"{grid} (the grid of --out {args.out})")
     elif args.command == "evaluate" and args.out is not None:
         check_replaceable(args.out, "evaluation file", _earlier_evaluation)
-
-
-def with_seed(config: RunConfig, seed: int | None) -> RunConfig:
-    if seed is None:
-        return config
-    r = dataclasses.replace
-    return r(config, classifier_train=r(config.classifier_train, seed=seed),
-             vae_train=r(config.vae_train, seed=seed),
-             diffusion_train=r(config.diffusion_train, seed=seed),
-             sampling=r(config.sampling, seed=seed + 1))
-
-
-def with_objective(config: RunConfig, kind: str | None) -> RunConfig:
-    if kind is None:
-        return config
-    return dataclasses.replace(config, objective=with_objective_kind(config.objective, kind))
-
-
-def with_image_size(config: RunConfig, size: int | None) -> RunConfig:
-    if size is None:
-        return config
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, image_size=size))
+    elif args.command == "export":
+        check_export_out(args.out)
 
 
 def prepare_of(args: argparse.Namespace) -> PrepareConfig:
@@ -104,39 +80,23 @@ def prepare_of(args: argparse.Namespace) -> PrepareConfig:
     return PrepareConfig(image_size=size or 0)
 
 
-def with_conditional(config: RunConfig, args: argparse.Namespace) -> RunConfig:
-    guidance = getattr(args, "guidance", None)
-    if not args.conditional:
-        if guidance is not None:
-            raise UsageError("--guidance needs --conditional (an unconditional model has "
-                             "nothing to guide)")
-        return config
-    return conditional(config, CONDITIONAL_GUIDANCE if guidance is None else guidance)
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The options of `ldm run`, `ldm train` and `ldm config` that make the run config."""
+    return RunOptions(args.preset, args.config, args.seed, args.objective, args.conditional,
+                      getattr(args, "guidance", None), args.augment,
+                      getattr(args, "image_size", None), tuple(args.set))
 
 
 def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
     """The preset scaled to the data set's images (`shape`), then the --config file, --seed,
     --objective, --conditional and last --set (`ldm run`, `ldm train`, `ldm config`);
     UsageError for a bad value or a config that does not fit the data set."""
-    config = for_images(preset(args.preset), shape or ImageShape())
-    if args.config is not None:
-        config = recipe.load(args.config, config)
-    config = with_image_size(with_objective(with_seed(config, args.seed), args.objective),
-                             getattr(args, "image_size", None))
-    if args.augment is not None:  # RunConfig checks the value
-        config = dataclasses.replace(config, augment=args.augment)
-    config = recipe.apply_sets(with_conditional(config, args), args.set)
-    made_for = image_shape_of(config.classifier)
-    if shape is not None and made_for != shape:
-        raise UsageError(f"the config is for images {made_for} but the data set has {shape}; "
-                         "print one for it with `ldm config --data-dir ...`")
-    return config
+    return run_options(args).resolve(shape)
 
 
 def recipe_name(args: argparse.Namespace) -> str:
     """The preset, config file and --set values of a run, for its report and run.json."""
-    return " + ".join([args.preset, *([str(args.config)] if args.config else []),
-                       *(f"--set {item}" for item in args.set)])
+    return run_options(args).name
 
 
 def train_configs(args: argparse.Namespace, shape: ImageShape | None = None
@@ -195,10 +155,7 @@ def check_command(args: argparse.Namespace) -> None:
                   augment=args.augment)
     elif args.command == "run":
         run_config(args)
-        for name in args.force:
-            if name not in STAGES:
-                raise UsageError(f"--force: unknown stage {name!r} (choose from "
-                                 f"{', '.join(STAGES)})")
+        check_force(args.force)
     elif args.command == "sample" and not args.reconstruct:
         sampling_request(args)
     elif args.command == "sample":
@@ -220,25 +177,13 @@ def check_command(args: argparse.Namespace) -> None:
 
 
 def sampling_request(args: argparse.Namespace) -> SamplingRequest:
-    """`ldm sample`'s options as one request; the sampler's name, steps, variance, eta, the
-    labels and the scales are checked before any work."""
+    """`ldm sample`'s options as one request (the API's, `Pipeline.sample`'s); the sampler's
+    name, steps, variance, eta, the labels and the scales are checked before any work."""
     if args.model != "diffusion":
         _diffusion_options_only(args)
-    name = args.sampler or DEFAULT_SAMPLER
-    spec = name if args.steps is None else f"{name}-{args.steps}"
-    defaults = SamplingConfig()
-    # The run config's checks, with the same one-line errors: the request it makes is ours.
-    sampling = SamplingConfig(variance=args.variance or defaults.variance,
-                              eta=defaults.eta if args.eta is None else args.eta,
-                              samplers=(spec,), labels=args.labels, guidance=args.guidance,
-                              autoguidance=args.autoguidance)
-    request = sampling.requests[0]
-    for option in ("eta", "variance"):  # an option the sampler would ignore is a mistake
-        if getattr(args, option) is not None and option not in request.sampler.info.options:
-            takes = [n for n, s in SAMPLERS.items() if option in s.options]
-            raise UsageError(f"--{option} is an option of {', '.join(takes)}, not of "
-                             f"{request.sampler.name}")
-    return request
+    return api_sampling_request(args.sampler or DEFAULT_SAMPLER, steps=args.steps,
+                                variance=args.variance, eta=args.eta, labels=args.labels,
+                                guidance=args.guidance, autoguidance=args.autoguidance)
 
 
 def _diffusion_options_only(args: argparse.Namespace) -> None:
@@ -267,33 +212,6 @@ def integers(text: str, option: str) -> list[int]:
         return [parse_number(v, int) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"{option}: expected comma-separated integers, got {text!r}") from None
-
-
-def shape_of(dataset: Dataset) -> ImageShape:
-    """What the models must take; a single class is no classes to learn."""
-    classes = dataset.num_classes if dataset.num_classes >= 2 else 0
-    return ImageShape(dataset.image_size, dataset.channels, classes)
-
-
-def check_batches(config: RunConfig, dataset: Dataset, *stages: str) -> None:
-    """Every training batch fits the data, before any stage runs (UsageError naming the key)."""
-    n = len(dataset.train_images)
-    for name in stages:
-        batch = getattr(config, f"{name}_train").batch_size
-        if batch > n:
-            raise UsageError(f"{name}_train.batch_size {batch} is larger than the {n} training "
-                             f"images of {dataset.name}")
-
-
-def check_splits(dataset: Dataset) -> None:
-    """Each split holds the MIN_SAMPLES images `ldm run` scores against (the test split: every
-    score defined) and looks up (the training split: nearest images), before any stage runs."""
-    for split in SPLITS:
-        n = len(dataset.split(split)[0])
-        if n < MIN_SAMPLES:
-            raise UsageError(f"the {split} split of {dataset.name} holds {n} image"
-                             f"{'s' if n != 1 else ''}; ldm run needs at least {MIN_SAMPLES} in "
-                             "each split (every score defined): give it more images")
 
 
 def run_shape(run: RunDir) -> ImageShape:

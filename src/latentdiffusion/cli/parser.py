@@ -23,6 +23,8 @@ EPILOG = """examples:
   ldm train vae --data-dir ~/mnist --run-dir runs/demo
   ldm sample --run-dir runs/demo --model diffusion --sampler ddim --steps 50 -n 1000 --out d.npz
   ldm evaluate --data-dir ~/mnist --run-dir runs/demo --samples d.npz
+  ldm sample --run-dir runs/demo --model diffusion -n 100 --format png --out pngs/
+  ldm export --run-dir runs/demo --out models/demo --license CC-BY-4.0
   ldm sweep --data-dir ~/mnist --run-dir runs/demo --samplers heun,dpmpp-2m --nfe 5,10,20 -n 2000
   ldm config --preset quick > my.toml      # edit it, then:
   ldm run --data-dir ~/mnist --run-dir runs/mine --config my.toml --set diffusion_train.lr=4e-3
@@ -76,14 +78,6 @@ def number(text: str) -> float:
 
 
 number.__name__ = "float"  # argparse names it in its message: "invalid float value: 'x'"
-
-
-def npz_out(text: str) -> Path:
-    # The grid goes beside it as .png: any other name would lose the samples to their grid.
-    if not text.endswith(".npz"):
-        raise argparse.ArgumentTypeError(f"must end in .npz (the samples file; a .png grid is "
-                                         f"written beside it), got {text!r}")
-    return Path(text)
 
 
 def image_size(text: str) -> int:
@@ -227,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_value, default=0)
     _augment(p, default="none")
 
-    p = sub.add_parser("sample", help="generate images into a samples .npz", formatter_class=fmt)
+    p = sub.add_parser("sample", help="generate images into a samples .npz or a folder of PNGs",
+                       formatter_class=fmt)
     _common(p)
     p.add_argument("--model", required=True, choices=("vae", "diffusion"))
     # No defaults in the parser (None): a sampler option given with --model vae is told apart.
@@ -253,14 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoguidance", type=number, default=1.0, metavar="S",
                    help="autoguidance scale with the run's guide (`ldm train guide`): 1 off, "
                         "> 1 guided")
-    p.add_argument("--out", type=npz_out, required=True,
-                   help="output .npz (a .png grid beside it)")
+    p.add_argument("--format", choices=("npz", "png"), default="npz",
+                   help="npz: one samples file (a .png grid beside it); png: a folder of one "
+                        "PNG per image (000000.png, ...) and samples.json")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="the output .npz, or with --format png a folder (new, empty or an "
+                        "earlier one of these)")
 
     p = sub.add_parser("evaluate", help="score a samples file (FID, KID, precision/recall)",
                        formatter_class=fmt)
     _common(p)
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--samples", type=Path, metavar="FILE.npz")
+    group.add_argument("--samples", type=Path, metavar="PATH",
+                       help="a samples .npz, a folder of images or a .zip of images (the run's "
+                            "size and channels; nothing is resized)")
     group.add_argument("--baselines", action="store_true", help="the Validation and Random rows")
     p.add_argument("--nearest", action="store_true",
                    help="with --samples: how close the samples come to the training images "
@@ -288,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
+
+    p = sub.add_parser("export", help="a self-contained folder of a run's models (weights, "
+                                      "config.json, model card) for Pipeline.load",
+                       formatter_class=fmt)
+    _common(p, data_dir=False)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="the folder (new, empty or an earlier export)")
+    p.add_argument("--license", default="unspecified", metavar="TEXT",
+                   help="the licence the model card states, e.g. CC-BY-4.0")
 
     p = sub.add_parser("config", help="print the run config `ldm run` would run with the same "
                                       "options (TOML or JSON), to edit and pass to --config",

@@ -3,7 +3,8 @@
 An .npz holding `images` uint8 (N, H, H) or (N, H, H, 3), optional `labels` (N,) int, and, for
 diffusion sets, how they were made as 0-d arrays: `sampler`, `nfe`, `guidance` (labelled sets)
 and `autoguidance`; beside it a .png grid of the first 72 images. Its dtypes and shapes are
-checked from the .npy headers before anything is loaded.
+checked from the .npy headers before anything is loaded. `load_samples` also reads a folder of
+images or a .zip of them (image_files.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..data.images import DROP_CHANNEL, TO_UINT8
 from ..errors import DataError, LdmError
 from ..files import BAD_NPZ, npz_headers, write_npz
 from ..schema import MAX_SAMPLES
+from .image_files import load_image_zip, load_png_folder
 from .plots import save_grid
 
 KEYS = frozenset({"images", "labels", "sampler", "nfe", "guidance", "autoguidance"})
@@ -76,12 +78,16 @@ def _check_samples(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype
 
 
 def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a samples .npz: `images` uint8 (N, H, H) or (N, H, H, 3), optional `labels` (N,)
-    (checked against the classes when scored)."""
+    """Read a samples .npz, a folder of images or a .zip of images: `images` uint8 (N, H, H)
+    or (N, H, H, 3), optional `labels` (N,) (checked against the classes when scored)."""
     path = Path(path)
+    if path.is_dir():
+        return load_png_folder(path)
+    if path.suffix.lower() == ".zip":
+        return load_image_zip(path)
     if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: never read
-        raise DataError(f"{path} is not a regular file (a directory, device or pipe); pass a "
-                        ".npz samples file")
+        raise DataError(f"{path} is not a regular file (a device or pipe); pass a .npz "
+                        "samples file, a folder of images or a .zip of them")
     try:
         if not zipfile.is_zipfile(path):
             raise _not_npz(path)

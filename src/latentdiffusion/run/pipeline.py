@@ -78,6 +78,7 @@ class _Run:
     preset_name: str
     on_stage: Callable[[StageEvent], None] | None
     records: dict[str, Any]
+    command: str = ""  # the `ldm run` command line that made the run, for run.json
 
     def resume(self, name: str) -> Resume:
         """A forced stage starts over; any other continues a checkpoint with its key."""
@@ -93,6 +94,7 @@ class _Run:
             if dist.is_main():
                 write_json(self.run.root / "run.json", {
                     "stages": self.records, "preset": self.preset_name,
+                    **({"command": self.command} if self.command else {}),
                     "config": to_dict(self.config), "data": self.dataset.describe(),
                     "data_dir": self.dataset.origin, "environment": dist.environment()})
         dist.barrier()  # rank 0 wrote the stage's files; every rank may read them now
@@ -156,16 +158,17 @@ class _Run:
 
 def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
                  device: torch.device, force: tuple[str, ...] = (), progress: bool = True,
-                 preset_name: str = "custom", on_stage: Callable[[StageEvent], None] | None = None
-                 ) -> dict[str, Any]:
-    """Run (or skip) every stage; returns the metrics written to metrics.json."""
+                 preset_name: str = "custom", on_stage: Callable[[StageEvent], None] | None = None,
+                 command: str = "") -> dict[str, Any]:
+    """Run (or skip) every stage; returns the metrics written to metrics.json. `command`:
+    the command line to record in run.json."""
     for name in force:
         if name not in STAGES:
             raise UsageError(f"--force: unknown stage {name!r} (choose from {', '.join(STAGES)})")
     run = RunDir(run_root)
     r = _Run(config, run, dataset, device, progress,
              forced={s for name in force for s in DOWNSTREAM[name]}, preset_name=preset_name,
-             on_stage=on_stage, records=_manifest(run)["stages"])
+             on_stage=on_stage, records=_manifest(run)["stages"], command=command)
     c = config
 
     key = keys.model_key(c.classifier, c.classifier_train, dataset.content_hash).digest
