@@ -70,8 +70,10 @@ def diffusion_samples(run: RunDir, num_samples: int, request: SamplingRequest, *
     what `ldm sample --model diffusion` and `Pipeline.sample` make."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise UsageError(f"the seed must be an integer in 0 .. 2**63 - 1, got {seed!r}")
-    if num_samples > MAX_SAMPLES:
-        raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) \
+            or not 0 < num_samples <= MAX_SAMPLES:
+        raise UsageError(f"the number of samples (-n) must be an integer in 1 .. {MAX_SAMPLES}, "
+                         f"got {num_samples!r}")
     generation.check_conditioning(run, request)
     made = request.record(generation.nfe(run, request))
     labels = (request.labels_of(range(num_samples), generation.num_classes(run))
