@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import time
 
-from common import emit, parser, setup
-from latentdiffusion.data import load_dataset
+from common import emit, load, parser, setup
 from latentdiffusion.run import stages
-from latentdiffusion.run.presets import preset
 from latentdiffusion.run.rundir import RunDir
 
 
 def main() -> None:
     args = parser(__doc__ or "").parse_args()
     device = setup(args)
-    config = preset(args.preset)
+    dataset, config = load(args)
     start = time.perf_counter()
-    header = stages.train_classifier(load_dataset(args.data_dir), RunDir(args.run_dir),
+    header = stages.train_classifier(dataset, RunDir(args.run_dir),
                                      config.classifier, config.classifier_train, device=device,
                                      progress=False).header
     seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ from torch import nn
 
 from common import emit, parser, setup
 from latentdiffusion.models import VAE, Classifier, UNet
-from latentdiffusion.models.vae import vae_loss
+from latentdiffusion.models.autoencoder_losses import vae_loss
 from latentdiffusion.run.config import TrainConfig
 from latentdiffusion.run.presets import preset
 from latentdiffusion.run.training import adamw

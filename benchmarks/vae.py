@@ -2,20 +2,23 @@
 benchmarks/classifier.py on the same --run-dir).
 
     python benchmarks/vae.py --data-dir ../shared/data/mnist --run-dir bench-out/default
+    python benchmarks/vae.py --data-dir /usr/share/datasets/fashion-mnist --run-dir F \
+        --set vae.arch=resnet --set vae.loss=l1
 Bars: <= 240 s; classifier accuracy on test reconstructions >= 0.985; reconstruction FID
 <= 2x Validation FID. Also reports the VAE-prior and Random rows.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
-from common import emit, parser, setup
-from latentdiffusion.data import load_dataset
+from common import emit, load, parser, setup
 from latentdiffusion.evaluation.metrics import random_images
 from latentdiffusion.run import stages
+from latentdiffusion.run.checkpoint import peek
 from latentdiffusion.run.generation import generate, reconstruct
-from latentdiffusion.run.presets import preset
+from latentdiffusion.run.recipe import dumps
 from latentdiffusion.run.rundir import RunDir
 from latentdiffusion.run.scores import evaluate
 
@@ -25,9 +28,8 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing VAE")
     args = p.parse_args()
     device = setup(args)
-    config = preset(args.preset)
+    dataset, config = load(args)
     run = RunDir(args.run_dir)
-    dataset = load_dataset(args.data_dir)
     start = time.perf_counter()
     if not args.skip_train:
         stages.train_vae(dataset, run, config.vae, config.vae_train, device=device,
@@ -43,7 +45,14 @@ def main() -> None:
 
     validation = score(dataset.test_images, dataset.test_labels)
     reconstruction = score(recon, labels)
-    emit({"benchmark": "vae", "preset": args.preset, "train_seconds": train_seconds,
+    header = peek(run.model("vae")) or {}
+    emit({"benchmark": "vae", "preset": args.preset, "set": args.set,
+          "vae": json.loads(dumps(config.vae, "json")),
+          "vae_train": json.loads(dumps(config.vae_train, "json")),
+          "steps": config.vae_train.epochs * (len(dataset.train_images)
+                                               // config.vae_train.batch_size),
+          "train_seconds": train_seconds, "stage_train_seconds": header.get("train_seconds"),
+          "history": header.get("history"),
           "bar_seconds": 240, "validation": validation, "reconstruction": reconstruction,
           "reconstruction_fid_over_validation": reconstruction["fid"] / validation["fid"],
           "bar_fid_ratio": 2.0, "bar_reconstruction_accuracy": 0.985,

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import synthetic_digits
 from latentdiffusion.data.images import to_unit_tensor
 from latentdiffusion.models import VAE, Classifier
+from latentdiffusion.models.autoencoder_losses import vae_loss
 from latentdiffusion.models.classifier import ClassifierConfig
-from latentdiffusion.models.vae import VAEConfig, kl_to_standard_normal, sample_posterior, vae_loss
+from latentdiffusion.models.vae import VAEConfig, kl_to_standard_normal, sample_posterior
 from latentdiffusion.run.training import init_model
 
 

@@ -1,5 +1,8 @@
 """Convolutional VAE (Kingma & Welling 2014): encoder -> (mean, log-variance), decoder -> pixels.
 
+Two architectures: "plain", the blog post's two convs per level, and "resnet", residual blocks
+with GroupNorm (the autoencoder of Esser et al. 2021 and Rombach et al. 2022, smaller).
+
 Images are padded to the next multiple of 2**(levels + 1) (VAEConfig.padded_size), so that the
 stride-2 stages give an even latent size that the UNet can halve again: MNIST's 28x28 becomes
 32x32 and an 8x8 latent (the post's 7x7 cannot be halved cleanly, 4x4 -> 7x7 needs cropping).
@@ -7,7 +10,9 @@ stride-2 stages give an even latent size that the UNet can halve again: MNIST's 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +20,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..schema import check_fields, check_image
+
+VAEArch = Literal["plain", "resnet"]
+PixelLoss = Literal["bce", "l1", "l2"]
 
 
 @dataclass(frozen=True)
@@ -27,14 +35,30 @@ class VAEConfig:
     kl_weight: float = 1e-4  # beta of the KL term per latent element, see models/vae.py
     image_size: int = 28
     image_channels: int = 1
+    arch: VAEArch = "plain"
+    blocks_per_level: int = 1  # "resnet": residual blocks at each resolution, each side
+    groups: int = 8  # "resnet": GroupNorm groups; every channel count a multiple of it
+    # The per-pixel reconstruction term (models/autoencoder_losses.py): "bce" on the logits,
+    # or the mean absolute ("l1") or squared ("l2") error of the decoded pixels in [0, 1].
+    loss: PixelLoss = "bce"
+    # A patch critic (PatchGAN, hinge loss; Esser et al. 2021) from step `critic_start` on, its
+    # term weighted adaptively times `critic_weight`; 0 trains without one.
+    critic_weight: float = 0.0
+    critic_start: int = 0
+    critic_channels: int = 32
 
     def __post_init__(self) -> None:
-        check_fields(self, positive=("latent_channels", "channels"))
+        check_fields(self, positive=("latent_channels", "channels", "blocks_per_level", "groups",
+                                     "critic_channels"),
+                     nonnegative=("critic_weight", "critic_start"))
         check_image(self)
         if self.kl_weight < 0:
             raise UsageError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
         if not 1 <= len(self.channels) <= 4:
             raise UsageError("VAEConfig.channels must have 1 to 4 entries")
+        if self.arch == "resnet" and any(c % self.groups for c in self.channels):
+            raise UsageError(f"VAEConfig.channels must be multiples of groups ({self.groups}) "
+                             "for arch resnet")
 
     @property
     def padded_size(self) -> int:
@@ -51,6 +75,54 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.SiLU())
 
 
+def _upsample(c_in: int, c_out: int) -> nn.Sequential:
+    """(B, c_in, S, S) -> (B, c_out, 2S, 2S) by sub-pixel convolution (Shi et al. 2016)."""
+    return nn.Sequential(nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2))
+
+
+class ResBlock(nn.Module):
+    """x + Conv(SiLU(GroupNorm(Conv(SiLU(GroupNorm(x)))))): the pre-activation residual block
+    of Rombach et al. 2022's autoencoder, at constant width."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))  # (B, C, H, W)
+
+
+def _resnet(config: VAEConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """Encoder and decoder of residual blocks. Like the plain VAE, no layer runs at the padded
+    size: a stride-2 conv enters each level and a sub-pixel conv leaves it, the last one
+    giving pixel logits."""
+    ch, n, groups = config.channels, config.blocks_per_level, config.groups
+    encoder: list[tuple[str, nn.Module]] = []
+    decoder: list[tuple[str, nn.Module]] = []
+    size = config.padded_size
+    for level, c in enumerate(ch):
+        c_in = config.image_channels if level == 0 else ch[level - 1]
+        size //= 2
+        names = [f"{size}x{size}_block{i}" for i in range(n)]
+        encoder += [(f"{size}x{size}_down", nn.Conv2d(c_in, c, 3, stride=2, padding=1)),
+                    *((name, ResBlock(c, groups)) for name in names)]  # (B, c, size, size)
+        up: list[tuple[str, nn.Module]] = [(f"{size}x{size}_up", _upsample(c, c_in))]
+        # (B, c_in, 2 size, 2 size)
+        if level == 0:  # normalise before the logits, as the blocks' outputs are not
+            up.insert(0, (f"{size}x{size}_out", nn.Sequential(nn.GroupNorm(groups, c),
+                                                                nn.SiLU())))
+        decoder = [*((name, ResBlock(c, groups)) for name in names), *up] + decoder
+    encoder.append(("latent", nn.Sequential(nn.GroupNorm(groups, ch[-1]), nn.SiLU(),
+                                            nn.Conv2d(ch[-1], 2 * config.latent_channels, 3,
+                                                      padding=1))))
+    decoder.insert(0, ("latent", nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1)))
+    return nn.Sequential(OrderedDict(encoder)), nn.Sequential(OrderedDict(decoder))
+
+
 class VAE(nn.Module):
     """Images (B, C_img, H, H) in [0, 1] <-> latents (B, C, S, S), S = padded_size / 2**levels."""
 
@@ -60,8 +132,11 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        ch = config.channels
         self.pad = (config.padded_size - config.image_size) // 2  # on each side
+        if config.arch == "resnet":
+            self.encoder, self.decoder = _resnet(config)
+            return
+        ch = config.channels
         # No conv runs at 32x32: the encoder's first conv has stride 2, and the decoder upsamples
         # by sub-pixel convolution (Shi et al. 2016): a conv at S x S makes 4 c channels that
         # PixelShuffle lays out as c channels at 2S x 2S, so each of the 4 output phases has its
@@ -96,6 +171,12 @@ class VAE(nn.Module):
         """(B, C, S, S) -> images (B, C_img, H, H) in [0, 1]."""
         return torch.sigmoid(self.decode_logits(latents))
 
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the conv that gives the pixel logits: where the critic's adaptive
+        weight compares gradients (models/autoencoder_losses.py)."""
+        convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1].weight
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode, sample the posterior with `noise`, decode: (logits, mean, log_variance)."""
@@ -112,15 +193,3 @@ def sample_posterior(mean: torch.Tensor, log_variance: torch.Tensor,
 def kl_to_standard_normal(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, sigma^2) || N(0, 1)) per element = (mean^2 + sigma^2 - 1 - log sigma^2) / 2."""
     return 0.5 * (mean.square() + log_variance.exp() - 1.0 - log_variance)
-
-
-def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
-             kl_weight: float) -> torch.Tensor:
-    """Mean per-pixel BCE + kl_weight * mean per-latent-element KL (a beta-VAE objective).
-
-    kl_weight trades sharpness for a Gaussian latent: too small and the posterior means drift
-    far from N(0, I) (prior samples decode to garbage), too large and images blur.
-    """
-    logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
-    reconstruction = F.binary_cross_entropy_with_logits(logits, images)
-    return reconstruction + kl_weight * kl_to_standard_normal(mean, log_variance).mean()

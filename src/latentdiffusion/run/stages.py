@@ -26,9 +26,10 @@ from ..diffusion.objective import ObjectiveConfig, diffusion_loss, make_objectiv
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
 from ..models import VAE, Classifier, UNet
+from ..models.autoencoder_losses import VAEWithCritic, vae_loss
 from ..models.classifier import ClassifierConfig, accuracy, pixel_stats, random_shift, rotate
 from ..models.unet import UNetConfig
-from ..models.vae import VAEConfig, vae_loss
+from ..models.vae import VAEConfig
 from ..schema import to_dict
 from . import checkpoint, keys, latents
 from .config import Augment, LatentMode, LatentNorm, TrainConfig
@@ -63,8 +64,10 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
            val_data: tuple[torch.Tensor, ...], key: keys.StageKey, device: torch.device,
            resume: Resume, progress: bool,
            val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
-           init: Callable[[nn.Module], None] | None = None, **meta: Any) -> Trained:
-    """Shared by every model: fit, then export the (EMA) weights with their key and history."""
+           init: Callable[[nn.Module], None] | None = None,
+           export: Callable[[nn.Module], nn.Module] | None = None, **meta: Any) -> Trained:
+    """Shared by every model: fit, then export the (EMA) weights with their key and history;
+    `export` picks the model to write out of a training-only wrapper (the VAE of its critic)."""
     path = run.model(name)
     corrupt = resume != "off" and path.exists() and checkpoint.peek(path) is None
     if corrupt and dist.is_main():
@@ -79,7 +82,8 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
                  device=device, resume=resume, progress=progress, val_metrics=val_metrics)
     seconds = time.perf_counter() - start
     if dist.is_main():
-        checkpoint.save_model(path, result.model, model_config, key=key.digest,
+        exported = export(result.model) if export is not None else result.model
+        checkpoint.save_model(path, exported, model_config, key=key.digest,
                               key_fields=key.fields, history=result.history,
                               train_seconds=seconds, train_config=to_dict(train_config), **meta)
     dist.barrier()
@@ -155,16 +159,33 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
     latent_shape = (model_config.latent_channels, model_config.latent_size,
                     model_config.latent_size)
 
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    key = keys.model_key(model_config, train_config, dataset.content_hash, augment)
+
+    def images_and_noise(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images, noise = batch.tensors[0], batch.randn(*latent_shape)
         if augment == "xflip":  # drawn after the noise: without it, the same numbers as before
             images = mirror_where(images, batch.rand() < 0.5)
-        return vae_loss(model, images, noise, model_config.kl_weight)
+        return images, noise
+
+    if model_config.critic_weight:  # the wrapper's forward is the whole loss
+        def critic_loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+            return model(*images_and_noise(batch))
+
+        return _train(run, "vae", VAEWithCritic, model_config, train_config, critic_loss_fn,
+                      (train_images,), (test_images,), key, device, resume, progress,
+                      export=_autoencoder)
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        images, noise = images_and_noise(batch)
+        return vae_loss(model, images, noise, model_config.kl_weight, model_config.loss)
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
-                  (test_images,), keys.model_key(model_config, train_config,
-                                                 dataset.content_hash, augment),
-                  device, resume, progress)
+                  (test_images,), key, device, resume, progress)
+
+
+def _autoencoder(wrapper: nn.Module) -> nn.Module:
+    assert isinstance(wrapper, VAEWithCritic)
+    return wrapper.autoencoder
 
 
 def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
