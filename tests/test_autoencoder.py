@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import synthetic_digits, write_dataset
+from latentdiffusion import distributed as dist
 from latentdiffusion.data import load_dataset
 from latentdiffusion.data.images import to_unit_tensor
 from latentdiffusion.errors import UsageError
@@ -219,3 +220,13 @@ def test_the_stage_exports_the_autoencoder_alone(tmp_path: Path) -> None:
     assert not any(name.startswith(("critic", "autoencoder", "step")) for name in tensors)
     vae, _ = checkpoint.load_model(run.model("vae"), VAE)  # safetensors, as every stage's
     assert vae.config == CRITIC and header["history"]
+
+
+def test_the_critic_is_refused_under_several_processes(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = load_dataset(write_dataset(tmp_path / "data"))
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(UsageError, match="vae.critic_weight > 0 trains in one process only"):
+        stages.train_vae(dataset, RunDir(tmp_path / "run"), CRITIC,
+                         TrainConfig(steps=6, batch_size=16), device=CPU, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -167,6 +167,11 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
             images = mirror_where(images, batch.rand() < 0.5)
         return images, noise
 
+    if model_config.critic_weight and dist.world_size() > 1:
+        # Its adaptive weight takes gradients inside the forward pass, which DDP's one
+        # gradient reduction per backward does not cover.
+        raise UsageError("vae.critic_weight > 0 trains in one process only; train the VAE "
+                         "without torchrun (`ldm train vae`), then run the rest under it")
     if model_config.critic_weight:  # the wrapper's forward is the whole loss
         def critic_loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
             return model(*images_and_noise(batch))
