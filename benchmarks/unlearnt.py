@@ -1,4 +1,5 @@
-"""Runs that learn (almost) nothing, to see the report's checks say so.
+"""A small set the quick preset learns, and a set whose feature network cannot learn its task,
+to see the report's checks say which is which.
 
 Writes two small data sets and runs `ldm run` on each:
 - `shapes/`: a labelled folder of colour shapes, 32x32 (a square, a circle or a triangle in a
