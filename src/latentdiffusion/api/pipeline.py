@@ -22,8 +22,8 @@ from ..errors import CheckpointError, DataError, UsageError
 from ..models import VAE
 from ..run import checkpoint, generation, latents, scores
 from ..run.config import SamplingConfig
-from ..run.rundir import RunDir, is_run_dir, read_manifest, read_metrics
-from ..schema import MAX_SAMPLES, from_dict
+from ..run.rundir import RunDir, is_run_dir, read_manifest, read_metrics, recorded_preparation
+from ..schema import MAX_SAMPLES
 from . import exports
 
 log = logging.getLogger(__name__)
@@ -205,9 +205,7 @@ class Pipeline:
 
     def _dataset(self, data: str | os.PathLike[str] | None, name: str | None) -> Dataset:
         manifest = read_manifest(self.root / "run.json")
-        recorded = manifest.get("config", {}).get("data")
-        prepare = from_dict(PrepareConfig, recorded) if isinstance(recorded, dict) \
-            else PrepareConfig()
+        prepare = recorded_preparation(manifest) or PrepareConfig()
         if data is None and name is None:
             data = manifest.get("data_dir") or None
             if data is None:

@@ -23,7 +23,7 @@ from ..models.classifier import ClassifierConfig
 from ..models.vae import VAEConfig
 from ..run import checkpoint
 from ..run.config import ImageShape, RunConfig, SamplingConfig, image_shape_of
-from ..run.rundir import RunDir, check_replaceable, read_manifest
+from ..run.rundir import RunDir, check_replaceable, read_manifest, recorded_preparation
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
 from .parser import DEFAULT_SAMPLER
@@ -74,9 +74,9 @@ def prepare_of(args: argparse.Namespace) -> PrepareConfig:
         return run_config(args).data
     size = getattr(args, "image_size", None)
     if size is None and getattr(args, "run_dir", None) is not None:
-        recorded = read_manifest(Path(args.run_dir) / "run.json").get("config", {}).get("data")
-        if isinstance(recorded, dict):  # the run's own preparation, checked again
-            return from_dict(PrepareConfig, recorded)
+        recorded = recorded_preparation(read_manifest(Path(args.run_dir) / "run.json"))
+        if recorded is not None:
+            return recorded
     return PrepareConfig(image_size=size or 0)
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.prepare import PrepareConfig
 from ..errors import LdmError, UsageError
 from ..evaluation.tables import scored_sets
 from ..files import pid_alive, read_json
+from ..schema import from_dict
 
 try:
     import fcntl
@@ -132,6 +134,13 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     damaged, so every stage is checked again against its outputs."""
     manifest = read_json(path, _is_manifest)
     return manifest if manifest is not None else {"stages": {}}
+
+
+def recorded_preparation(manifest: dict[str, Any]) -> PrepareConfig | None:
+    """How a run prepared its data (its run.json's config.data, checked again), or None when
+    the manifest records none."""
+    recorded = manifest.get("config", {}).get("data")
+    return from_dict(PrepareConfig, recorded) if isinstance(recorded, dict) else None
 
 
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any] | None:
