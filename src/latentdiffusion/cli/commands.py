@@ -27,8 +27,10 @@ from ..files import strict_json, write_json
 from ..run import checkpoint, generation, recipe, scores, stages, sweeps
 from ..run.config import RunConfig
 from ..run.pipeline import StageEvent, refresh_report
+from ..run.progress import RunWatch, cached_scorer
 from ..run.resume import Resume
 from ..run.rundir import RunDir
+from ..run.trainlog import check_log, check_tensorboard
 from .options import (
     guidance_scales,
     integers,
@@ -72,17 +74,25 @@ def _train(args: argparse.Namespace, device: Any) -> str:
                          "to continue or --force to start over")
     progress = not args.quiet
     resume: Resume = "strict" if args.resume else "off"  # --force: "off" as well
+    check_log(run.log(name))
+    if config.monitor.tensorboard:
+        check_tensorboard()
+    # The progress FID needs the reference statistics an evaluation cached (no data set here).
+    watch = RunWatch(config.monitor, run, config.sampling,
+                     cached_scorer(run, device) if name == "diffusion" else None)
     if dataset is not None and name == "classifier":
         trained = stages.train_classifier(dataset, run, config.classifier, train_config,
-                                          device=device, resume=resume, progress=progress)
+                                          device=device, resume=resume, progress=progress,
+                                          watch=watch)
     elif dataset is not None:
         trained = stages.train_vae(dataset, run, config.vae, train_config, device=device,
-                                   resume=resume, progress=progress, augment=config.augment)
+                                   resume=resume, progress=progress, augment=config.augment,
+                                   watch=watch)
     else:  # the denoiser, or with a smaller UNet autoguidance's guide
         unet = config.guide_unet if name == "guide" else config.unet
         trained = stages.train_diffusion(run, unet, schedule, config.objective, train_config,
                                          device=device, resume=resume, progress=progress,
-                                         name=name, train_limit=config.train_limit)
+                                         name=name, train_limit=config.train_limit, watch=watch)
     header = trained.header
     last = header["history"][-1] if header["history"] else {}
     return strict_json({"model": str(run.model(name)), "train_seconds": header["train_seconds"],

@@ -26,7 +26,7 @@ from ..run.config import ImageShape, RunConfig, SamplingConfig, image_shape_of
 from ..run.rundir import RunDir, check_replaceable, read_manifest, recorded_preparation
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
-from .parser import DEFAULT_SAMPLER
+from .parser import DEFAULT_SAMPLER, monitor_sets
 
 
 def _earlier_samples(path: Path) -> bool:
@@ -84,7 +84,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     """The options of `ldm run`, `ldm train` and `ldm config` that make the run config."""
     return RunOptions(args.preset, args.config, args.seed, args.objective, args.conditional,
                       getattr(args, "guidance", None), args.augment,
-                      getattr(args, "image_size", None), tuple(args.set))
+                      getattr(args, "image_size", None), (*args.set, *monitor_sets(args)))
 
 
 def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:

@@ -160,6 +160,39 @@ def _recipe(p: argparse.ArgumentParser) -> None:
                         f"{CONDITIONAL_GUIDANCE:g})")
 
 
+def nonnegative(text: str) -> int:
+    try:
+        value = parse_number(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _monitor(p: argparse.ArgumentParser) -> None:
+    """What a training shows: --set monitor.KEY with names of their own."""
+    p.add_argument("--sample-every", type=positive, metavar="STEPS",
+                   help="a progress grid (and the denoiser's FID) every STEPS steps (default: "
+                        "the config's monitor.sample_every)")
+    p.add_argument("--score-samples", type=nonnegative, metavar="N",
+                   help="samples of each progress FID/KID (0: grids only; default 1000)")
+    p.add_argument("--no-progress-samples", action="store_true",
+                   help="no progress grids or scores while training (the logs stay)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files in R/logs/tensorboard (needs "
+                        'pip install "latentdiffusion[tensorboard]")')
+
+
+def monitor_sets(args: argparse.Namespace) -> list[str]:
+    """The --set items of _monitor's options."""
+    items = [f"monitor.{key}={value}" for key, value in
+             (("sample_every", getattr(args, "sample_every", None)),
+              ("score_samples", getattr(args, "score_samples", None))) if value is not None]
+    items += ["monitor.samples=false"] if getattr(args, "no_progress_samples", False) else []
+    return items + (["monitor.tensorboard=true"] if getattr(args, "tensorboard", False) else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(prog="ldm", description=DESCRIPTION, epilog=EPILOG,
@@ -204,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
     _augment(p)
     _recipe_files(p)
+    _monitor(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the newest checkpoint made with the same config")
@@ -287,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole experiment and its report", formatter_class=fmt)
     _common(p)
     _recipe(p)
+    _monitor(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo STAGE and what depends on it (repeatable)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -46,12 +46,44 @@ def _save(fig: plt.Figure, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+SCALE = 3  # each pixel of an image grid as SCALE x SCALE pixels of its PNG
+
+
+def save_image(image: np.ndarray, path: Path) -> None:
+    """uint8 (H, W) or (H, W, 3) as a PNG, grayscale or colour, scaled SCALE x."""
+    scaled = image.repeat(SCALE, axis=0).repeat(SCALE, axis=1)
+    buffer = io.BytesIO()
+    plt.imsave(buffer, scaled, cmap="gray", vmin=0, vmax=255, format="png")  # cmap: grayscale
+    atomic_write(path, buffer.getvalue())
+
+
 def save_grid(images: np.ndarray, path: Path, rows: int = 8, cols: int = 9) -> None:
     """The post's 72-image figure (8 x 9) as a PNG, grayscale or colour, scaled 3x."""
-    grid = tile(images, rows, cols).repeat(3, axis=0).repeat(3, axis=1)
-    buffer = io.BytesIO()
-    plt.imsave(buffer, grid, cmap="gray", vmin=0, vmax=255, format="png")  # cmap: grayscale
-    atomic_write(path, buffer.getvalue())
+    save_image(tile(images, rows, cols), path)
+
+
+def grid_row(path: Path, row: int, image_size: int, pad: int = 2) -> np.ndarray:
+    """Row `row` of a grid save_image wrote (`tile` with `pad`): uint8 (h, W[, 3])."""
+    from PIL import Image
+
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    top = row * (image_size + pad) * SCALE
+    return pixels[top:top + (image_size + 2 * pad) * SCALE]
+
+
+def save_progress(rows: Sequence[tuple[str, np.ndarray]], path: Path) -> None:
+    """Grid rows over training, one under the other, each labelled (e.g. "step 1000")."""
+    strip = np.concatenate([pixels for _, pixels in rows])
+    height = rows[0][1].shape[0]
+    fig, ax = plt.subplots(figsize=(strip.shape[1] / 100 + 1.2, strip.shape[0] / 100 + 0.2))
+    ax.imshow(strip, interpolation="nearest")
+    ax.set_yticks([height * (i + 0.5) for i in range(len(rows))],
+                  [literal(label) for label, _ in rows], fontsize=8)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    _save(fig, path)
 
 
 def save_nearest(samples: np.ndarray, train: np.ndarray, neighbours: Sequence[Sequence[int]],
@@ -100,6 +132,37 @@ def save_losses(histories: dict[str, Sequence[dict]], path: Path) -> None:
         ax.set_xlabel(unit)
         ax.legend()
         ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def save_curves(logs: Mapping[str, Sequence[dict]], path: Path) -> None:
+    """From each stage's log: the training loss (and validation loss) against the step, and
+    the progress FID (N beside it) on a second axis, one panel per stage."""
+    names = [name for name, records in logs.items() if records]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.8 * max(len(names), 1), 3.2),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        records = logs[name]
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train",
+                linewidth=1)
+        validated = [r for r in records if "val_loss" in r]
+        if validated:
+            ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "s",
+                    label="validation")
+        ax.set_title(literal(name))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        scored = [r for r in records if r.get("fid") is not None]
+        if scored:
+            fid_axis = ax.twinx()
+            fid_axis.plot([r["step"] for r in scored], [r["fid"] for r in scored], "o-",
+                          color="tab:red", label=f"FID (N = {scored[-1]['score_n']:,})")
+            fid_axis.set_yscale("log")
+            fid_axis.set_ylabel("FID", color="tab:red")
+            fid_axis.legend(loc="upper center", fontsize=7)
+        ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
     _save(fig, path)
 
 

@@ -90,6 +90,14 @@ def _figures(root: Path, metrics: dict[str, Any],
                 ("Random baseline", root / "samples" / "random.png"),
                 ("Noise schedules: alphas_cumprod over t", root / "figures" / "schedules.png"),
                 ("Loss curves", root / "figures" / "losses.png"),
+                ("Training curves from the logs: loss against step, and the denoiser's FID "
+                 "on its progress samples (N beside it)", root / "figures" / "curves.png"),
+                ("Denoiser samples from fixed noise while it trained (one row per step, "
+                 "not autoguided)", root / "figures" / "progress-diffusion.png"),
+                ("Guide samples from fixed noise while it trained",
+                 root / "figures" / "progress-guide.png"),
+                ("VAE reconstructions of fixed test images while it trained (one row per step; "
+                 "the last row the test images)", root / "figures" / "progress-vae.png"),
                 ("Predicted class of generated images",
                  root / "figures" / "class_histogram.png")]
     return [(title, path) for title, path in figures if path.exists()]

@@ -26,6 +26,14 @@ def reconstruction_loss(logits: torch.Tensor, images: torch.Tensor,
     return error.abs().mean() if kind == "l1" else error.square().mean()
 
 
+def vae_terms(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
+              pixel_loss: PixelLoss = "bce") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-pixel loss, mean per-latent-element KL to N(0, I)) of a batch."""
+    logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
+    return (reconstruction_loss(logits, images, pixel_loss),
+            kl_to_standard_normal(mean, log_variance).mean())
+
+
 def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor, kl_weight: float,
              pixel_loss: PixelLoss = "bce") -> torch.Tensor:
     """Mean per-pixel loss + kl_weight * mean per-latent-element KL (a beta-VAE objective).
@@ -35,9 +43,8 @@ def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor, kl_wei
     relative to the pixel loss's: L2 errors are smaller than BCE values, so the same weight
     presses harder on the latents under L2.
     """
-    logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
-    reconstruction = reconstruction_loss(logits, images, pixel_loss)
-    return reconstruction + kl_weight * kl_to_standard_normal(mean, log_variance).mean()
+    reconstruction, kl = vae_terms(model, images, noise, pixel_loss)
+    return reconstruction + kl_weight * kl
 
 
 class PatchCritic(nn.Module):
@@ -93,16 +100,21 @@ class VAEWithCritic(nn.Module):
         self.critic = PatchCritic(config.image_channels, config.critic_channels)
         self.step: torch.Tensor
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.terms: dict[str, torch.Tensor] = {}  # the last forward's loss terms, for the log
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         config = self.config
         logits, mean, log_variance = self.autoencoder(images, noise)
         reconstruction = reconstruction_loss(logits, images, config.loss)
-        loss = reconstruction + config.kl_weight * kl_to_standard_normal(mean, log_variance).mean()
+        kl = kl_to_standard_normal(mean, log_variance).mean()
+        loss = reconstruction + config.kl_weight * kl
         if not (self.training and torch.is_grad_enabled()):  # validation: the VAE's loss
             return loss
         step = int(self.step)
         self.step.add_(1)
+        zero = torch.zeros((), device=loss.device)
+        self.terms = {"reconstruction": reconstruction.detach(), "kl": kl.detach(),
+                      "generator": zero, "critic": zero}
         if step < config.critic_start:
             return loss
         fakes = torch.sigmoid(logits)  # (B, C_img, H, H)
@@ -110,4 +122,5 @@ class VAEWithCritic(nn.Module):
         generator = -functional_call(self.critic, frozen, (fakes,)).mean()
         weight = adaptive_weight(reconstruction, generator, self.autoencoder.last_layer())
         critic = hinge_critic_loss(self.critic(images), self.critic(fakes.detach()))
+        self.terms.update(generator=generator.detach(), critic=critic.detach())
         return loss + config.critic_weight * weight * generator + critic

@@ -20,6 +20,7 @@ from ..models.classifier import ClassifierConfig, ClassifierTask
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from ..schema import MAX_SAMPLES, check_fields, check_set_size
+from .monitor import MonitorConfig
 
 LatentMode = Literal["sample", "mean"]
 LatentNorm = Literal["global", "channel"]
@@ -170,6 +171,8 @@ class RunConfig:
     augment: Augment = "none"
     # How a folder's pictures (or an .npz's images) are prepared: --image-size, background.
     data: PrepareConfig = field(default_factory=PrepareConfig)
+    # What the run shows while it trains (logs, progress grids, scores): no trained number.
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def guide_unet(self) -> UNetConfig:

@@ -13,7 +13,7 @@ from .. import distributed as dist
 from ..data import Dataset
 from ..data.images import Split, to_uint8, to_unit_tensor
 from ..diffusion import Denoiser, NoiseSchedule, SamplingRequest, levels_only, sample
-from ..diffusion.guidance import UNGUIDED, Guidance, GuidedDenoiser, guided
+from ..diffusion.guidance import UNGUIDED, Guidance, GuidedDenoiser, MakeDenoiser, guided
 from ..diffusion.objective import Objective, ObjectiveConfig, make_objective
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import CheckpointError, UsageError
@@ -120,6 +120,23 @@ def nfe(run: RunDir, request: SamplingRequest) -> int:
 
 
 @torch.no_grad()
+def decoded_samples(vae: VAE, unet: UNet, denoiser: Denoiser, labelled: MakeDenoiser,
+                    request: SamplingRequest, x_T: torch.Tensor,
+                    generators: list[torch.Generator], indices: list[int],
+                    shift: tuple[float, ...], scale: tuple[float, ...],
+                    progress: bool = False) -> np.ndarray:
+    """uint8 images of samples `indices` from their noise x_T (B, C, S, S): `request`'s sampler
+    on `denoiser` (`labelled` makes a conditional model's, for the request's labels), decoded
+    by the VAE."""
+    labels = request.labels_of(indices, unet.config.num_classes)
+    if labels is not None:  # (B,) labels of these samples, guided at scale s
+        denoiser = guided(labelled, unet, torch.from_numpy(labels).to(x_T.device),
+                          unet.null_label, request.guidance.scale)
+    x0 = sample(denoiser, x_T, request.sampler, generator=generators, progress=progress)
+    return to_uint8(vae.decode(latents.denormalise(x0, shift, scale)))
+
+
+@torch.no_grad()
 def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
              request: SamplingRequest | None = None, device: torch.device,
              batch_size: int = 500, progress: bool = True) -> np.ndarray:
@@ -147,12 +164,8 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         generators = [generator(seed, i) for i in indices]
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
-            labels = request.labels_of(indices, unet.config.num_classes)
-            if labels is not None:  # (B,) labels of these samples, guided at scale s
-                denoiser = guided(labelled, unet, torch.from_numpy(labels).to(device),
-                                  unet.null_label, request.guidance.scale)
-            x0 = sample(denoiser, x_T, request.sampler, generator=generators, progress=progress)
-            chunks.append(to_uint8(vae.decode(latents.denormalise(x0, shift, scale))))
+            chunks.append(decoded_samples(vae, unet, denoiser, labelled, request, x_T,
+                                          generators, indices, shift, scale, progress))
         else:
             chunks.append(to_uint8(vae.decode(x_T)))  # the VAE prior N(0, I)
     size, channels = vae.config.image_size, vae.config.image_channels

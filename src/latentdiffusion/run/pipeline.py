@@ -26,8 +26,10 @@ from ..files import write_json
 from ..schema import from_dict, to_dict
 from . import checkpoint, generation, keys, latents, scores, stages, sweeps
 from .config import RunConfig
+from .progress import TRAINED_STAGES, RunWatch, Scorer, save_figures
 from .resume import Resume
 from .rundir import RunDir, read_manifest, read_metrics
+from .trainlog import check_log, check_tensorboard
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report")
@@ -111,17 +113,22 @@ class _Run:
 
     # ------------------------------------------------------------ each stage's work
 
+    @property
+    def watch(self) -> RunWatch:
+        return RunWatch(self.config.monitor, self.run, self.config.sampling)
+
     def classifier(self) -> str:
         c = self.config
         return stages.train_classifier(
             self.dataset, self.run, c.classifier, c.classifier_train, device=self.device,
-            resume=self.resume("classifier"), progress=self.progress).summary()
+            resume=self.resume("classifier"), progress=self.progress,
+            watch=self.watch).summary()
 
     def vae(self) -> str:
         c = self.config
         return stages.train_vae(self.dataset, self.run, c.vae, c.vae_train, device=self.device,
                                 resume=self.resume("vae"), progress=self.progress,
-                                augment=c.augment).summary()
+                                augment=c.augment, watch=self.watch).summary()
 
     def encode(self) -> str:
         c = self.config
@@ -131,17 +138,20 @@ class _Run:
 
     def diffusion(self) -> str:
         c = self.config
+        watch = self.watch
+        if c.monitor.samples and c.monitor.score_samples:  # the reference the evaluation uses
+            watch.scorer = Scorer(*scores.reference(self.dataset, self.run, self.device))
         return stages.train_diffusion(
             self.run, c.unet, c.schedule, c.objective, c.diffusion_train, device=self.device,
             resume=self.resume("diffusion"), progress=self.progress,
-            train_limit=c.train_limit).summary()
+            train_limit=c.train_limit, watch=watch).summary()
 
     def guide(self) -> str:
         c = self.config
         return stages.train_diffusion(
             self.run, c.guide_unet, c.schedule, c.objective, c.guide_train, device=self.device,
             resume=self.resume("guide"), progress=self.progress, name="guide",
-            train_limit=c.train_limit).summary()
+            train_limit=c.train_limit, watch=self.watch).summary()
 
     def sample(self) -> str:
         return _sample_all(self.run, self.dataset, self.config, self.device, self.progress)
@@ -166,6 +176,10 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
         if name not in STAGES:
             raise UsageError(f"--force: unknown stage {name!r} (choose from {', '.join(STAGES)})")
     run = RunDir(run_root)
+    for name in TRAINED_STAGES:  # each log reads and can be written, before any stage
+        check_log(run.log(name))
+    if config.monitor.tensorboard:
+        check_tensorboard()
     r = _Run(config, run, dataset, device, progress,
              forced={s for name in force for s in DOWNSTREAM[name]}, preset_name=preset_name,
              on_stage=on_stage, records=_manifest(run)["stages"], command=command)
@@ -287,6 +301,7 @@ def _report(run: RunDir, dataset: Dataset, c: RunConfig, preset_name: str,
                for name, kind in models + ([("guide", "unet")] if c.guide.channels else [])}
     plots.save_losses({n: h.get("history", []) for n, h in headers.items()},
                       figures / "losses.png")
+    save_figures(run, c.vae.image_size)
     schedules = {kind: NoiseSchedule.from_config(ScheduleConfig(
         kind=kind, num_timesteps=c.schedule.num_timesteps)).alphas_cumprod.numpy()
         for kind in ("linear", "cosine")}

@@ -18,6 +18,7 @@ from ..models.classifier import ClassifierConfig
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from .config import GuideConfig, RunConfig, SamplingConfig, TrainConfig
+from .monitor import MonitorConfig
 
 # The presets' denoiser objective: v-prediction with min-SNR-2, t drawn by importance
 # (docs/recipe.md; gamma 2 and 3 beat the paper's 5 with importance sampling).
@@ -40,6 +41,7 @@ def _tiny() -> RunConfig:
         sampling=SamplingConfig(num_samples=24, samplers=("ddim-5", "ddpm"), batch_size=16,
                                 autoguidance=2.0),
         eval_samples=24,
+        monitor=MonitorConfig(samples=False),  # the logs only
     )
 
 
@@ -63,6 +65,8 @@ def _quick() -> RunConfig:
         guide=GuideConfig(channels=(8, 16), steps=234),
         sampling=SamplingConfig(num_samples=2000, samplers=("ddpm-20",), autoguidance=1.5),
         eval_samples=2000,
+        # A grid every 100 steps: 3 of the denoiser, each scored on 1,000 samples.
+        monitor=MonitorConfig(sample_every=100),
     )
 
 

@@ -90,3 +90,38 @@ class StateDir:
                 old.unlink(missing_ok=True)
         self.stale, self.ours = [], self.ours[-KEEP:]
         return path
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state as checkpoint tensors ("optim.<index>.<key>") and JSON meta."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
+    """The inverse of optimizer_tensors."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Saved state is NCHW-contiguous. The fused AdamW kernel walks raw memory, so each state
+    # tensor must have its parameter's (channels-last) strides, or elements get silently mixed.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param_state = optimizer.state[param]
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    param_state[key] = torch.empty_like(param).copy_(value)

@@ -54,10 +54,18 @@ class RunDir:
     def figures(self) -> Path:
         return self.root / "figures"
 
+    def log(self, name: str) -> Path:
+        """A training stage's JSON-lines log (trainlog.py)."""
+        return self.root / "logs" / f"{name}.jsonl"
+
+    def progress(self, name: str, step: int) -> Path:
+        """A training stage's sample grid at `step` (monitor.py)."""
+        return self.figures / "progress" / f"{name}-{step}.png"
+
 
 # What the stages write in a run directory R: these folders, and these files beside the models.
 # Only the stages replace them; no --out may.
-_RUN_FOLDERS = frozenset({"samples", "cache", "checkpoints", "figures"})
+_RUN_FOLDERS = frozenset({"samples", "cache", "checkpoints", "figures", "logs"})
 _RUN_FILES = frozenset({"run.json", "metrics.json", "report.md", "report.html", "sweep.json",
                         "guidance.json", "config.toml", "config.json", ".lock"})
 # What only latentdiffusion puts in a folder: one of them makes it a run directory.

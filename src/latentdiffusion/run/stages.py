@@ -26,13 +26,15 @@ from ..diffusion.objective import ObjectiveConfig, diffusion_loss, make_objectiv
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import UsageError
 from ..models import VAE, Classifier, UNet
-from ..models.autoencoder_losses import VAEWithCritic, vae_loss
+from ..models.autoencoder_losses import VAEWithCritic, vae_terms
 from ..models.classifier import ClassifierConfig, accuracy, pixel_stats, random_shift, rotate
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from ..schema import to_dict
 from . import checkpoint, keys, latents
 from .config import Augment, LatentMode, LatentNorm, TrainConfig
+from .monitor import StageWatch
+from .progress import RunWatch
 from .resume import Resume
 from .rundir import RunDir
 from .training import Batch, LossFn, fit, init_model
@@ -65,7 +67,8 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
            resume: Resume, progress: bool,
            val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
            init: Callable[[nn.Module], None] | None = None,
-           export: Callable[[nn.Module], nn.Module] | None = None, **meta: Any) -> Trained:
+           export: Callable[[nn.Module], nn.Module] | None = None,
+           watch: StageWatch | None = None, **meta: Any) -> Trained:
     """Shared by every model: fit, then export the (EMA) weights with their key and history;
     `export` picks the model to write out of a training-only wrapper (the VAE of its critic)."""
     path = run.model(name)
@@ -79,7 +82,8 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
     start = time.perf_counter()
     result = fit(model, loss_fn, train_data, val_data, train_config, state_dir=run.state_dir(name),
                  kind=cls.kind, key=key, model_config=model_config,  # type: ignore[attr-defined]
-                 device=device, resume=resume, progress=progress, val_metrics=val_metrics)
+                 device=device, resume=resume, progress=progress, val_metrics=val_metrics,
+                 watch=watch)
     seconds = time.perf_counter() - start
     if dist.is_main():
         exported = export(result.model) if export is not None else result.model
@@ -97,7 +101,7 @@ def _train(run: RunDir, name: str, cls: type[nn.Module], model_config: Any,
 
 def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConfig,
                      train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
-                     progress: bool = True) -> Trained:
+                     progress: bool = True, watch: RunWatch | None = None) -> Trained:
     """The FID feature network on the data set's labels, or on the rotation task without."""
     _check_images(dataset, model_config.image_size, model_config.image_channels)
     labelled = bool(model_config.data_classes)
@@ -134,7 +138,7 @@ def train_classifier(dataset: Dataset, run: RunDir, model_config: ClassifierConf
                   (test_set[0].cpu(), test_set[1].cpu()),
                   keys.model_key(model_config, train_config, dataset.content_hash), device,
                   resume, progress, val_metrics=lambda m: {"val_accuracy": accuracy(m, *test_set)},
-                  init=init)
+                  init=init, watch=watch.stage("classifier") if watch else None)
 
 
 def _check_images(dataset: Dataset, size: int, channels: int) -> None:
@@ -150,7 +154,8 @@ def _check_images(dataset: Dataset, size: int, channels: int) -> None:
 
 def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
               train_config: TrainConfig, *, device: torch.device, resume: Resume = "off",
-              progress: bool = True, augment: Augment = "none") -> Trained:
+              progress: bool = True, augment: Augment = "none",
+              watch: RunWatch | None = None) -> Trained:
     """The VAE on the training images; with `augment` "xflip", a random half of each batch
     mirrored."""
     _check_images(dataset, model_config.image_size, model_config.image_channels)
@@ -174,18 +179,25 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
                          "without torchrun (`ldm train vae`), then run the rest under it")
     if model_config.critic_weight:  # the wrapper's forward is the whole loss
         def critic_loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-            return model(*images_and_noise(batch))
+            loss = model(*images_and_noise(batch))
+            assert isinstance(model, VAEWithCritic)  # (one process: no DDP around it)
+            batch.record(**model.terms)
+            return loss
 
         return _train(run, "vae", VAEWithCritic, model_config, train_config, critic_loss_fn,
                       (train_images,), (test_images,), key, device, resume, progress,
-                      export=_autoencoder)
+                      export=_autoencoder,
+                      watch=watch.vae(dataset.test_images, _autoencoder) if watch else None)
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         images, noise = images_and_noise(batch)
-        return vae_loss(model, images, noise, model_config.kl_weight, model_config.loss)
+        reconstruction, kl = vae_terms(model, images, noise, model_config.loss)
+        batch.record(reconstruction=reconstruction, kl=kl)
+        return reconstruction + model_config.kl_weight * kl
 
     return _train(run, "vae", VAE, model_config, train_config, loss_fn, (train_images,),
-                  (test_images,), key, device, resume, progress)
+                  (test_images,), key, device, resume, progress,
+                  watch=watch.vae(dataset.test_images, None) if watch else None)
 
 
 def _autoencoder(wrapper: nn.Module) -> nn.Module:
@@ -217,7 +229,8 @@ def encode(dataset: Dataset, run: RunDir, mode: LatentMode, norm: LatentNorm, *,
 def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     objective: ObjectiveConfig, train_config: TrainConfig, *,
                     device: torch.device, resume: Resume = "off", progress: bool = True,
-                    name: str = "diffusion", train_limit: int = 0) -> Trained:
+                    name: str = "diffusion", train_limit: int = 0,
+                    watch: RunWatch | None = None) -> Trained:
     """The denoiser on the cached latents (of the first `train_limit` training images, when
     given); name="guide" for autoguidance's guide (config.GuideConfig), the same stage with a
     smaller UNet and fewer steps."""
@@ -237,10 +250,14 @@ def train_diffusion(run: RunDir, model_config: UNetConfig, schedule_config: Sche
                              "for a class-conditional model")
         test_set += (latent_set.test_labels,)
     train_set = latent_set.training_set(bool(model_config.num_classes), train_limit)
-    loss = diffusion_loss(make_objective(objective, schedule), model_config.num_classes,
-                          objective.label_dropout)
+    made = make_objective(objective, schedule)
+    loss = diffusion_loss(made, model_config.num_classes, objective.label_dropout)
+    data_mean = train_set[0].mean(dim=0)  # (C, S, S): denoiser.start
+    stage_watch = watch.denoiser(name, made, data_mean.to(device), latent_set.shift,
+                                 latent_set.scale) if watch else None
     return _train(run, name, UNet, model_config, train_config, loss, train_set, test_set,
-                  key, device, resume, progress, schedule=to_dict(schedule_config),
+                  key, device, resume, progress, watch=stage_watch,
+                  schedule=to_dict(schedule_config),
                   objective=to_dict(objective), shift=latent_set.shift, scale=latent_set.scale,
-                  data_mean=train_set[0].mean(dim=0).tolist(),  # (C, S, S): denoiser.start
+                  data_mean=data_mean.tolist(),
                   latents_hash=latent_header["sha256"], vae_hash=latent_set.vae_hash)

@@ -9,6 +9,7 @@ same numbers on any number of processes and resumes exactly from any checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -29,7 +30,9 @@ from ..rng import derive_seed, generator, randn
 from ..schema import to_dict
 from .config import TrainConfig
 from .keys import StageKey
-from .resume import Resume, StateDir
+from .monitor import StageWatch
+from .resume import Resume, StateDir, load_optimizer, optimizer_tensors
+from .trainlog import LogInterval
 
 log = logging.getLogger(__name__)
 # Validation is forward-only, and a larger batch is cheaper per sample (the UNet on 8x8 latents:
@@ -47,6 +50,13 @@ class Batch:
     shard: slice
     generator: torch.Generator
     device: torch.device
+    # The loss's parts, detached, for the stage's log (e.g. the VAE's reconstruction and KL);
+    # a loss function records the same names at every step.
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def record(self, **parts: torch.Tensor) -> None:
+        """Keep the loss's parts (scalars) for the log; they are averaged over the ranks."""
+        self.parts.update({name: value.detach() for name, value in parts.items()})
 
     def randn(self, *shape: int) -> torch.Tensor:
         """(local B, *shape) standard normal, the same numbers whatever the world size."""
@@ -123,6 +133,12 @@ def adamw(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         return make(model.parameters(), foreach=True)
 
 
+def gradient_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients (what clip_grad_norm_ clips by)."""
+    norms = torch._foreach_norm([p.grad for p in parameters if p.grad is not None])
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def _shard(global_size: int) -> slice:
     return slice(dist.rank(), None, dist.world_size())
 
@@ -149,39 +165,6 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor
     return float(total[0] / total[1])
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                    meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in meta["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    # Saved state is NCHW-contiguous. The fused AdamW kernel walks raw memory, so each state
-    # tensor must have its parameter's (channels-last) strides, or elements get silently mixed.
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param_state = optimizer.state[param]
-            for key, value in param_state.items():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    param_state[key] = torch.empty_like(param).copy_(value)
-
-
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
 
@@ -190,12 +173,14 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         val_data: Sequence[torch.Tensor] | None, config: TrainConfig, *, state_dir: Path,
         kind: str, key: StageKey, model_config: Any, device: torch.device,
         resume: Resume = "off", progress: bool = True,
-        val_metrics: Callable[[nn.Module], dict[str, float]] | None = None) -> FitResult:
+        val_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+        watch: StageWatch | None = None) -> FitResult:
     """Train `model` on in-memory tensors; `state_dir` holds the crash-safe checkpoints.
 
     `key` is the stage's identity (keys.py): only a checkpoint with the same key is
     resumed. Everything is checked before anything is written, and old checkpoints are removed
-    only once this run has saved its first one (resume.py).
+    only once this run has saved its first one (resume.py). `watch` writes the stage's log
+    and progress grids (monitor.py; rank 0), which change no trained number.
     """
     n = len(train_data[0])
     # An epoch is one pass over a fresh permutation, its last partial batch dropped; the budget
@@ -215,6 +200,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     optimizer = adamw(model, config)
     history: list[dict[str, float]] = []
     step, loss_sum, loss_count = 0, 0.0, 0
+    interval, elapsed_before = LogInterval(), 0.0  # the log's sums; seconds before this process
     torch.manual_seed(derive_seed(config.seed, dist.rank()))  # dropout: torch's global RNG
     last_good: Path | None = None
     if checkpoints.resume_from:
@@ -222,9 +208,11 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         model.load_state_dict(_prefixed("model.", tensors))
         if ema is not None:
             ema.load_state_dict(_prefixed("ema.", tensors))
-        _load_optimizer(optimizer, tensors, meta["optimizer"])
+        load_optimizer(optimizer, tensors, meta["optimizer"])
         step, history = meta["step"], meta["history"]
         loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
+        interval = LogInterval(**meta.get("interval", {}))
+        elapsed_before = float(meta.get("elapsed_seconds", 0.0))
         torch.set_rng_state(tensors["rng.torch"])  # dropout's stream
         log.info("resumed %s from %s (step %d of %d)", kind, last_good.name, step, total_steps)
 
@@ -237,12 +225,14 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+        optim_tensors, optim_meta = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
         # The torch RNG drives dropout; nothing draws from numpy's or Python's global RNG.
         tensors["rng.torch"] = torch.get_rng_state()
         return checkpoints.save(step, tensors, history=history, loss_sum=loss_sum,
                                 loss_count=loss_count, optimizer=optim_meta,
+                                interval=dataclasses.asdict(interval),
+                                elapsed_seconds=elapsed_before + time.monotonic() - started,
                                 config=to_dict(config), model_config=to_dict(model_config))
 
     model_tensors = module_tensors(model)
@@ -250,8 +240,13 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     bar = tqdm(total=total_steps, initial=step, desc=kind, leave=False,
                disable=not (progress and dist.is_main()))
     order: torch.Tensor | None = None
-    last_save = time.monotonic()
+    last_save = started = time.monotonic()
+    watcher = watch if dist.is_main() else None  # rank 0 logs and draws the grids
+    if watcher is not None:
+        watcher.log.start(step)
+    scores: dict[str, Any] = {}  # the latest grid's, for the progress bar
     while step < total_steps:
+        step_start = time.monotonic()
         epoch, position = divmod(step, steps_per_epoch)
         if order is None or position == 0:
             order = torch.randperm(n, generator=generator(config.seed, _ORDER, epoch))
@@ -262,8 +257,12 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, total_steps)
         loss = loss_fn(wrapped, batch)
-        total_loss = dist.all_reduce_sum(loss.detach().double().reshape(1)).item()
-        mean_loss = total_loss / dist.world_size()
+        # (1 + parts,): the loss and its parts summed over the ranks in one reduction
+        summed = dist.all_reduce_sum(torch.stack(
+            [t.detach().double() for t in (loss, *batch.parts.values())])).tolist()
+        mean_loss = summed[0] / dist.world_size()
+        parts = {name: value / dist.world_size()
+                 for name, value in zip(batch.parts, summed[1:], strict=True)}
         if not math.isfinite(mean_loss):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint yet"
             raise LdmError(f"{kind}: loss became {mean_loss} at step {step}; training stopped, "
@@ -271,20 +270,37 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
-            nn.utils.clip_grad_norm_(model_tensors[0], config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(model_tensors[0], config.grad_clip)
+        else:
+            norm = gradient_norm(model_tensors[0])
         optimizer.step()
         if ema_tensors is not None:
             ema_update(ema_tensors, model_tensors, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
         loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
+        interval.add(mean_loss, parts, float(norm), len(rows), time.monotonic() - step_start)
         bar.update()
-        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", **scores, refresh=False)
+        line: dict[str, Any] = {}  # what this step adds to a log line
         if step % config.validate_every == 0 or step == total_steps:
             history.append(_validate(step, step / steps_per_epoch, loss_sum / loss_count,
                                      ema or model, loss_fn, val_data, config, device,
                                      val_metrics))
             log.info("%s step %d: %s", kind, step, history[-1])
             loss_sum, loss_count = 0.0, 0
+            line.update({k: v for k, v in history[-1].items()
+                         if k not in ("step", "epoch", "train_loss")})
+        if watcher is not None and watcher.config.grid_due(step, steps_per_epoch, total_steps):
+            found = watcher.grid(ema or model, step)
+            line.update(found)
+            if "fid" in found:
+                scores = {"fid": f"{found['fid']:.2f} (N={found['score_n']})"}
+        if watcher is not None and (line or step % watcher.config.log_every == 0):
+            watcher.log.write({
+                "step": step, "epoch": round(step / steps_per_epoch, 4), **interval.record(),
+                "lr": lr_at(config, step - 1, total_steps),
+                "elapsed_seconds": elapsed_before + time.monotonic() - started, **line})
+            interval = LogInterval()
         save_now = step % config.checkpoint_every == 0 or step == total_steps
         if not save_now:  # by time as well: rank 0's clock decides for every rank
             save_now = dist.main_decides(
@@ -295,6 +311,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
             dist.barrier()
             last_save = time.monotonic()
     bar.close()
+    if watcher is not None:
+        watcher.log.close()
     return FitResult(model=(ema or model).eval(), history=history,
                      resumed_from=checkpoints.resume_from[0] if checkpoints.resume_from else None)
 
