@@ -152,6 +152,8 @@ def save_curves(logs: Mapping[str, Sequence[dict]], path: Path) -> None:
         ax.set_title(literal(name))
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
+        if all(r["loss"] > 0 for r in records):  # the first steps' drop hides the rest
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         scored = [r for r in records if r.get("fid") is not None]
         if scored:
