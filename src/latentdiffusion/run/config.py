@@ -19,6 +19,7 @@ from ..models import VAE, Classifier, UNet, parameter_count
 from ..models.classifier import ClassifierConfig, ClassifierTask
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
+from ..precision import Precision
 from ..schema import MAX_SAMPLES, check_fields, check_set_size
 
 LatentMode = Literal["sample", "mean"]
@@ -61,6 +62,9 @@ class TrainConfig:
     # changes no trained number: not part of the stage key.
     validate_every: int = 1000
     seed: int = 0
+    # The forward passes' autocast dtype (precision.py); weights and optimizer stay float32.
+    # Part of the stage key only when not "fp32" (keys.py).
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("steps", "batch_size", "lr", "checkpoint_every",
@@ -111,6 +115,9 @@ class SamplingConfig:
     guidance: float = 1.0
     # Autoguidance's scale s (GuideConfig): 1 the denoiser alone, > 1 guided by the run's guide.
     autoguidance: float = 1.0
+    # The autocast dtype of the sets' networks: the denoiser, the VAE's decoder (and its encoder
+    # for the reconstructions). Encoding the latents and the feature network stay float32.
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("num_samples", "batch_size"), nonnegative=("seed",))
@@ -170,6 +177,12 @@ class RunConfig:
     augment: Augment = "none"
     # How a folder's pictures (or an .npz's images) are prepared: --image-size, background.
     data: PrepareConfig = field(default_factory=PrepareConfig)
+
+    @property
+    def precisions(self) -> set[Precision]:
+        """Every precision the run computes in: its training stages' and its sets'."""
+        return {self.classifier_train.precision, self.vae_train.precision,
+                self.diffusion_train.precision, self.sampling.precision}
 
     @property
     def guide_unet(self) -> UNetConfig:
