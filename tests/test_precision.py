@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,17 +18,18 @@ from torch import nn
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
 from latentdiffusion import precision
 from latentdiffusion.cli import main
-from latentdiffusion.diffusion import sample
+from latentdiffusion.diffusion import SamplingRequest, sample
 from latentdiffusion.diffusion.objective import ObjectiveConfig, diffusion_loss, make_objective
 from latentdiffusion.errors import LdmError, UsageError
 from latentdiffusion.evaluation import metrics
-from latentdiffusion.models import Classifier, UNet
+from latentdiffusion.models import VAE, Classifier, UNet
 from latentdiffusion.models.classifier import ClassifierConfig
-from latentdiffusion.run import checkpoint, keys, training
+from latentdiffusion.run import checkpoint, generation, keys, training
 from latentdiffusion.run.config import SamplingConfig, TrainConfig
 from latentdiffusion.run.keys import StageKey
 from latentdiffusion.run.presets import preset
 from latentdiffusion.run.resume import Resume, latest_checkpoint
+from latentdiffusion.run.rundir import RunDir
 from latentdiffusion.run.training import Batch, FitResult, evaluate_loss, fit, init_model
 
 CPU = torch.device("cpu")
@@ -294,8 +296,18 @@ def test_the_cli_refuses_an_unknown_or_unrunnable_precision_in_one_line(
     assert not run.exists()
 
 
+def _recording(method: Callable[..., torch.Tensor], name: str,
+               seen: list[tuple[str, bool]]) -> Callable[..., torch.Tensor]:
+    """`method`, recording (name, whether autocast is on) at each call."""
+    def spy(self: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append((name, torch.is_autocast_enabled("cpu")))
+        return method(self, *args, **kwargs)
+
+    return spy
+
+
 def test_ldm_run_with_bf16_keys_every_training_stage_and_the_sets(
-        data_dir: Path, tmp_path: Path) -> None:
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     assert main(["run", "--data-dir", str(data_dir), "--run-dir", str(run), "--preset", "tiny",
                  "--precision", "bf16", "--device", "cpu", "--quiet"]) == 0
@@ -307,3 +319,15 @@ def test_ldm_run_with_bf16_keys_every_training_stage_and_the_sets(
         assert header is not None and header["key_fields"]["train.precision"] == "bf16", name
     fids = json.loads((run / "metrics.json").read_text())
     assert all(v["fid"] is not None for k, v in fids.items() if k in ("ddim-5", "ddpm"))
+
+    # Sampling autocasts the denoiser and the decoder, and its images are nearly float32's.
+    seen: list[tuple[str, bool]] = []
+    for cls, name in ((UNet, "forward"), (VAE, "decode_logits")):
+        monkeypatch.setattr(cls, name, _recording(getattr(cls, name), name, seen))
+    images = {p: generation.generate(RunDir(run), "diffusion", 8, 0, device=CPU,
+                                     request=SamplingRequest.of("ddim-5"), progress=False,
+                                     precision=p) for p in ("bf16", "fp32")}
+    assert set(seen) == {("forward", True), ("decode_logits", True), ("forward", False),
+                         ("decode_logits", False)}
+    difference = np.abs(images["bf16"].astype(int) - images["fp32"].astype(int))
+    assert difference.mean() < 4, difference.mean()  # of 255
