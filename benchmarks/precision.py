@@ -3,12 +3,12 @@ CUDA only), with each one's share of the chip's peak and the kernels that ran.
 
     python benchmarks/precision.py [--device cpu|cuda] [--threads 2] [--steps 50] [--out FILE]
 
-Synthetic inputs at the default preset's sizes (MNIST's 28x28x1 images, 8x8x4 latents) and
-batch sizes; no data needed. A training step is one step of the library's `fit` (autocast
-forward and loss, backward, gradient clipping, fused AdamW on float32 master weights, fp16's
-GradScaler), timed between the starts of consecutive loss calls; sampling is one forward at batch
-500: the denoiser's UNet, the VAE's decoder, the classifier's features. Each figure is the median
-of --steps timings after 3 warm-up ones.
+Synthetic inputs at the --preset's sizes (default: the default preset's, MNIST's 28x28x1 images
+and 8x8x4 latents) and batch sizes, changed by --set; no data needed. A training step is one
+step of the library's `fit` (autocast forward and loss, backward, gradient clipping, fused AdamW
+on float32 master weights, fp16's GradScaler), timed between the starts of consecutive loss
+calls; sampling is one forward at batch 500: the denoiser's UNet, the VAE's decoder, the
+classifier's features. Each figure is the median of --steps timings after 3 warm-up ones.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on the forward (2 per
 multiply-add of the convs, linears and matmuls); a training step counts 3x its forward (the
@@ -42,6 +42,7 @@ from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
 from latentdiffusion.models import VAE, Classifier, UNet, to_device
 from latentdiffusion.models.autoencoder_losses import vae_loss
 from latentdiffusion.precision import Precision, autocast, cpu_has_bf16
+from latentdiffusion.run import recipe
 from latentdiffusion.run.config import ImageShape, TrainConfig, for_images
 from latentdiffusion.run.keys import StageKey
 from latentdiffusion.run.presets import preset
@@ -150,7 +151,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = for_images(preset("default"), ImageShape())  # MNIST's images and classes
+    # The preset at MNIST's images and classes, with the --set changes
+    config = recipe.apply_sets(for_images(preset(args.preset), ImageShape()), args.set)
     precisions: list[Precision] = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     g = torch.Generator().manual_seed(0)
     size, c, s = config.vae.image_size, config.unet.in_channels, config.unet.latent_size
@@ -172,7 +174,8 @@ def main() -> None:
         "unet": (UNet, config.unet, diffusion_loss(make_objective(config.objective, schedule)),
                  (latents,), config.diffusion_train.batch_size, lambda m: m(on["z"], on["t"])),
     }
-    result: dict = {"benchmark": "precision", "device": str(device), "steps": args.steps,
+    result: dict = {"benchmark": "precision", "preset": args.preset, "sets": args.set,
+                    "device": str(device), "steps": args.steps,
                     "kernels": {"mkldnn": torch.backends.mkldnn.is_available(),
                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                 "cpu_bf16_instructions": cpu_has_bf16(),
