@@ -41,10 +41,10 @@ from latentdiffusion.diffusion import NoiseSchedule
 from latentdiffusion.diffusion.objective import diffusion_loss, make_objective
 from latentdiffusion.models import VAE, Classifier, UNet, to_device
 from latentdiffusion.models.autoencoder_losses import vae_loss
-from latentdiffusion.precision import Precision, autocast, cpu_has_bf16
 from latentdiffusion.run import recipe
 from latentdiffusion.run.config import ImageShape, TrainConfig, for_images
 from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.precision import Precision, autocast, cpu_has_bf16
 from latentdiffusion.run.presets import preset
 from latentdiffusion.run.training import Batch, fit, init_model
 

@@ -1,4 +1,4 @@
-"""Mixed precision (precision.py): bf16 and fp16 autocast in training and sampling, float32
+"""Mixed precision (run/precision.py): bf16 and fp16 autocast in training and sampling, float32
 master weights, the stage key, the refusals, and float32 runs unchanged."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from conftest import TINY_OBJECTIVE, TINY_SCHEDULE, TINY_UNET
-from latentdiffusion import precision
 from latentdiffusion.cli import main
 from latentdiffusion.diffusion import SamplingRequest, sample
 from latentdiffusion.diffusion.objective import ObjectiveConfig, diffusion_loss, make_objective
@@ -24,7 +23,7 @@ from latentdiffusion.errors import LdmError, UsageError
 from latentdiffusion.evaluation import metrics
 from latentdiffusion.models import VAE, Classifier, UNet
 from latentdiffusion.models.classifier import ClassifierConfig
-from latentdiffusion.run import checkpoint, generation, keys, training
+from latentdiffusion.run import checkpoint, generation, keys, precision, training
 from latentdiffusion.run.config import SamplingConfig, TrainConfig
 from latentdiffusion.run.keys import StageKey
 from latentdiffusion.run.presets import preset
@@ -139,7 +138,7 @@ def test_fp16_on_the_cpu_is_refused_and_bf16_without_instructions_warns(
         precision.check_device("bf16", torch.device("mps"))
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     precision._warn_emulated_bf16.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="latentdiffusion.precision"):
+    with caplog.at_level(logging.WARNING, logger="latentdiffusion.run.precision"):
         for _ in range(3):
             precision.check_device("bf16", CPU)
         precision.check_device("fp32", CPU)

@@ -18,7 +18,6 @@ from .. import distributed as dist
 from ..data import Dataset, load_dataset
 from ..data.images import SPLITS
 from ..errors import UsageError
-from ..precision import check_device, parse
 from ..run import recipe
 from ..run.config import (
     CONDITIONAL_GUIDANCE,
@@ -30,6 +29,7 @@ from ..run.config import (
     with_objective_kind,
 )
 from ..run.pipeline import STAGES, StageEvent, run_pipeline
+from ..run.precision import check_device, parse
 from ..run.presets import preset as preset_config
 from ..run.rundir import run_dir_lock
 from ..run.sweeps import MIN_SAMPLES
@@ -50,7 +50,7 @@ class RunOptions:
     augment: str | None = None
     image_size: int | None = None
     sets: tuple[str, ...] = ()
-    precision: str | None = None  # every training stage's and the sets' (precision.py)
+    precision: str | None = None  # every training stage's and the sets' (run/precision.py)
 
     def resolve(self, shape: ImageShape | None = None) -> RunConfig:
         """The run config for images of `shape` (None: the preset's own); UsageError for a bad

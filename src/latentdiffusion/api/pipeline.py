@@ -20,9 +20,9 @@ from ..data.prepare import PrepareConfig
 from ..diffusion import SAMPLERS, SamplingRequest
 from ..errors import CheckpointError, DataError, UsageError
 from ..models import VAE
-from ..precision import Precision, check_device, parse
 from ..run import checkpoint, generation, latents, scores
 from ..run.config import SamplingConfig
+from ..run.precision import Precision, check_device, parse
 from ..run.rundir import RunDir, is_run_dir, read_manifest, read_metrics, recorded_preparation
 from ..schema import MAX_SAMPLES
 from . import exports

@@ -23,9 +23,9 @@ from ..evaluation.samples import is_samples_file
 from ..files import load_small_json
 from ..models.classifier import ClassifierConfig
 from ..models.vae import VAEConfig
-from ..precision import Precision, check_device, parse
 from ..run import checkpoint
 from ..run.config import ImageShape, RunConfig, SamplingConfig, image_shape_of
+from ..run.precision import Precision, check_device, parse
 from ..run.rundir import RunDir, check_replaceable, read_manifest, recorded_preparation
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number

@@ -93,7 +93,7 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [0, 1] -> (B, feature_dim): the FID feature space."""
         mean, std = self.pixel_mean[:, None, None], self.pixel_std[:, None, None]
-        # float32 out of an autocast forward (precision.py), a no-op in float32
+        # float32 out of an autocast forward (run/precision.py), a no-op in float32
         return self.to_features(self.body((images - mean) / std)).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from ..models import VAE, Classifier, UNet, parameter_count
 from ..models.classifier import ClassifierConfig, ClassifierTask
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
-from ..precision import Precision
 from ..schema import MAX_SAMPLES, check_fields, check_set_size
+from .precision import Precision
 
 LatentMode = Literal["sample", "mean"]
 LatentNorm = Literal["global", "channel"]

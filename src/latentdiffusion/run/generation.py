@@ -18,10 +18,10 @@ from ..diffusion.objective import Objective, ObjectiveConfig, make_objective
 from ..diffusion.schedule import ScheduleConfig
 from ..errors import CheckpointError, UsageError
 from ..models import VAE, UNet
-from ..precision import Precision, autocast
 from ..rng import generator, randn
 from ..schema import check_set_size, from_dict
 from . import checkpoint, latents
+from .precision import Precision, autocast
 from .rundir import RunDir
 
 ModelName = Literal["vae", "diffusion"]

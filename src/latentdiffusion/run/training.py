@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..errors import LdmError
 from ..models import to_device
-from ..precision import autocast, grad_scaler
 from ..rng import derive_seed, generator, randn
 from ..schema import to_dict
 from .config import TrainConfig
 from .keys import StageKey
+from .precision import autocast, grad_scaler
 from .resume import Resume, StateDir
 
 log = logging.getLogger(__name__)

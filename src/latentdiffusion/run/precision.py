@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def autocast(precision: Precision, device: torch.device) -> AbstractContextManag
 def grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
     """fp16's loss scaling; for fp32 and bf16 a disabled scaler, whose `scale` returns the loss
     itself and whose `step` is `optimizer.step()`."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    enabled = precision == "fp16"
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3: CUDA's only (disabled elsewhere)
+        return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,11 +88,20 @@ def check_device(precision: Precision, device: torch.device) -> None:
         if not cpu_has_bf16():
             _warn_emulated_bf16()
     elif device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if precision == "bf16" and not _cuda_bf16():
             raise UsageError("bf16 needs a CUDA GPU of compute capability 8.0 or newer; on this "
                              "one use fp16")
     else:
         raise UsageError(f"{precision} runs on the CPU and CUDA GPUs; on {device.type} use fp32")
+
+
+def _cuda_bf16() -> bool:
+    """Whether the GPU computes in bf16 (compute capability 8.0 or newer), emulation not
+    counted."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4, which counts no emulation
+        return torch.cuda.is_bf16_supported()
 
 
 @functools.lru_cache(maxsize=1)
