@@ -1,14 +1,16 @@
 """Milliseconds per training step and samples per second of each model in fp32 and bf16 (fp16 on
 CUDA only), with each one's share of the chip's peak and the kernels that ran.
 
-    python benchmarks/precision.py [--device cpu|cuda] [--threads 2] [--steps 50] [--out FILE]
+    python benchmarks/precision.py [--device cpu|cuda] [--threads 2] [--steps 30] [--out FILE]
 
 Synthetic inputs at the --preset's sizes (default: the default preset's, MNIST's 28x28x1 images
 and 8x8x4 latents) and batch sizes, changed by --set; no data needed. A training step is one
 step of the library's `fit` (autocast forward and loss, backward, gradient clipping, fused AdamW
 on float32 master weights, fp16's GradScaler), timed between the starts of consecutive loss
 calls; sampling is one forward at batch 500: the denoiser's UNet, the VAE's decoder, the
-classifier's features. Each figure is the median of --steps timings after 3 warm-up ones.
+classifier's features. Each figure is the median of --steps timings, taken in 3 rounds of
+every precision in turn, each after 3 warm-up ones; the load average before and after is
+recorded (the machine may be shared).
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on the forward (2 per
 multiply-add of the convs, linears and matmuls); a training step counts 3x its forward (the
@@ -24,6 +26,7 @@ share of peak is FLOPs / seconds / peak, with the peak
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -49,6 +52,7 @@ from latentdiffusion.run.presets import preset
 from latentdiffusion.run.training import Batch, fit, init_model
 
 WARM_UP = 3
+ROUNDS = 3
 SAMPLE_BATCH = 500
 CPU_FLOPS_PER_CYCLE = {"fp32": 32, "bf16": 64}  # per core; bf16's needs avx512_bf16
 # Dense tensor-core peaks (fp32: the CUDA cores), SXM parts, from NVIDIA's data sheets.
@@ -89,10 +93,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step_ms(cls: type[nn.Module], model_config: object, loss: Loss,
-                  data: tuple[torch.Tensor, ...], batch_size: int, precision: Precision,
-                  device: torch.device, steps: int) -> float:
-    """Median ms between the starts of consecutive loss calls in the library's `fit`."""
+def train_step_seconds(cls: type[nn.Module], model_config: object, loss: Loss,
+                       data: tuple[torch.Tensor, ...], batch_size: int, precision: Precision,
+                       device: torch.device, steps: int) -> list[float]:
+    """Seconds between the starts of consecutive loss calls in the library's `fit`."""
     starts: list[float] = []
 
     def timed(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -107,13 +111,12 @@ def train_step_ms(cls: type[nn.Module], model_config: object, loss: Loss,
         fit(init_model(cls, model_config, 0), timed, data, None, config, state_dir=Path(state),
             kind=cls.kind, key=StageKey.of(train=config), model_config=model_config,  # type: ignore[attr-defined]
             device=device, progress=False)
-    intervals = [b - a for a, b in zip(starts[WARM_UP:], starts[WARM_UP + 1:], strict=False)]
-    return statistics.median(intervals) * 1e3
+    return [b - a for a, b in zip(starts[WARM_UP:], starts[WARM_UP + 1:], strict=False)]
 
 
 @torch.inference_mode()
-def forward_ms(model: nn.Module, work: Work, precision: Precision, device: torch.device,
-               steps: int) -> float:
+def forward_seconds(model: nn.Module, work: Work, precision: Precision, device: torch.device,
+                    steps: int) -> list[float]:
     times = []
     for i in range(WARM_UP + steps):
         _sync(device)
@@ -123,7 +126,7 @@ def forward_ms(model: nn.Module, work: Work, precision: Precision, device: torch
         _sync(device)
         if i >= WARM_UP:
             times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return times
 
 
 def top_ops(model: nn.Module, work: Work, precision: Precision, device: torch.device,
@@ -146,11 +149,13 @@ def top_ops(model: nn.Module, work: Work, precision: Precision, device: torch.de
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--steps", type=int, default=50, help="timed repetitions of each figure")
+    p.add_argument("--steps", type=int, default=30,
+                   help=f"timed repetitions of each figure, in {ROUNDS} rounds")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    start_load = os.getloadavg()  # (1, 5, 15 minutes)
     # The preset at MNIST's images and classes, with the --set changes
     config = recipe.apply_sets(for_images(preset(args.preset), ImageShape()), args.set)
     precisions: list[Precision] = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
@@ -188,6 +193,7 @@ def main() -> None:
     for name, spec in models.items():
         result["models"][name] = measure(*spec, precisions, device, args.threads, args.steps,
                                          profile_ops=name == "unet")
+    result["load_average"] = [start_load, os.getloadavg()]
     emit(result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -208,9 +214,18 @@ def measure(cls: type[nn.Module], model_config: object, loss: Loss,
     sample_flops = forward_flops(model.eval(), sampling)
     entry: dict = {"batch_size": batch, "train_gflops_per_step": round(step_flops / 1e9, 3),
                    f"sampling_gflops_per_{SAMPLE_BATCH}": round(sample_flops / 1e9, 3)}
+    # Rounds of every precision in turn: a change of load on a shared machine hits them all.
+    train: dict[str, list[float]] = {p: [] for p in precisions}
+    infer: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(ROUNDS):
+        for precision in precisions:
+            train[precision] += train_step_seconds(cls, model_config, loss, data, batch,
+                                                   precision, device, steps // ROUNDS)
+            infer[precision] += forward_seconds(model.eval(), sampling, precision, device,
+                                                steps // ROUNDS)
     for precision in precisions:
-        ms = train_step_ms(cls, model_config, loss, data, batch, precision, device, steps)
-        sample_ms = forward_ms(model.eval(), sampling, precision, device, steps)
+        ms = statistics.median(train[precision]) * 1e3
+        sample_ms = statistics.median(infer[precision]) * 1e3
         peak = peak_flops(precision, device, threads)
         entry[precision] = {
             "train_ms_per_step": round(ms, 2),
