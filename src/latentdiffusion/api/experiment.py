@@ -29,6 +29,7 @@ from ..run.config import (
     with_objective_kind,
 )
 from ..run.pipeline import STAGES, StageEvent, run_pipeline
+from ..run.precision import check_device, parse
 from ..run.presets import preset as preset_config
 from ..run.rundir import run_dir_lock
 from ..run.sweeps import MIN_SAMPLES
@@ -37,8 +38,8 @@ from ..run.sweeps import MIN_SAMPLES
 @dataclass(frozen=True)
 class RunOptions:
     """What makes a run's config, named as `ldm run`'s options: the preset, then the config
-    file, seed, objective, conditioning, augmentation and image size, last `sets` (KEY=VALUE,
-    as --set)."""
+    file, seed, objective, conditioning, augmentation, image size and precision, last `sets`
+    (KEY=VALUE, as --set)."""
 
     preset: str = "default"
     config: Path | None = None
@@ -49,6 +50,7 @@ class RunOptions:
     augment: str | None = None
     image_size: int | None = None
     sets: tuple[str, ...] = ()
+    precision: str | None = None  # every training stage's and the sets' (run/precision.py)
 
     def resolve(self, shape: ImageShape | None = None) -> RunConfig:
         """The run config for images of `shape` (None: the preset's own); UsageError for a bad
@@ -68,6 +70,12 @@ class RunOptions:
             config = r(config, data=r(config.data, image_size=self.image_size))
         if self.augment is not None:  # RunConfig checks the value
             config = r(config, augment=self.augment)
+        if self.precision is not None:
+            p = parse(self.precision)
+            config = r(config, classifier_train=r(config.classifier_train, precision=p),
+                       vae_train=r(config.vae_train, precision=p),
+                       diffusion_train=r(config.diffusion_train, precision=p),  # and the guide
+                       sampling=r(config.sampling, precision=p))
         if self.conditional:
             scale = CONDITIONAL_GUIDANCE if self.guidance is None else self.guidance
             config = conditional(config, scale)
@@ -91,7 +99,8 @@ class RunOptions:
         """These options as `ldm run` takes them."""
         named = [("--preset", self.preset), ("--config", self.config), ("--seed", self.seed),
                  ("--objective", self.objective), ("--guidance", self.guidance),
-                 ("--augment", self.augment), ("--image-size", self.image_size)]
+                 ("--augment", self.augment), ("--image-size", self.image_size),
+                 ("--precision", self.precision)]
         words = [w for option, value in named if value is not None
                  for w in (option, str(value))]
         words += ["--conditional"] if self.conditional else []
@@ -158,6 +167,8 @@ def run_stages(config: RunConfig, run_dir: Path, dataset: Dataset, options: RunO
                ) -> dict[str, Any]:
     """Every stage of a resolved run (`config_for`) under the run directory's lock; the
     metrics of R/metrics.json."""
+    for precision in sorted(config.precisions):  # fp16 on the CPU: refused before any work
+        check_device(precision, device)
     with run_dir_lock(run_dir, enabled=dist.is_main()):
         if dist.is_main():  # beside run.json's resolved config
             recipe.save_copy(options.config, run_dir)
@@ -171,8 +182,9 @@ def run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] | None = N
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None, seed: int | None = None,
         objective: str | None = None, conditional: bool = False, guidance: float | None = None,
-        augment: str | None = None, image_size: int | None = None, force: Sequence[str] = (),
-        device: str = "auto", progress: bool = False,
+        augment: str | None = None, image_size: int | None = None,
+        precision: str | None = None, force: Sequence[str] = (), device: str = "auto",
+        progress: bool = False,
         on_stage: Callable[[StageEvent], None] | None = None) -> dict[str, Any]:
     """Train, sample, score and report into `run_dir`, as `ldm run` with the same options
     does; returns the metrics (R/metrics.json). Stages already done under the same config are
@@ -180,10 +192,12 @@ def run(run_dir: str | os.PathLike[str], data: str | os.PathLike[str] | None = N
 
     `data`: an IDX directory, a folder of images or an .npz (`dataset` names a registered
     one, already downloaded: `ldm data download`); `overrides`: config keys, as `--set`
-    (`{"unet.channels": (32, 64)}`); `force`: stages to redo, with what depends on them.
+    (`{"unet.channels": (32, 64)}`); `precision`: "fp32", "bf16" or "fp16" (CUDA only) for
+    every training stage and the sets; `force`: stages to redo, with what depends on them.
     """
     options = RunOptions(preset, None if config is None else Path(config), seed, objective,
-                         conditional, guidance, augment, image_size, override_items(overrides))
+                         conditional, guidance, augment, image_size, override_items(overrides),
+                         precision)
     prepare = options.resolve().data  # every value, before the data is read
     check_force(force)
     loaded = load_dataset(data, dataset, prepare)

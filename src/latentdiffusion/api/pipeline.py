@@ -22,6 +22,7 @@ from ..errors import CheckpointError, DataError, UsageError
 from ..models import VAE
 from ..run import checkpoint, generation, latents, scores
 from ..run.config import SamplingConfig
+from ..run.precision import Precision, check_device, parse
 from ..run.rundir import RunDir, is_run_dir, read_manifest, read_metrics, recorded_preparation
 from ..schema import MAX_SAMPLES
 from . import exports
@@ -64,8 +65,8 @@ class Samples:
 
 
 def diffusion_samples(run: RunDir, num_samples: int, request: SamplingRequest, *, seed: int,
-                      device: torch.device, batch_size: int = 500, progress: bool = False
-                      ) -> Samples:
+                      device: torch.device, batch_size: int = 500, progress: bool = False,
+                      precision: Precision = "fp32") -> Samples:
     """`num_samples` images of the run's denoiser (sample i a function of (seed, i) alone);
     what `ldm sample --model diffusion` and `Pipeline.sample` make."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
@@ -79,7 +80,8 @@ def diffusion_samples(run: RunDir, num_samples: int, request: SamplingRequest, *
     labels = (request.labels_of(range(num_samples), generation.num_classes(run))
               if request.labels else None)
     images = generation.generate(run, "diffusion", num_samples, seed, request=request,
-                                 device=device, batch_size=batch_size, progress=progress)
+                                 device=device, batch_size=batch_size, progress=progress,
+                                 precision=precision)
     return Samples(images, labels, made)
 
 
@@ -125,20 +127,22 @@ class Pipeline:
     def sample(self, n: int, *, sampler: str = "ddim", steps: int | None = None, seed: int = 0,
                labels: str = "", guidance: float = 1.0, autoguidance: float = 1.0,
                variance: str | None = None, eta: float | None = None, batch_size: int = 500,
-               device: str | None = None, progress: bool = False, return_labels: bool = False
-               ) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
+               device: str | None = None, progress: bool = False, return_labels: bool = False,
+               precision: str = "fp32") -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (n, H, W) or (n, H, W, 3), the bytes `ldm sample --model diffusion`
         writes with the same options; with `return_labels`, (images, labels asked for).
 
         `sampler`: a name or NAME-STEPS (`ddim-50`, `dpmpp-2m-5`); `labels` (a conditional
         model): `"7"`, `"0,1,2"` (cycled) or `"balanced"`; `guidance`: classifier-free scale;
-        `autoguidance`: the guide's scale (an unconditional model); 1 is off for both.
+        `autoguidance`: the guide's scale (an unconditional model); 1 is off for both;
+        `precision`: "fp32", "bf16" or "fp16" (CUDA only), the networks' autocast dtype.
         """
         request = sampling_request(sampler, steps=steps, variance=variance, eta=eta,
                                    labels=labels, guidance=guidance, autoguidance=autoguidance)
-        made = diffusion_samples(self._run, n, request, seed=seed,
-                                 device=self._device(device), batch_size=batch_size,
-                                 progress=progress)
+        resolved, dtype = self._device(device), parse(precision, "precision")
+        check_device(dtype, resolved)
+        made = diffusion_samples(self._run, n, request, seed=seed, device=resolved,
+                                 batch_size=batch_size, progress=progress, precision=dtype)
         return (made.images, made.labels) if return_labels else made.images
 
     @torch.no_grad()

@@ -110,18 +110,18 @@ def _sample(args: argparse.Namespace, device: Any) -> str | None:
             raise UsageError(f"--reconstruct: unknown split {args.reconstruct!r} (choose from "
                              "train, test)")
         images, labels = generation.reconstruct(dataset_of(args), run, args.reconstruct,
-                                                device=device)
+                                                device=device, precision=args.precision)
     else:
         request = sampling_request(args)
         if args.model == "diffusion":  # the function Pipeline.sample calls
             samples = diffusion_samples(run, args.num_samples, request, seed=args.seed,
                                         device=device, batch_size=args.batch_size,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet, precision=args.precision)
             images, labels, made = samples.images, samples.labels, samples.made
         else:
             images = generation.generate(run, "vae", args.num_samples, args.seed,
                                          device=device, batch_size=args.batch_size,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, precision=args.precision)
     if not dist.is_main():
         return None
     if args.format == "png":

@@ -17,7 +17,13 @@ from ..api.experiment import check_batches, config_for, shape_of
 from ..errors import LdmError
 from ..run.rundir import RunDir, run_dir_lock
 from .commands import config_command, data_command, dataset_of, dispatch
-from .options import check_command, run_options, run_shape, train_configs
+from .options import (
+    check_command,
+    check_precisions,
+    run_options,
+    run_shape,
+    train_configs,
+)
 from .parser import build_parser
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ def _main(argv: Sequence[str] | None) -> int:
                               dataset_of(args), args.model)
             elif args.command == "train":
                 args.resolved = train_configs(args, run_shape(RunDir(args.run_dir)))
+            check_precisions(args, device)  # fp16 on the CPU: refused before any file
             dist.init(device)
             # `ldm run` takes the lock in the function it shares with `latentdiffusion.run`
             writes = args.command in ("train", "encode", "sweep")

@@ -8,6 +8,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..api.experiment import RunOptions, check_force
 from ..api.exports import check_out as check_export_out
 from ..api.pipeline import sampling_request as api_sampling_request
@@ -23,6 +25,7 @@ from ..models.classifier import ClassifierConfig
 from ..models.vae import VAEConfig
 from ..run import checkpoint
 from ..run.config import ImageShape, RunConfig, SamplingConfig, image_shape_of
+from ..run.precision import Precision, check_device, parse
 from ..run.rundir import RunDir, check_replaceable, read_manifest, recorded_preparation
 from ..run.sweeps import MIN_SAMPLES, pairs
 from ..schema import MAX_SAMPLES, from_dict, parse_number
@@ -84,7 +87,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     """The options of `ldm run`, `ldm train` and `ldm config` that make the run config."""
     return RunOptions(args.preset, args.config, args.seed, args.objective, args.conditional,
                       getattr(args, "guidance", None), args.augment,
-                      getattr(args, "image_size", None), (*args.set, *monitor_sets(args)))
+                      getattr(args, "image_size", None), (*args.set, *monitor_sets(args)),
+                      args.precision)
 
 
 def run_config(args: argparse.Namespace, shape: ImageShape | None = None) -> RunConfig:
@@ -160,6 +164,8 @@ def check_command(args: argparse.Namespace) -> None:
         sampling_request(args)
     elif args.command == "sample":
         _diffusion_options_only(args)
+    if args.command == "sample":
+        parse(args.precision)
     if args.command in ("sample", "sweep") and args.num_samples > MAX_SAMPLES:
         raise UsageError(f"-n must be at most {MAX_SAMPLES}, got {args.num_samples}")
     check_out(args)
@@ -174,6 +180,20 @@ def check_command(args: argparse.Namespace) -> None:
                 raise UsageError("--guidance sweeps a conditional model; --autoguidance guides "
                                  "an unconditional one: one at a time")
         SamplingConfig(autoguidance=args.autoguidance)
+
+
+def check_precisions(args: argparse.Namespace, device: torch.device) -> None:
+    """Every precision the command computes in runs on `device` (UsageError: fp16 on the CPU),
+    checked once its config is resolved and before the run directory is touched."""
+    wanted: set[Precision] = set()
+    if args.command == "run":
+        wanted = args.resolved.precisions
+    elif args.command == "train":
+        wanted = {args.resolved[1].precision}
+    elif args.command == "sample":
+        wanted = {parse(args.precision)}
+    for precision in sorted(wanted):
+        check_device(precision, device)
 
 
 def sampling_request(args: argparse.Namespace) -> SamplingRequest:

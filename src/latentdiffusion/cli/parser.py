@@ -92,6 +92,10 @@ def image_size(text: str) -> int:
     return value
 
 
+PRECISION_HELP = ("fp32, bf16 (CPU and CUDA) or fp16 (CUDA only): the autocast dtype of the "
+                  "networks' forward passes; weights and optimizer state stay float32")
+
+
 IMAGE_SIZE_HELP = ("resize each picture so its shorter side is S and centre-crop it to S x S "
                    "(pictures of any size and mode; default: the images' own size, which must "
                    "be one square size of 16 to 64)")
@@ -158,6 +162,9 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=number, metavar="S",
                    help=f"with --conditional: the sets' guidance scale (default "
                         f"{CONDITIONAL_GUIDANCE:g})")
+    p.add_argument("--precision", metavar="P",
+                   help=f"{PRECISION_HELP}, for every training stage and the sampled sets "
+                        "(default: the config's, fp32)")
 
 
 def nonnegative(text: str) -> int:
@@ -235,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", help="diffusion only: vp (the post's) or flow (flow matching)")
     p.add_argument("--conditional", action="store_true",
                    help="diffusion only: a class-conditional denoiser (for --labels, --guidance)")
+    p.add_argument("--precision", metavar="P",
+                   help=f"{PRECISION_HELP} (default: the config's, fp32)")
     _augment(p)
     _recipe_files(p)
     _monitor(p)
@@ -282,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoguidance", type=number, default=1.0, metavar="S",
                    help="autoguidance scale with the run's guide (`ldm train guide`): 1 off, "
                         "> 1 guided")
+    p.add_argument("--precision", default="fp32", metavar="P", help=PRECISION_HELP)
     p.add_argument("--format", choices=("npz", "png"), default="npz",
                    help="npz: one samples file (a .png grid beside it); png: a folder of one "
                         "PNG per image (000000.png, ...) and samples.json")

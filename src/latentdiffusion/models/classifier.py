@@ -93,10 +93,11 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) in [0, 1] -> (B, feature_dim): the FID feature space."""
         mean, std = self.pixel_mean[:, None, None], self.pixel_std[:, None, None]
-        return self.to_features(self.body((images - mean) / std))
+        # float32 out of an autocast forward (run/precision.py), a no-op in float32
+        return self.to_features(self.body((images - mean) / std)).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, num_classes) logits
+        return self.head(self.features(images)).float()  # (B, num_classes) logits, float32
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

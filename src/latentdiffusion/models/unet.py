@@ -181,4 +181,4 @@ class UNet(nn.Module):
                 h = module(h)  # (B, c, 2S, 2S)
             else:
                 h = module(torch.cat([h, skips.pop()], dim=1), embedding)
-        return self.out(h)
+        return self.out(h).float()  # float32 out of an autocast forward (run/precision.py)

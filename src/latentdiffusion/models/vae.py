@@ -158,12 +158,14 @@ class VAE(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C_img, H, H) -> mean, log_variance, each (B, C, S, S)."""
         h = self.encoder(F.pad(images * 2 - 1, (self.pad,) * 4, value=-1.0))
-        mean, log_variance = h.chunk(2, dim=1)
+        # float32 out of an autocast forward (run/precision.py): the KL and the reparameterisation
+        # take exp(log_variance); .float() of a float32 tensor is the tensor itself.
+        mean, log_variance = h.float().chunk(2, dim=1)
         return mean, log_variance.clamp(-30.0, 20.0)
 
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> pixel logits (B, C_img, H, H)."""
-        logits = self.decoder(latents)  # (B, C_img, padded, padded)
+        logits = self.decoder(latents).float()  # (B, C_img, padded, padded), float32 always
         size = self.config.image_size
         return logits[:, :, self.pad:self.pad + size, self.pad:self.pad + size]
 

@@ -21,6 +21,7 @@ from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from ..schema import MAX_SAMPLES, check_fields, check_set_size
 from .monitor import MonitorConfig
+from .precision import Precision
 
 LatentMode = Literal["sample", "mean"]
 LatentNorm = Literal["global", "channel"]
@@ -62,6 +63,9 @@ class TrainConfig:
     # changes no trained number: not part of the stage key.
     validate_every: int = 1000
     seed: int = 0
+    # The forward passes' autocast dtype (precision.py); weights and optimizer stay float32.
+    # Part of the stage key only when not "fp32" (keys.py).
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("steps", "batch_size", "lr", "checkpoint_every",
@@ -112,6 +116,9 @@ class SamplingConfig:
     guidance: float = 1.0
     # Autoguidance's scale s (GuideConfig): 1 the denoiser alone, > 1 guided by the run's guide.
     autoguidance: float = 1.0
+    # The autocast dtype of the sets' networks: the denoiser, the VAE's decoder (and its encoder
+    # for the reconstructions). Encoding the latents and the feature network stay float32.
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("num_samples", "batch_size"), nonnegative=("seed",))
@@ -173,6 +180,12 @@ class RunConfig:
     data: PrepareConfig = field(default_factory=PrepareConfig)
     # What the run shows while it trains (logs, progress grids, scores): no trained number.
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    @property
+    def precisions(self) -> set[Precision]:
+        """Every precision the run computes in: its training stages' and its sets'."""
+        return {self.classifier_train.precision, self.vae_train.precision,
+                self.diffusion_train.precision, self.sampling.precision}
 
     @property
     def guide_unet(self) -> UNetConfig:

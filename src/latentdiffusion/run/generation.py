@@ -21,6 +21,7 @@ from ..models import VAE, UNet
 from ..rng import generator, randn
 from ..schema import check_set_size, from_dict
 from . import checkpoint, latents
+from .precision import Precision, autocast
 from .rundir import RunDir
 
 ModelName = Literal["vae", "diffusion"]
@@ -139,9 +140,11 @@ def decoded_samples(vae: VAE, unet: UNet, denoiser: Denoiser, labelled: MakeDeno
 @torch.no_grad()
 def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
              request: SamplingRequest | None = None, device: torch.device,
-             batch_size: int = 500, progress: bool = True) -> np.ndarray:
+             batch_size: int = 500, progress: bool = True,
+             precision: Precision = "fp32") -> np.ndarray:
     """uint8 (N, H, W) or (N, H, W, 3) images; sample i depends only on (seed, i), not on the
-    batch or world size. `request` (diffusion only; default `ddim-50`) says how."""
+    batch or world size. `request` (diffusion only; default `ddim-50`) says how; `precision`:
+    the autocast dtype of the denoiser and the decoder (precision.py)."""
     if num_samples <= 0 or batch_size <= 0:
         raise UsageError("the number of samples and the batch size must be > 0")
     request = request or SamplingRequest.of("ddim-50")
@@ -164,10 +167,14 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
         generators = [generator(seed, i) for i in indices]
         x_T = randn((len(indices), c, s, s), generators, device)  # (B, C, S, S)
         if model == "diffusion":
-            chunks.append(decoded_samples(vae, unet, denoiser, labelled, request, x_T,
-                                          generators, indices, shift, scale, progress))
+            # Autocast lowers only the networks' convs and linears: the sampler's float32
+            # updates stay float32, as each network returns float32.
+            with autocast(precision, device):
+                chunks.append(decoded_samples(vae, unet, denoiser, labelled, request, x_T,
+                                              generators, indices, shift, scale, progress))
         else:
-            chunks.append(to_uint8(vae.decode(x_T)))  # the VAE prior N(0, I)
+            with autocast(precision, device):
+                chunks.append(to_uint8(vae.decode(x_T)))  # the VAE prior N(0, I)
     size, channels = vae.config.image_size, vae.config.image_channels
     item = (size, size) if channels == 1 else (size, size, channels)
     images = np.concatenate(chunks) if chunks else np.empty((0, *item), np.uint8)
@@ -183,13 +190,15 @@ def generate(run: RunDir, model: ModelName, num_samples: int, seed: int, *,
 
 @torch.no_grad()
 def reconstruct(dataset: Dataset, run: RunDir, split: Split, *, device: torch.device,
-                batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray | None]:
+                batch_size: int = 1000, precision: Precision = "fp32"
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """VAE reconstructions (decoded posterior means) of a split, with its labels if any."""
     vae, header = checkpoint.load_model(run.model("vae"), VAE, device)
     dataset.check_trained_on(header, run.model("vae"))
     images, labels = dataset.split(split)
     out = []
     for start in range(0, len(images), batch_size):
-        mean, _ = vae.encode(to_unit_tensor(images[start:start + batch_size]).to(device))
-        out.append(vae.decode(mean).cpu())
+        with autocast(precision, device):
+            mean, _ = vae.encode(to_unit_tensor(images[start:start + batch_size]).to(device))
+            out.append(vae.decode(mean).cpu())
     return to_uint8(torch.cat(out)), labels

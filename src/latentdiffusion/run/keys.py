@@ -8,7 +8,8 @@ to skip, and the named parts let a refusal say what changed.
 
 How often a run saves or validates (`checkpoint_every`, `checkpoint_seconds`, `validate_every`)
 is not part of a key: neither changes a trained number, so a run may resume with another
-cadence.
+cadence. A config field added later is part of a key only when it is not its default (the
+precision when not "fp32"), so the keys of runs made before it stay as they were.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..schema import config_hash, to_dict
 from .config import Augment, LatentMode, LatentNorm, SamplingConfig, TrainConfig
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds", "validate_every"})
+LEFT_OUT_AT = {"precision": "fp32"}  # field -> the value at which a key leaves it out
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 
@@ -40,7 +42,7 @@ class StageKey:
         for name, part in parts.items():
             if dataclasses.is_dataclass(part):
                 fields.update({f"{name}.{k}": v for k, v in to_dict(part).items()
-                               if k not in NOT_IN_KEY})
+                               if _in_key(k, v)})
             else:
                 fields[name] = part
         return cls(json.loads(json.dumps(fields)))  # tuples -> lists, as a JSON header holds them
@@ -57,6 +59,10 @@ class StageKey:
         changed = [f"{name}: {_show(old_fields.get(name))} -> {_show(self.fields.get(name))}"
                    for name in names if old_fields.get(name) != self.fields.get(name)]
         return ", ".join(changed) or "same fields, another digest"
+
+
+def _in_key(field: str, value: Any) -> bool:
+    return field not in NOT_IN_KEY and not (field in LEFT_OUT_AT and LEFT_OUT_AT[field] == value)
 
 
 def _show(value: Any) -> str:

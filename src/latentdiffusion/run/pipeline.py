@@ -264,8 +264,10 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
     sets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     sets["random"] = (random_images(dataset.train_images, c.eval_samples, s.seed), None)
     sets["vae-prior"] = (generation.generate(run, "vae", c.eval_samples, s.seed, device=device,
-                                             batch_size=s.batch_size, progress=progress), None)
-    reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device)
+                                             batch_size=s.batch_size, progress=progress,
+                                             precision=s.precision), None)
+    reconstructions, test_labels = generation.reconstruct(dataset, run, "test", device=device,
+                                                          precision=s.precision)
     if not c.classifier.data_classes:  # labels the feature network cannot check
         test_labels = None
     sets["vae-reconstruction"] = scores.scored_subset(reconstructions, test_labels,
@@ -277,7 +279,8 @@ def _sample_all(run: RunDir, dataset: Dataset, c: RunConfig,
         start = time.perf_counter()
         sets[request.spec] = (
             generation.generate(run, "diffusion", s.num_samples, s.seed, request=request,
-                                device=device, batch_size=s.batch_size, progress=progress),
+                                device=device, batch_size=s.batch_size, progress=progress,
+                                precision=s.precision),
             request.labels_of(range(s.num_samples), c.unet.num_classes))
         seconds[request.spec] = time.perf_counter() - start
         made[request.spec] = request.record(request.nfe(levels))

@@ -30,6 +30,7 @@ from ..rng import generator, randn
 from . import checkpoint, generation
 from .config import SamplingConfig
 from .monitor import MonitorConfig, Show, StageWatch
+from .precision import autocast
 from .rundir import RunDir
 from .trainlog import TrainLog, read_log
 
@@ -104,9 +105,10 @@ def samples(run: RunDir, name: str, objective: Objective, data_mean: torch.Tenso
             indices = list(range(start, min(start + sampling.batch_size, count)))
             generators = [generator(config.seed, i) for i in indices]  # the same at every grid
             x_T = randn((len(indices), *data_mean.shape), generators, device)  # (B, C, S, S)
-            chunks.append(generation.decoded_samples(
-                vae(), unet, denoiser, labelled, request, x_T,  # type: ignore[arg-type]
-                generators, indices, shift, scale))
+            with autocast(sampling.precision, device):  # as the sample stage samples
+                chunks.append(generation.decoded_samples(
+                    vae(), unet, denoiser, labelled, request, x_T,  # type: ignore[arg-type]
+                    generators, indices, shift, scale))
         images = np.concatenate(chunks)
         found = _save(run, name, step, images[:GRID_ROWS * GRID_COLS], train_log)
         if scorer is None:

@@ -31,6 +31,7 @@ from ..schema import to_dict
 from .config import TrainConfig
 from .keys import StageKey
 from .monitor import StageWatch
+from .precision import autocast, grad_scaler
 from .resume import Resume, StateDir, load_optimizer, optimizer_tensors
 from .trainlog import LogInterval
 
@@ -198,6 +199,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
     to_device(model, device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
     optimizer = adamw(model, config)
+    scaler = grad_scaler(config.precision, device)  # fp16's loss scaling; else a pass-through
     history: list[dict[str, float]] = []
     step, loss_sum, loss_count = 0, 0.0, 0
     interval, elapsed_before = LogInterval(), 0.0  # the log's sums; seconds before this process
@@ -209,6 +211,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         if ema is not None:
             ema.load_state_dict(_prefixed("ema.", tensors))
         load_optimizer(optimizer, tensors, meta["optimizer"])
+        if "grad_scaler" in meta:  # fp16: the loss scale and its count of good steps
+            scaler.load_state_dict(meta["grad_scaler"])
         step, history = meta["step"], meta["history"]
         loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
         interval = LogInterval(**meta.get("interval", {}))
@@ -229,11 +233,13 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         tensors.update(optim_tensors)
         # The torch RNG drives dropout; nothing draws from numpy's or Python's global RNG.
         tensors["rng.torch"] = torch.get_rng_state()
+        scaling = {"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}
         return checkpoints.save(step, tensors, history=history, loss_sum=loss_sum,
                                 loss_count=loss_count, optimizer=optim_meta,
                                 interval=dataclasses.asdict(interval),
                                 elapsed_seconds=elapsed_before + time.monotonic() - started,
-                                config=to_dict(config), model_config=to_dict(model_config))
+                                config=to_dict(config), model_config=to_dict(model_config),
+                                **scaling)
 
     model_tensors = module_tensors(model)
     ema_tensors = module_tensors(ema) if ema is not None else None
@@ -256,7 +262,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
                       len(rows), shard, generator(config.seed, _STEP, step), device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step, total_steps)
-        loss = loss_fn(wrapped, batch)
+        with autocast(config.precision, device):  # fp32: no autocast context at all
+            loss = loss_fn(wrapped, batch)  # float32: the networks return float32
         # (1 + parts,): the loss and its parts summed over the ranks in one reduction
         summed = dist.all_reduce_sum(torch.stack(
             [t.detach().double() for t in (loss, *batch.parts.values())])).tolist()
@@ -268,12 +275,14 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
             raise LdmError(f"{kind}: loss became {mean_loss} at step {step}; training stopped, "
                            f"{where} (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients (fp16); a no-op otherwise
         if config.grad_clip:
             norm = nn.utils.clip_grad_norm_(model_tensors[0], config.grad_clip)
         else:
             norm = gradient_norm(model_tensors[0])
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
+        scaler.update()
         if ema_tensors is not None:
             ema_update(ema_tensors, model_tensors, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
