@@ -30,7 +30,6 @@ from ..run.pipeline import StageEvent, refresh_report
 from ..run.progress import RunWatch, cached_scorer
 from ..run.resume import Resume
 from ..run.rundir import RunDir
-from ..run.trainlog import check_log, check_tensorboard
 from .options import (
     guidance_scales,
     integers,
@@ -74,12 +73,10 @@ def _train(args: argparse.Namespace, device: Any) -> str:
                          "to continue or --force to start over")
     progress = not args.quiet
     resume: Resume = "strict" if args.resume else "off"  # --force: "off" as well
-    check_log(run.log(name))
-    if config.monitor.tensorboard:
-        check_tensorboard()
     # The progress FID needs the reference statistics an evaluation cached (no data set here).
-    watch = RunWatch(config.monitor, run, config.sampling,
-                     cached_scorer(run, device) if name == "diffusion" else None)
+    watch = RunWatch(config.monitor, run, config.sampling)
+    watch.check((name,))
+    watch.scorer = cached_scorer(run, device) if name == "diffusion" else None
     if dataset is not None and name == "classifier":
         trained = stages.train_classifier(dataset, run, config.classifier, train_config,
                                           device=device, resume=resume, progress=progress,

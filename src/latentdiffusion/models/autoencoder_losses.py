@@ -27,11 +27,12 @@ def reconstruction_loss(logits: torch.Tensor, images: torch.Tensor,
 
 
 def vae_terms(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
-              pixel_loss: PixelLoss = "bce") -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean per-pixel loss, mean per-latent-element KL to N(0, I)) of a batch."""
+              pixel_loss: PixelLoss = "bce") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean per-pixel loss, mean per-latent-element KL to N(0, I), the pixel logits) of a
+    batch."""
     logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
     return (reconstruction_loss(logits, images, pixel_loss),
-            kl_to_standard_normal(mean, log_variance).mean())
+            kl_to_standard_normal(mean, log_variance).mean(), logits)
 
 
 def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor, kl_weight: float,
@@ -43,7 +44,7 @@ def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor, kl_wei
     relative to the pixel loss's: L2 errors are smaller than BCE values, so the same weight
     presses harder on the latents under L2.
     """
-    reconstruction, kl = vae_terms(model, images, noise, pixel_loss)
+    reconstruction, kl, _ = vae_terms(model, images, noise, pixel_loss)
     return reconstruction + kl_weight * kl
 
 
@@ -104,9 +105,7 @@ class VAEWithCritic(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         config = self.config
-        logits, mean, log_variance = self.autoencoder(images, noise)
-        reconstruction = reconstruction_loss(logits, images, config.loss)
-        kl = kl_to_standard_normal(mean, log_variance).mean()
+        reconstruction, kl, logits = vae_terms(self.autoencoder, images, noise, config.loss)
         loss = reconstruction + config.kl_weight * kl
         if not (self.training and torch.is_grad_enabled()):  # validation: the VAE's loss
             return loss

@@ -29,7 +29,6 @@ from .config import RunConfig
 from .progress import TRAINED_STAGES, RunWatch, Scorer, save_figures
 from .resume import Resume
 from .rundir import RunDir, read_manifest, read_metrics
-from .trainlog import check_log, check_tensorboard
 
 log = logging.getLogger(__name__)
 STAGES = ("classifier", "vae", "encode", "diffusion", "guide", "sample", "evaluate", "report")
@@ -176,10 +175,7 @@ def run_pipeline(config: RunConfig, run_root: Path, dataset: Dataset, *,
         if name not in STAGES:
             raise UsageError(f"--force: unknown stage {name!r} (choose from {', '.join(STAGES)})")
     run = RunDir(run_root)
-    for name in TRAINED_STAGES:  # each log reads and can be written, before any stage
-        check_log(run.log(name))
-    if config.monitor.tensorboard:
-        check_tensorboard()
+    RunWatch(config.monitor, run, config.sampling).check(TRAINED_STAGES)
     r = _Run(config, run, dataset, device, progress,
              forced={s for name in force for s in DOWNSTREAM[name]}, preset_name=preset_name,
              on_stage=on_stage, records=_manifest(run)["stages"], command=command)

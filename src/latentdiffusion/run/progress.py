@@ -32,7 +32,7 @@ from .config import SamplingConfig
 from .monitor import MonitorConfig, Show, StageWatch
 from .precision import autocast
 from .rundir import RunDir
-from .trainlog import TrainLog, read_log
+from .trainlog import TrainLog, check_log, check_tensorboard, read_log
 
 GRID_ROWS = GRID_COLS = 8  # a progress grid: 64 images
 RECONSTRUCTED = 32  # the VAE's grid: 4 rows of reconstructions over 4 rows of their originals
@@ -91,6 +91,7 @@ def samples(run: RunDir, name: str, objective: Objective, data_mean: torch.Tenso
     autoguided (the guide trains after the denoiser); with `scorer`, their FID and KID."""
     request = dataclasses.replace(sampling, autoguidance=1.0).requests[0]
     count = max(GRID_ROWS * GRID_COLS, config.score_samples if scorer else 0)
+    labelled = functools.partial(objective.denoiser, data_mean=data_mean, labelled=True)
 
     @functools.cache
     def vae() -> VAE:
@@ -99,7 +100,6 @@ def samples(run: RunDir, name: str, objective: Objective, data_mean: torch.Tenso
     def show(unet: nn.Module, step: int) -> dict[str, Any]:
         device = data_mean.device
         denoiser = objective.denoiser(unet, data_mean)
-        labelled = functools.partial(objective.denoiser, data_mean=data_mean, labelled=True)
         chunks = []
         for start in range(0, count, sampling.batch_size):
             indices = list(range(start, min(start + sampling.batch_size, count)))
@@ -128,6 +128,14 @@ class RunWatch:
     run: RunDir
     sampling: SamplingConfig
     scorer: Scorer | None = None
+
+    def check(self, names: tuple[str, ...]) -> None:
+        """Before any stage runs: each named stage's log reads and can be written, and
+        TensorBoard imports when it is asked for (one-line errors)."""
+        for name in names:
+            check_log(self.run.log(name))
+        if self.config.tensorboard:
+            check_tensorboard()
 
     def stage(self, name: str, show: Callable[[TrainLog], Show] | None = None) -> StageWatch:
         """`name`'s log, and its grid made by `show` (given the log, for TensorBoard)."""

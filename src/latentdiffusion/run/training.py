@@ -277,17 +277,18 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients (fp16); a no-op otherwise
+        norm = None  # the gradients' norm before clipping: clipping's, else the log's below
         if config.grad_clip:
             norm = nn.utils.clip_grad_norm_(model_tensors[0], config.grad_clip)
-        else:
-            norm = gradient_norm(model_tensors[0])
         scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
         scaler.update()
         if ema_tensors is not None:
             ema_update(ema_tensors, model_tensors, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
         loss_sum, loss_count = loss_sum + mean_loss, loss_count + 1
-        interval.add(mean_loss, parts, float(norm), len(rows), time.monotonic() - step_start)
+        if watcher is not None:  # the sums of the next log line (the step leaves grads as is)
+            norm = gradient_norm(model_tensors[0]) if norm is None else norm
+            interval.add(mean_loss, parts, float(norm), len(rows), time.monotonic() - step_start)
         bar.update()
         bar.set_postfix(loss=f"{mean_loss:.4f}", **scores, refresh=False)
         line: dict[str, Any] = {}  # what this step adds to a log line
@@ -307,7 +308,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_data: Sequence[torch.Tensor],
         if watcher is not None and (line or step % watcher.config.log_every == 0):
             watcher.log.write({
                 "step": step, "epoch": round(step / steps_per_epoch, 4), **interval.record(),
-                "lr": lr_at(config, step - 1, total_steps),
+                "lr": optimizer.param_groups[0]["lr"],  # the line's last step's
                 "elapsed_seconds": elapsed_before + time.monotonic() - started, **line})
             interval = LogInterval()
         save_now = step % config.checkpoint_every == 0 or step == total_steps

@@ -55,26 +55,32 @@ def read_log(path: Path, *, warn: bool = True) -> list[dict[str, Any]]:
     """The records of a log ([] when there is none). A damaged last line, a write cut short
     by a kill, is dropped (with a warning); any other line that is not a record is a
     DataError, and nothing is changed."""
+    return _parse(path, warn)[0]
+
+
+def _parse(path: Path, warn: bool) -> tuple[list[dict[str, Any]], bool]:
+    """read_log's records, and whether a damaged last line was dropped."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        return []
+        return [], False
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not a training log (JSON lines): {err}; move it away "
                         "or delete it") from None
-    records = []
+    records, damaged = [], False
     for number, line in enumerate(lines, 1):
         record = _record(line)
         if record is not None:
             records.append(record)
         elif number == len(lines):
+            damaged = True
             if warn:
                 log.warning("%s: its last line is incomplete (a stage killed while writing "
                             "it); dropped", path)
         elif line.strip():
             raise DataError(f"{path} line {number} is not a training log record (a JSON "
                             "object with a step); move the file away or delete it")
-    return records
+    return records, damaged
 
 
 def check_log(path: Path) -> None:
@@ -128,9 +134,9 @@ class TrainLog:
 
     def start(self, step: int) -> None:
         """Keep the records up to `step` (0: a new stage, an empty log) and open for appending."""
-        records = read_log(self.path)
+        records, damaged = _parse(self.path, warn=True)
         kept = [r for r in records if r["step"] <= step]
-        if self.path.exists() and (kept != records or self._damaged()):
+        if kept != records or damaged:
             atomic_write(self.path, "".join(strict_json(r) + "\n" for r in kept).encode())
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,10 +150,6 @@ class TrainLog:
             # purge_step: TensorBoard drops the events a killed run wrote after `step`.
             self._writer = SummaryWriter(str(self.path.parent / "tensorboard" / self.path.stem),
                                          purge_step=step + 1 if step else None)
-
-    def _damaged(self) -> bool:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return bool(lines) and _record(lines[-1]) is None
 
     def write(self, record: dict[str, Any]) -> None:
         """One line, flushed: a killed stage loses at most the line it was writing."""
