@@ -3,6 +3,7 @@ determinism and exact resume of the critic's training wrapper."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from latentdiffusion.models.autoencoder_losses import (
     hinge_critic_loss,
     reconstruction_loss,
     vae_loss,
+    vae_terms,
 )
 from latentdiffusion.models.vae import VAEConfig
-from latentdiffusion.run import checkpoint, stages
+from latentdiffusion.run import checkpoint, keys, stages
 from latentdiffusion.run.config import TrainConfig
 from latentdiffusion.run.keys import StageKey
+from latentdiffusion.run.presets import preset
 from latentdiffusion.run.rundir import RunDir
 from latentdiffusion.run.training import Batch, fit, init_model
 
@@ -79,6 +82,7 @@ def test_plain_is_the_default_and_keeps_its_weight_names() -> None:
     ({"loss": "l3"}, r"VAEConfig.loss: unknown value 'l3' \(choose from bce, l1, l2\)"),
     ({"arch": "resnet", "channels": (12, 24)}, r"multiples of groups \(8\)"),
     ({"critic_weight": -1.0}, r"VAEConfig.critic_weight must be >= 0"),
+    ({"scale_equivariance": -0.5}, r"VAEConfig.scale_equivariance must be >= 0"),
     ({"blocks_per_level": 0}, r"VAEConfig.blocks_per_level must be > 0"),
 ])
 def test_bad_config_is_one_usage_error(fields: dict, message: str) -> None:
@@ -102,6 +106,37 @@ def test_reconstruction_losses() -> None:
     assert reconstruction_loss(logits, images, "l2").item() == pytest.approx(
         ((pixels - images) ** 2).mean().item())
     assert reconstruction_loss(torch.zeros(3), torch.full((3,), 0.5), "l1").item() == 0.0
+
+
+@pytest.mark.parametrize("arch", ["plain", "resnet"])
+def test_scale_equivariance_term_is_the_half_size_decode_against_the_half_size_image(
+        arch: str) -> None:
+    config = VAEConfig(latent_channels=2, channels=(4, 8), groups=4, arch=arch, loss="l1")
+    model = init_model(VAE, config, seed=0)
+    images = _images(4)
+    noise = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    half = model.half_scale(images)
+    # 28 -> padded 32 (2 zero pixels a side) -> 2x2 means: (4, 1, 16, 16)
+    assert half.shape == (4, 1, 16, 16)
+    padded = F.pad(images, (2, 2, 2, 2))
+    assert half[0, 0, 3, 5].item() == pytest.approx(padded[0, 0, 6:8, 10:12].mean().item())
+    plain, kl, logits = vae_terms(model, images, noise, "l1")
+    weighted, kl_w, logits_w = vae_terms(model, images, noise, "l1", scale_equivariance=0.5)
+    assert torch.equal(kl, kl_w) and torch.equal(logits, logits_w)
+    mean, log_variance = model.encode(images)
+    z = mean + torch.exp(0.5 * log_variance) * noise  # (4, 2, 8, 8)
+    expected = (torch.sigmoid(model.decoder(F.avg_pool2d(z, 2))) - half).abs().mean()
+    assert weighted.item() == pytest.approx(plain.item() + 0.5 * expected.item(), rel=1e-5)
+    assert VAEConfig().scale_equivariance == 0.0  # off unless asked for
+
+
+def test_the_vae_key_holds_scale_equivariance_only_when_on() -> None:
+    c = preset("default")
+    # The digest of the key made before the option existed: off keeps it.
+    assert keys.model_key(c.vae, c.vae_train, "abc").digest == (
+        "dd300b1fcb72556387b932ed975b8b5b4d74489caade6b5a68dff9b136366df7")
+    on = dataclasses.replace(c.vae, scale_equivariance=0.5)
+    assert keys.model_key(on, c.vae_train, "abc").fields["model.scale_equivariance"] == 0.5
 
 
 def test_hinge_critic_loss() -> None:

@@ -27,12 +27,27 @@ def reconstruction_loss(logits: torch.Tensor, images: torch.Tensor,
 
 
 def vae_terms(model: nn.Module, images: torch.Tensor, noise: torch.Tensor,
-              pixel_loss: PixelLoss = "bce") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              pixel_loss: PixelLoss = "bce", scale_equivariance: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean per-pixel loss, mean per-latent-element KL to N(0, I), the pixel logits) of a
-    batch."""
-    logits, mean, log_variance = model(images, noise)  # through forward(), so DDP syncs grads
-    return (reconstruction_loss(logits, images, pixel_loss),
-            kl_to_standard_normal(mean, log_variance).mean(), logits)
+    batch. With `scale_equivariance` w > 0 the pixel loss is L(D(z), x) + w L(D(avg2(z)),
+    avg2(x)): the decoder must also draw the half-size image from the half-size latent, which
+    keeps the latents free of detail finer than the image's (Skorokhodov et al. 2025, "Improving
+    the Diffusability of Autoencoders")."""
+    # through forward(), so DDP syncs the gradients of both decodes
+    logits, mean, log_variance, *half = model(images, noise, half=scale_equivariance > 0)
+    reconstruction = reconstruction_loss(logits, images, pixel_loss)
+    if half:
+        target = _unwrap(model).half_scale(images)  # (B, C_img, P/2, P/2)
+        reconstruction = reconstruction + scale_equivariance * reconstruction_loss(
+            half[0], target, pixel_loss)
+    return reconstruction, kl_to_standard_normal(mean, log_variance).mean(), logits
+
+
+def _unwrap(model: nn.Module) -> VAE:
+    inner = getattr(model, "module", model)  # DDP keeps the VAE as .module
+    assert isinstance(inner, VAE)
+    return inner
 
 
 def vae_loss(model: nn.Module, images: torch.Tensor, noise: torch.Tensor, kl_weight: float,
@@ -105,7 +120,8 @@ class VAEWithCritic(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         config = self.config
-        reconstruction, kl, logits = vae_terms(self.autoencoder, images, noise, config.loss)
+        reconstruction, kl, logits = vae_terms(self.autoencoder, images, noise, config.loss,
+                                               config.scale_equivariance)
         loss = reconstruction + config.kl_weight * kl
         if not (self.training and torch.is_grad_enabled()):  # validation: the VAE's loss
             return loss

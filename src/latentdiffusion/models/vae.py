@@ -46,11 +46,14 @@ class VAEConfig:
     critic_weight: float = 0.0
     critic_start: int = 0
     critic_channels: int = 32
+    # Scale equivariance (Skorokhodov et al. 2025): the decoder also maps the 2x2-averaged
+    # latent to the 2x2-averaged image, at this weight times the pixel loss; 0 trains without.
+    scale_equivariance: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("latent_channels", "channels", "blocks_per_level", "groups",
                                      "critic_channels"),
-                     nonnegative=("critic_weight", "critic_start"))
+                     nonnegative=("critic_weight", "critic_start", "scale_equivariance"))
         check_image(self)
         if self.kl_weight < 0:
             raise UsageError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
@@ -179,11 +182,22 @@ class VAE(nn.Module):
         convs = [m for m in self.decoder.modules() if isinstance(m, nn.Conv2d)]
         return convs[-1].weight
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode, sample the posterior with `noise`, decode: (logits, mean, log_variance)."""
+    def forward(self, images: torch.Tensor, noise: torch.Tensor, *, half: bool = False
+                ) -> tuple[torch.Tensor, ...]:
+        """Encode, sample the posterior with `noise`, decode: (logits, mean, log_variance); with
+        `half`, also the logits (B, C_img, P/2, P/2) of the 2x2-averaged latent, P the padded
+        size (the scale-equivariance term)."""
         mean, log_variance = self.encode(images)
-        return self.decode_logits(sample_posterior(mean, log_variance, noise)), mean, log_variance
+        z = sample_posterior(mean, log_variance, noise)  # (B, C, S, S)
+        if not half:
+            return self.decode_logits(z), mean, log_variance
+        return (self.decode_logits(z), mean, log_variance,
+                self.decoder(F.avg_pool2d(z, 2)).float())
+
+    def half_scale(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_img, H, H) -> the padded images 2x2-averaged, (B, C_img, P/2, P/2):
+        what the decoder should give for the 2x2-averaged latent."""
+        return F.avg_pool2d(F.pad(images, (self.pad,) * 4, value=0.0), 2)
 
 
 def sample_posterior(mean: torch.Tensor, log_variance: torch.Tensor,

@@ -27,7 +27,7 @@ from ..schema import config_hash, to_dict
 from .config import Augment, LatentMode, LatentNorm, SamplingConfig, TrainConfig
 
 NOT_IN_KEY = frozenset({"checkpoint_every", "checkpoint_seconds", "validate_every"})
-LEFT_OUT_AT = {"precision": "fp32"}  # field -> the value at which a key leaves it out
+LEFT_OUT_AT = {"precision": "fp32", "scale_equivariance": 0.0}  # field -> value left out
 _HASH_LENGTH = 64  # a sha256 in hex; shortened when a message names it
 
 

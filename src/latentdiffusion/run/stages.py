@@ -191,7 +191,8 @@ def train_vae(dataset: Dataset, run: RunDir, model_config: VAEConfig,
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         images, noise = images_and_noise(batch)
-        reconstruction, kl, _ = vae_terms(model, images, noise, model_config.loss)
+        reconstruction, kl, _ = vae_terms(model, images, noise, model_config.loss,
+                                          model_config.scale_equivariance)
         batch.record(reconstruction=reconstruction, kl=kl)
         return reconstruction + model_config.kl_weight * kl
 
