@@ -8,9 +8,9 @@ quick way to compare an autoencoder or a denoiser change on the run's own classi
 --base is a run directory made by `ldm run` (its config, data set and models are the start);
 --set changes its config as `ldm run --set` does. --train names the models trained again in
 --out, in order: `vae` (then its latents are encoded again), `diffusion`, `guide`; the others
-are copied from --base. Prints the VAE's reconstruction FID of the test images (when it was
-trained again) and, per sampler and autoguidance scale, FID, precision and recall of n samples
-(seed 1), each against the base run's classifier and data.
+are copied from --base. Prints the reconstruction FID of the test images and, per sampler and
+autoguidance scale, FID, precision and recall of n samples (seed 1), each against the base
+run's classifier and data.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def main() -> None:
                                    device=device, progress=False, name="guide")
         result[f"{name}_seconds"] = time.perf_counter() - start
     pipeline = Pipeline.load(args.out, device="cpu")
-    if "vae" in train:  # the test images' reconstructions, N = the test split
-        reconstructions = pipeline.decode(pipeline.encode(dataset.test_images))
-        result["reconstruction_fid"] = pipeline.evaluate(reconstructions)["fid"]
+    # the test images' reconstructions, N = the test split
+    reconstructions = pipeline.decode(pipeline.encode(dataset.test_images))
+    result["reconstruction_fid"] = pipeline.evaluate(reconstructions)["fid"]
     for sampler in args.samples.split(","):
         for scale in map(float, args.autoguidance.split(",")):
             images = pipeline.sample(args.num_samples, sampler=sampler, seed=1,
