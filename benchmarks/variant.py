@@ -20,12 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common import emit, setup
 from latentdiffusion import Pipeline
 from latentdiffusion.data import load_dataset
-from latentdiffusion.run import recipe, stages
+from latentdiffusion.data.prepare import PrepareConfig
+from latentdiffusion.run import recipe, scores, stages
 from latentdiffusion.run.config import RunConfig
-from latentdiffusion.run.rundir import RunDir, read_manifest
+from latentdiffusion.run.rundir import RunDir, read_manifest, recorded_preparation
 from latentdiffusion.schema import from_dict
 
 MODELS = ("vae", "diffusion", "guide")
@@ -47,7 +50,7 @@ def main() -> None:
         p.error(f"--train: unknown {', '.join(unknown)} (choose from {', '.join(MODELS)})")
     device = setup(args)
     manifest = read_manifest(args.base / "run.json")
-    config = recipe.apply_sets(from_dict(RunConfig, manifest["config"]), args.set)
+    c = recipe.apply_sets(from_dict(RunConfig, manifest["config"]), args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     copied = ["run.json", "classifier.safetensors"] + [
         f"{name}.safetensors" for name in MODELS if name not in train]
@@ -57,34 +60,39 @@ def main() -> None:
         if (args.base / name).exists():  # a run without a guide has no guide.safetensors
             shutil.copy(args.base / name, args.out / name)
     run = RunDir(args.out)
-    dataset = load_dataset(manifest["data_dir"])
-    c = config
+    # the data as the base run prepared it, loaded once for every stage and score
+    dataset = load_dataset(manifest["data_dir"], None,
+                           recorded_preparation(manifest) or PrepareConfig())
     result: dict = {"benchmark": "variant", "base": str(args.base), "sets": args.set,
                     "train": train, "n": args.num_samples}
-    for name in train:
+    for name in train:  # each stage as `ldm run` calls it
         start = time.perf_counter()
         if name == "vae":
-            stages.train_vae(dataset, run, c.vae, c.vae_train, device=device, progress=False)
+            stages.train_vae(dataset, run, c.vae, c.vae_train, device=device, progress=False,
+                             augment=c.augment)
             stages.encode(dataset, run, c.latent_mode, c.latent_norm, device=device,
-                          seed=c.vae_train.seed)
-        elif name == "diffusion":
-            stages.train_diffusion(run, c.unet, c.schedule, c.objective, c.diffusion_train,
-                                   device=device, progress=False)
+                          seed=c.vae_train.seed, augment=c.augment)
         else:
-            stages.train_diffusion(run, c.guide_unet, c.schedule, c.objective, c.guide_train,
-                                   device=device, progress=False, name="guide")
+            unet, train_config = ((c.unet, c.diffusion_train) if name == "diffusion"
+                                  else (c.guide_unet, c.guide_train))
+            stages.train_diffusion(run, unet, c.schedule, c.objective, train_config,
+                                   device=device, progress=False, name=name,
+                                   train_limit=c.train_limit)
         result[f"{name}_seconds"] = time.perf_counter() - start
     pipeline = Pipeline.load(args.out, device="cpu")
+
+    def score(images: np.ndarray) -> dict:
+        return scores.evaluate(dataset, run, images, None, device=device)
+
     # the test images' reconstructions, N = the test split
-    reconstructions = pipeline.decode(pipeline.encode(dataset.test_images))
-    result["reconstruction_fid"] = pipeline.evaluate(reconstructions)["fid"]
+    result["reconstruction_fid"] = score(pipeline.decode(pipeline.encode(dataset.test_images)))[
+        "fid"]
     for sampler in args.samples.split(","):
         for scale in map(float, args.autoguidance.split(",")):
-            images = pipeline.sample(args.num_samples, sampler=sampler, seed=1,
-                                     autoguidance=scale)
-            scores = pipeline.evaluate(images)
-            result[f"{sampler}@{scale:g}"] = {k: scores[k] for k in ("fid", "precision",
-                                                                     "recall")}
+            found = score(pipeline.sample(args.num_samples, sampler=sampler, seed=1,
+                                        autoguidance=scale))
+            result[f"{sampler}@{scale:g}"] = {k: found[k] for k in ("fid", "precision",
+                                                                    "recall")}
     emit(result)
 
 
